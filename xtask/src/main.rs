@@ -1,0 +1,357 @@
+//! Developer tasks for sluice: `cargo xtask setup | run | test`.
+//!
+//! - `setup` installs what a fresh Debian machine lacks (Docker Engine, compose, busybox, …);
+//! - `run` builds the daemon, makes sure a local Docker Engine answers, and runs `sluice daemon`;
+//! - `test` runs the whole suite (unit, privileged, Docker end-to-end) as root.
+
+#![forbid(unsafe_code)]
+#![expect(
+    clippy::print_stdout,
+    reason = "xtask is a developer tool whose output is meant for the terminal"
+)]
+
+use std::ffi::OsString;
+use std::fs::OpenOptions;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+/// Tools the daemon, the test suite and `cargo xtask run` need on the host.
+const REQUIRED_TOOLS: &[&str] = &[
+    "dockerd",
+    "docker",
+    "docker-compose",
+    "busybox",
+    "ip",
+    "iptables",
+    "jq",
+];
+
+/// Debian packages that provide [`REQUIRED_TOOLS`] (plus nftables, which the firewall code uses).
+const APT_PACKAGES: &[&str] = &[
+    "docker.io",
+    "docker-compose",
+    "busybox-static",
+    "iproute2",
+    "iptables",
+    "nftables",
+    "jq",
+];
+
+/// The local Docker Engine socket that `cargo xtask run` talks to.
+const DOCKER_SOCKET: &str = "/var/run/docker.sock";
+/// Where `cargo xtask run` sends the log of a dockerd it had to start itself.
+const DOCKERD_LOG: &str = "/var/log/sluice-dockerd.log";
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "sluice developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what this machine lacks (idempotent; does nothing when all is present).
+    Setup,
+    /// Build sluice (release), make sure a local Docker Engine runs, then run `sluice daemon`.
+    Run {
+        /// Extra arguments for `sluice daemon`, after `--` (e.g. `-- --log-level debug`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Run the whole test suite (needs root for the privileged and Docker tiers).
+    Test {
+        /// Run only the unit tests (`cargo test --workspace --lib`), which need no root.
+        #[arg(long)]
+        unprivileged: bool,
+        /// Extra arguments for `cargo test` (e.g. `-- --nocapture`, or a test-name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::Setup => setup(),
+        Task::Run { args } => run(&args).map(|()| ExitCode::SUCCESS),
+        Task::Test { unprivileged, args } => test(unprivileged, &args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("xtask: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// setup
+
+fn setup() -> Result<ExitCode> {
+    install_system_packages()?;
+    install_ebpf_toolchain()?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Installs Debian's Docker Engine, compose, busybox-static, iproute2, iptables, nftables and jq
+/// when any required tool is missing; does nothing (no `apt-get update`) when all are present.
+fn install_system_packages() -> Result<()> {
+    let missing: Vec<&str> = REQUIRED_TOOLS
+        .iter()
+        .copied()
+        .filter(|tool| find_tool(tool).is_none())
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "setup: all required tools present ({})",
+            REQUIRED_TOOLS.join(", ")
+        );
+        return Ok(());
+    }
+    println!(
+        "setup: missing {}; installing Debian packages: {}",
+        missing.join(", "),
+        APT_PACKAGES.join(" ")
+    );
+    if !is_root() {
+        bail!(
+            "installing packages needs root; run as root, or install them yourself: \
+             apt-get install {}",
+            APT_PACKAGES.join(" ")
+        );
+    }
+    run_checked(Command::new("apt-get").arg("update"))?;
+    run_checked(
+        Command::new("apt-get")
+            .args(["install", "-y"])
+            .args(APT_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    let still_missing: Vec<&str> = REQUIRED_TOOLS
+        .iter()
+        .copied()
+        .filter(|tool| find_tool(tool).is_none())
+        .collect();
+    if !still_missing.is_empty() {
+        bail!(
+            "still missing after apt-get install: {}",
+            still_missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// The eBPF toolchain: the pinned nightly (with `rust-src`) and `bpf-linker`.
+///
+/// ---- EBPF TOOLCHAIN: installed here by the datapath issue ----------------------------------
+/// Recipe: `shared/reference/ebpf-build.md` (beside the repository). Keep it idempotent like the rest of `setup`:
+/// check first (`rustup toolchain list`, `bpf-linker --version`), install only what is missing.
+/// ---------------------------------------------------------------------------------------------
+fn install_ebpf_toolchain() -> Result<()> {
+    Ok(())
+}
+
+/// Looks `tool` up on `PATH`, plus the sbin directories that a non-login root shell may lack.
+fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|candidate| {
+            candidate.metadata().is_ok_and(|m| {
+                m.is_file()
+                    && std::os::unix::fs::PermissionsExt::mode(&m.permissions()) & 0o111 != 0
+            })
+        })
+}
+
+// ---------------------------------------------------------------------------------------------
+// run
+
+fn run(args: &[OsString]) -> Result<()> {
+    if !is_root() {
+        bail!("`cargo xtask run` needs root: sluice creates bridges and veths, and serves Docker");
+    }
+    install_system_packages()?;
+    let root = workspace_root();
+    run_checked(Command::new(cargo()).current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "sluice-plugin",
+    ]))?;
+    ensure_docker_engine()?;
+
+    let sluice = target_dir(&root)?.join("release").join("sluice");
+    println!();
+    println!("sluice is starting; in another terminal:");
+    println!("  docker network create -d sluice --ipam-driver sluice mynet");
+    println!("  docker run --rm -it --network mynet busybox sh");
+    println!();
+    let err = Command::new(&sluice).arg("daemon").args(args).exec();
+    Err(err).with_context(|| format!("exec {}", sluice.display()))
+}
+
+/// Makes sure a Docker Engine answers on [`DOCKER_SOCKET`]; starts Debian's dockerd otherwise.
+fn ensure_docker_engine() -> Result<()> {
+    if docker_answers() {
+        println!("run: a Docker Engine answers on {DOCKER_SOCKET}");
+        return Ok(());
+    }
+    let dockerd = find_tool("dockerd").context("dockerd not found (see `cargo xtask setup`)")?;
+    // systemd is not PID 1 in the containers this runs in, so start dockerd directly.
+    println!(
+        "run: no Docker Engine answers on {DOCKER_SOCKET}; starting {} in the background \
+         (log: {DOCKERD_LOG})",
+        dockerd.display()
+    );
+    let log = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(DOCKERD_LOG)
+        .with_context(|| format!("open {DOCKERD_LOG}"))?;
+    let child = Command::new(&dockerd)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        // Own process group: Ctrl-C on `cargo xtask run` stops sluice, not the engine.
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("start {}", dockerd.display()))?;
+    println!(
+        "run: dockerd started (pid {}); waiting for it to answer",
+        child.id()
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if docker_answers() {
+            println!("run: Docker Engine is up");
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    bail!("dockerd did not answer within 60 s; see {DOCKERD_LOG}")
+}
+
+fn docker_answers() -> bool {
+    Command::new("docker")
+        .args(["-H", &format!("unix://{DOCKER_SOCKET}"), "info"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+// ---------------------------------------------------------------------------------------------
+// test
+
+fn test(unprivileged: bool, args: &[OsString]) -> Result<ExitCode> {
+    let root = workspace_root();
+    let mut cmd = Command::new(cargo());
+    cmd.current_dir(&root).args(["test", "--workspace"]);
+    if unprivileged {
+        println!("test: --unprivileged: unit tests only (cargo test --workspace --lib)");
+        cmd.arg("--lib");
+    } else {
+        if !is_root() {
+            bail!(
+                "`cargo xtask test` needs root: the privileged tier creates network namespaces \
+                 and links, and the Docker tier runs its own dockerd. Run it as root (e.g. \
+                 `sudo -E cargo xtask test`), or run `cargo xtask test --unprivileged` for the \
+                 unit tests only"
+            );
+        }
+        install_system_packages()?;
+        install_ebpf_toolchain()?;
+        run_checked(Command::new(cargo()).current_dir(&root).args([
+            "build",
+            "-p",
+            "sluice-plugin",
+        ]))?;
+        let sluice = target_dir(&root)?.join("debug").join("sluice");
+        if !sluice.is_file() {
+            bail!("{} was not built", sluice.display());
+        }
+        println!("test: SLUICE_BIN={}", sluice.display());
+        cmd.env("SLUICE_BIN", &sluice);
+    }
+    cmd.args(args);
+    println!("test: {}", describe(&cmd));
+    let status = cmd.status().context("run cargo test")?;
+    Ok(match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => {
+            eprintln!("xtask: cargo test was killed by a signal ({status})");
+            ExitCode::FAILURE
+        }
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+fn is_root() -> bool {
+    // `id -u` keeps this crate free of unsafe and of a libc dependency.
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "0")
+}
+
+/// The cargo that runs xtask (cargo sets `CARGO`), else `cargo` on `PATH`.
+fn cargo() -> OsString {
+    std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into())
+}
+
+fn workspace_root() -> PathBuf {
+    let manifest_dir = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest_dir.parent().unwrap_or(manifest_dir).to_path_buf()
+}
+
+/// The target directory, honouring `CARGO_TARGET_DIR` and `build.target-dir`.
+fn target_dir(root: &Path) -> Result<PathBuf> {
+    let out = Command::new(cargo())
+        .current_dir(root)
+        .args(["metadata", "--format-version", "1", "--no-deps"])
+        .stderr(Stdio::inherit())
+        .output()
+        .context("run cargo metadata")?;
+    if !out.status.success() {
+        bail!("cargo metadata failed ({})", out.status);
+    }
+    let meta: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("parse cargo metadata output")?;
+    let dir = meta
+        .get("target_directory")
+        .and_then(serde_json::Value::as_str)
+        .context("cargo metadata has no target_directory")?;
+    Ok(PathBuf::from(dir))
+}
+
+fn run_checked(cmd: &mut Command) -> Result<()> {
+    println!("+ {}", describe(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("start {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
