@@ -1,0 +1,852 @@
+//! The [`Driver`]: one method per protocol call, each a short sequence of IPAM decisions,
+//! kernel changes and one store transaction. Calls are serialised by one mutex; a call that
+//! fails part-way undoes what it did, so Docker's retry or rollback finds a clean slate.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+use crate::ipam::{Ipam, IpamConfig, IpamError, LeaseKind, Pool, PoolRequest};
+use crate::kernel::{BridgeSpec, Kernel, KernelError, VethSpec};
+use crate::model::{
+    Endpoint, EndpointCreated, EndpointRequest, JoinInfo, Mode, Network, NetworkRequest, OPT_MODE,
+    OPT_MTU, derive_mac,
+};
+use crate::names;
+use crate::store::{Change, Store, StoreError};
+
+/// Options sluice understands in `docker network create -o`.
+pub const SUPPORTED_OPTIONS: &[&str] = &[OPT_MODE, OPT_MTU];
+
+/// Errors of the driver. [`DriverError::is_client_error`] tells the plugin which are the
+/// caller's fault (HTTP 400) and which are sluice's or the kernel's (HTTP 500).
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// IPAM refused.
+    #[error(transparent)]
+    Ipam(#[from] IpamError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The kernel refused.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// No such network.
+    #[error("unknown network {0}")]
+    UnknownNetwork(String),
+    /// No such endpoint.
+    #[error("unknown endpoint {0}")]
+    UnknownEndpoint(String),
+    /// A bad option value or combination.
+    #[error("{0}")]
+    InvalidOption(String),
+    /// The same ID with different settings.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+impl DriverError {
+    /// True when the request was at fault rather than sluice or the kernel.
+    #[must_use]
+    pub fn is_client_error(&self) -> bool {
+        match self {
+            Self::Ipam(_)
+            | Self::UnknownNetwork(_)
+            | Self::UnknownEndpoint(_)
+            | Self::InvalidOption(_)
+            | Self::Conflict(_) => true,
+            Self::Store(_) | Self::Kernel(_) => false,
+        }
+    }
+}
+
+/// What start-up reconciliation did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Networks whose bridge was (re)configured.
+    pub networks: usize,
+    /// Endpoints whose veth pair was re-created because it was missing.
+    pub endpoints_repaired: usize,
+    /// Links that belonged to nobody and were removed.
+    pub removed_links: Vec<String>,
+    /// Errors met on the way (reconciliation carries on past them).
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug)]
+struct State {
+    ipam: Ipam,
+    networks: BTreeMap<String, Network>,
+    endpoints: BTreeMap<String, Endpoint>,
+}
+
+/// The network and IPAM driver.
+#[derive(Debug)]
+pub struct Driver<K: Kernel> {
+    kernel: K,
+    store: Store,
+    state: Mutex<State>,
+}
+
+impl<K: Kernel> Driver<K> {
+    /// Loads the state from `store`.
+    ///
+    /// # Errors
+    /// When the store cannot be read.
+    pub fn open(kernel: K, store: Store, ipam: IpamConfig) -> Result<Self, DriverError> {
+        let snap = store.load()?;
+        info!(
+            networks = snap.networks.len(),
+            endpoints = snap.endpoints.len(),
+            pools = snap.pools.len(),
+            store = %store.path().display(),
+            "state loaded"
+        );
+        let state = State {
+            ipam: Ipam::new(ipam, snap.pools),
+            networks: snap
+                .networks
+                .into_iter()
+                .map(|n| (n.id.clone(), n))
+                .collect(),
+            endpoints: snap
+                .endpoints
+                .into_iter()
+                .map(|e| (e.id.clone(), e))
+                .collect(),
+        };
+        Ok(Self {
+            kernel,
+            store,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// The kernel handle (tests inspect the fake through it).
+    pub fn kernel(&self) -> &K {
+        &self.kernel
+    }
+
+    /// Brings the kernel in line with the store: every network's bridge exists and is
+    /// configured, every endpoint that is not inside a container has its veth pair, and
+    /// sluice links that belong to no network or endpoint are removed.
+    pub async fn reconcile(&self) -> ReconcileReport {
+        let state = self.state.lock().await;
+        let mut report = ReconcileReport::default();
+        for net in state.networks.values() {
+            match self.kernel.ensure_bridge(&bridge_spec(net)).await {
+                Ok(()) => report.networks += 1,
+                Err(e) => report.errors.push(format!("network {}: {e}", net.id)),
+            }
+        }
+        let existing = match self.kernel.sluice_links().await {
+            Ok(l) => l,
+            Err(e) => {
+                report.errors.push(format!("listing links: {e}"));
+                return report;
+            }
+        };
+        for ep in state.endpoints.values() {
+            // A joined endpoint's peer lives in the container; only its host end is visible.
+            if existing.contains(&ep.host_veth) {
+                continue;
+            }
+            if ep.sandbox_key.is_some() {
+                warn!(endpoint = %ep.id, "host veth of a joined endpoint is gone; the container lost this network");
+                continue;
+            }
+            let Some(net) = state.networks.get(&ep.network_id) else {
+                continue;
+            };
+            match self.kernel.ensure_veth(&veth_spec(net, ep)).await {
+                Ok(()) => report.endpoints_repaired += 1,
+                Err(e) => report.errors.push(format!("endpoint {}: {e}", ep.id)),
+            }
+        }
+        let owned: std::collections::BTreeSet<&str> = state
+            .networks
+            .values()
+            .map(|n| n.bridge.as_str())
+            .chain(
+                state
+                    .endpoints
+                    .values()
+                    .flat_map(|e| [e.host_veth.as_str(), e.peer_veth.as_str()]),
+            )
+            .collect();
+        for name in existing {
+            if owned.contains(name.as_str()) {
+                continue;
+            }
+            let result = if name.starts_with(names::BRIDGE_PREFIX) {
+                self.kernel.delete_bridge(&name).await
+            } else {
+                self.kernel.delete_link(&name).await
+            };
+            match result {
+                Ok(()) => report.removed_links.push(name),
+                Err(e) => report.errors.push(format!("removing {name}: {e}")),
+            }
+        }
+        report
+    }
+
+    // ---- IPAM ----------------------------------------------------------------------
+
+    /// `IpamDriver.RequestPool`.
+    ///
+    /// # Errors
+    /// IPAM refusals (overlap, exhausted range, bad sub-pool) and store failures.
+    pub async fn request_pool(&self, req: &PoolRequest) -> Result<Pool, DriverError> {
+        let mut state = self.state.lock().await;
+        let pool = state.ipam.request_pool(req)?;
+        if let Err(e) = self.store.apply(&[Change::PutPool(pool.clone())]) {
+            state.ipam.release_pool(&pool.id);
+            return Err(e.into());
+        }
+        info!(pool = %pool.id, auto = pool.auto, "pool allocated");
+        Ok(pool)
+    }
+
+    /// `IpamDriver.ReleasePool`. Unknown pools are fine.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn release_pool(&self, pool_id: &str) -> Result<(), DriverError> {
+        let mut state = self.state.lock().await;
+        if state.ipam.release_pool(pool_id).is_some() {
+            self.store
+                .apply(&[Change::DeletePool(pool_id.to_owned())])?;
+            info!(pool = %pool_id, "pool released");
+        }
+        Ok(())
+    }
+
+    /// `IpamDriver.RequestAddress`.
+    ///
+    /// # Errors
+    /// IPAM refusals (unknown pool, address in use or outside the pool, exhausted).
+    pub async fn request_address(
+        &self,
+        pool_id: &str,
+        preferred: Option<IpAddr>,
+        kind: LeaseKind,
+    ) -> Result<IpNetwork, DriverError> {
+        let mut state = self.state.lock().await;
+        let addr = state.ipam.request_address(pool_id, preferred, kind)?;
+        let pool = state.ipam.pool(pool_id).cloned();
+        if let Some(pool) = pool
+            && let Err(e) = self.store.apply(&[Change::PutPool(pool)])
+        {
+            // Best effort: forget the lease again so memory matches the store.
+            let _released = state.ipam.release_address(pool_id, addr.ip());
+            return Err(e.into());
+        }
+        debug!(pool = %pool_id, address = %addr, ?kind, "address allocated");
+        Ok(addr)
+    }
+
+    /// `IpamDriver.ReleaseAddress`. Unknown pools and addresses are fine.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn release_address(&self, pool_id: &str, addr: IpAddr) -> Result<(), DriverError> {
+        let mut state = self.state.lock().await;
+        if state.ipam.release_address(pool_id, addr)? {
+            if let Some(pool) = state.ipam.pool(pool_id).cloned() {
+                self.store.apply(&[Change::PutPool(pool)])?;
+            }
+            debug!(pool = %pool_id, address = %addr, "address released");
+        }
+        Ok(())
+    }
+
+    // ---- networks ------------------------------------------------------------------
+
+    /// `NetworkDriver.CreateNetwork`: validates the options, builds the bridge, persists.
+    /// Repeating the same request is a no-op; the same ID with other settings is refused.
+    ///
+    /// # Errors
+    /// Bad options, kernel failures (after rollback) and store failures (after rollback).
+    pub async fn create_network(&self, req: NetworkRequest) -> Result<(), DriverError> {
+        let net = network_from_request(req)?;
+        let mut state = self.state.lock().await;
+        if let Some(existing) = state.networks.get(&net.id) {
+            if *existing == net {
+                return Ok(());
+            }
+            return Err(DriverError::Conflict(format!(
+                "network {} already exists with different settings",
+                net.id
+            )));
+        }
+        self.kernel.ensure_bridge(&bridge_spec(&net)).await?;
+        if let Err(e) = self.store.apply(&[Change::PutNetwork(net.clone())]) {
+            if let Err(undo) = self.kernel.delete_bridge(&net.bridge).await {
+                warn!(error = %undo, bridge = %net.bridge, "rollback of bridge failed");
+            }
+            return Err(e.into());
+        }
+        info!(bridge = %net.bridge, mtu = ?net.mtu, internal = net.internal, "network created");
+        state.networks.insert(net.id.clone(), net);
+        Ok(())
+    }
+
+    /// `NetworkDriver.DeleteNetwork`: removes the bridge and anything left on it. Unknown IDs
+    /// are fine. The network is forgotten even if the kernel refuses; reconciliation at the
+    /// next start removes what was left.
+    ///
+    /// # Errors
+    /// Kernel errors (all steps were attempted) and store failures.
+    pub async fn delete_network(&self, network_id: &str) -> Result<(), DriverError> {
+        let mut state = self.state.lock().await;
+        let Some(net) = state.networks.get(network_id).cloned() else {
+            debug!("delete of unknown network: nothing to do");
+            return Ok(());
+        };
+        let leftovers: Vec<Endpoint> = state
+            .endpoints
+            .values()
+            .filter(|e| e.network_id == network_id)
+            .cloned()
+            .collect();
+        let mut errors = Vec::new();
+        let mut changes = Vec::new();
+        for ep in &leftovers {
+            warn!(endpoint = %ep.id, "endpoint still present at network delete; removing it");
+            if let Err(e) = self.kernel.delete_link(&ep.host_veth).await {
+                errors.push(e);
+            }
+            changes.push(Change::DeleteEndpoint(ep.id.clone()));
+        }
+        if let Err(e) = self.kernel.delete_bridge(&net.bridge).await {
+            errors.push(e);
+        }
+        changes.push(Change::DeleteNetwork(net.id.clone()));
+        self.store.apply(&changes)?;
+        for ep in &leftovers {
+            state.endpoints.remove(&ep.id);
+        }
+        state.networks.remove(network_id);
+        info!(bridge = %net.bridge, "network deleted");
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0).into()),
+            _ => Err(KernelError::Many(errors).into()),
+        }
+    }
+
+    // ---- endpoints -----------------------------------------------------------------
+
+    /// `NetworkDriver.CreateEndpoint`: creates the veth pair on the network's bridge.
+    /// Returns only what Docker did not set (the MAC, when it gave none).
+    ///
+    /// # Errors
+    /// Unknown network, kernel failures (after rollback), store failures (after rollback).
+    pub async fn create_endpoint(
+        &self,
+        req: EndpointRequest,
+    ) -> Result<EndpointCreated, DriverError> {
+        let mut state = self.state.lock().await;
+        let net = state
+            .networks
+            .get(&req.network_id)
+            .cloned()
+            .ok_or_else(|| DriverError::UnknownNetwork(req.network_id.clone()))?;
+        let chosen_mac = req.mac.is_none();
+        let ep = Endpoint {
+            id: req.endpoint_id.clone(),
+            network_id: req.network_id.clone(),
+            host_veth: names::host_veth(&req.endpoint_id),
+            peer_veth: names::peer_veth(&req.endpoint_id),
+            address: req.address,
+            address_v6: req.address_v6,
+            mac: req
+                .mac
+                .unwrap_or_else(|| derive_mac(req.address, &req.endpoint_id)),
+            options: req.options,
+            sandbox_key: None,
+        };
+        if let Some(existing) = state.endpoints.get(&ep.id) {
+            if existing.network_id == ep.network_id
+                && existing.address == ep.address
+                && existing.address_v6 == ep.address_v6
+            {
+                return Ok(EndpointCreated {
+                    mac: chosen_mac.then_some(existing.mac),
+                });
+            }
+            return Err(DriverError::Conflict(format!(
+                "endpoint {} already exists with different settings",
+                ep.id
+            )));
+        }
+        self.kernel.ensure_veth(&veth_spec(&net, &ep)).await?;
+        if let Err(e) = self.store.apply(&[Change::PutEndpoint(ep.clone())]) {
+            if let Err(undo) = self.kernel.delete_link(&ep.host_veth).await {
+                warn!(error = %undo, veth = %ep.host_veth, "rollback of veth failed");
+            }
+            return Err(e.into());
+        }
+        info!(host_veth = %ep.host_veth, address = ?ep.address, address_v6 = ?ep.address_v6, "endpoint created");
+        let created = EndpointCreated {
+            mac: chosen_mac.then_some(ep.mac),
+        };
+        state.endpoints.insert(ep.id.clone(), ep);
+        Ok(created)
+    }
+
+    /// `NetworkDriver.Join`: records the sandbox and tells Docker which link to move and
+    /// which gateways to route through (none on internal networks).
+    ///
+    /// # Errors
+    /// Unknown network or endpoint, store failures.
+    pub async fn join(
+        &self,
+        network_id: &str,
+        endpoint_id: &str,
+        sandbox_key: &str,
+    ) -> Result<JoinInfo, DriverError> {
+        let mut state = self.state.lock().await;
+        let net = state
+            .networks
+            .get(network_id)
+            .cloned()
+            .ok_or_else(|| DriverError::UnknownNetwork(network_id.to_owned()))?;
+        let mut ep = state
+            .endpoints
+            .get(endpoint_id)
+            .filter(|e| e.network_id == network_id)
+            .cloned()
+            .ok_or_else(|| DriverError::UnknownEndpoint(endpoint_id.to_owned()))?;
+        ep.sandbox_key = Some(sandbox_key.to_owned());
+        self.store.apply(&[Change::PutEndpoint(ep.clone())])?;
+        let gateway = |data: &[crate::model::IpData], has_addr: bool| {
+            (!net.internal && has_addr)
+                .then(|| data.iter().find_map(|d| d.gateway.map(|g| g.ip())))
+                .flatten()
+        };
+        let info = JoinInfo {
+            src_name: ep.peer_veth.clone(),
+            dst_prefix: "eth".to_owned(),
+            gateway: gateway(&net.ipv4, ep.address.is_some()),
+            gateway_v6: gateway(&net.ipv6, ep.address_v6.is_some()),
+        };
+        info!(sandbox = %sandbox_key, src = %info.src_name, gateway = ?info.gateway, gateway_v6 = ?info.gateway_v6, "joined");
+        state.endpoints.insert(ep.id.clone(), ep);
+        Ok(info)
+    }
+
+    /// `NetworkDriver.Leave`. Unknown IDs are fine. The link is still in the container now;
+    /// Docker moves it back afterwards and DeleteEndpoint removes it.
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn leave(&self, network_id: &str, endpoint_id: &str) -> Result<(), DriverError> {
+        let mut state = self.state.lock().await;
+        let Some(ep) = state
+            .endpoints
+            .get_mut(endpoint_id)
+            .filter(|e| e.network_id == network_id)
+        else {
+            debug!("leave of unknown endpoint: nothing to do");
+            return Ok(());
+        };
+        if ep.sandbox_key.take().is_some() {
+            let ep = ep.clone();
+            self.store.apply(&[Change::PutEndpoint(ep)])?;
+        }
+        info!("left");
+        Ok(())
+    }
+
+    /// `NetworkDriver.DeleteEndpoint`: removes the veth pair. Unknown IDs are fine.
+    ///
+    /// # Errors
+    /// Kernel failures (the endpoint is forgotten anyway) and store failures.
+    pub async fn delete_endpoint(
+        &self,
+        network_id: &str,
+        endpoint_id: &str,
+    ) -> Result<(), DriverError> {
+        let mut state = self.state.lock().await;
+        let Some(ep) = state
+            .endpoints
+            .get(endpoint_id)
+            .filter(|e| e.network_id == network_id)
+            .cloned()
+        else {
+            debug!("delete of unknown endpoint: nothing to do");
+            return Ok(());
+        };
+        let kernel = self.kernel.delete_link(&ep.host_veth).await;
+        self.store.apply(&[Change::DeleteEndpoint(ep.id.clone())])?;
+        state.endpoints.remove(endpoint_id);
+        info!(host_veth = %ep.host_veth, "endpoint deleted");
+        kernel.map_err(Into::into)
+    }
+
+    /// `NetworkDriver.EndpointOperInfo`: operational data for `docker inspect`. Never fails,
+    /// even for unknown endpoints (Docker calls it while listing containers).
+    pub async fn endpoint_info(&self, endpoint_id: &str) -> BTreeMap<String, String> {
+        let state = self.state.lock().await;
+        state
+            .endpoints
+            .get(endpoint_id)
+            .map(|ep| {
+                BTreeMap::from([
+                    ("sluice.host_veth".to_owned(), ep.host_veth.clone()),
+                    ("sluice.mac".to_owned(), crate::model::format_mac(&ep.mac)),
+                ])
+            })
+            .unwrap_or_default()
+    }
+
+    /// A copy of the known networks (for status output and tests).
+    pub async fn networks(&self) -> Vec<Network> {
+        self.state.lock().await.networks.values().cloned().collect()
+    }
+
+    /// A copy of the known endpoints.
+    pub async fn endpoints(&self) -> Vec<Endpoint> {
+        self.state
+            .lock()
+            .await
+            .endpoints
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// A copy of the IPAM pools.
+    pub async fn pools(&self) -> Vec<Pool> {
+        self.state.lock().await.ipam.pools().cloned().collect()
+    }
+}
+
+fn bridge_spec(net: &Network) -> BridgeSpec {
+    BridgeSpec {
+        name: net.bridge.clone(),
+        mtu: net.mtu,
+        addresses: net.gateway_addresses().collect(),
+        internal: net.internal,
+    }
+}
+
+fn veth_spec(net: &Network, ep: &Endpoint) -> VethSpec {
+    VethSpec {
+        host: ep.host_veth.clone(),
+        peer: ep.peer_veth.clone(),
+        bridge: net.bridge.clone(),
+        mtu: net.mtu,
+        peer_mac: ep.mac,
+    }
+}
+
+/// Validates `-o` options and builds the network record.
+fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
+    let mut mode = Mode::Bridge;
+    let mut mtu = None;
+    for (key, value) in &req.options {
+        match key.as_str() {
+            OPT_MODE => mode = value.parse().map_err(DriverError::InvalidOption)?,
+            OPT_MTU => mtu = Some(parse_mtu(value)?),
+            k if k.starts_with("com.docker.network.") => {
+                warn!(option = %k, "Docker option not used by sluice; ignored");
+            }
+            k => {
+                return Err(DriverError::InvalidOption(format!(
+                    "unknown option {k:?}; sluice supports: {}",
+                    SUPPORTED_OPTIONS.join(", ")
+                )));
+            }
+        }
+    }
+    if req.ipv4.is_empty() && req.ipv6_data.is_empty() {
+        return Err(DriverError::InvalidOption(
+            "the network has no IPv4 or IPv6 pool; give --subnet or use --ipam-driver sluice"
+                .into(),
+        ));
+    }
+    for data in req.ipv4.iter().chain(&req.ipv6_data) {
+        if let Some(gw) = data.gateway
+            && !data.pool.contains(gw.ip())
+        {
+            return Err(DriverError::InvalidOption(format!(
+                "gateway {} is outside subnet {}",
+                gw.ip(),
+                data.pool
+            )));
+        }
+    }
+    Ok(Network {
+        bridge: names::bridge(&req.id),
+        id: req.id,
+        mode,
+        mtu,
+        internal: req.internal,
+        ipv4: req.ipv4,
+        ipv6: req.ipv6_data,
+        options: req.options,
+    })
+}
+
+fn parse_mtu(value: &str) -> Result<u32, DriverError> {
+    let mtu: u32 = value.trim().parse().map_err(|_| {
+        DriverError::InvalidOption(format!(
+            "{OPT_MTU} must be a number between 68 and 65535, got {value:?}"
+        ))
+    })?;
+    if !(68..=65535).contains(&mtu) {
+        return Err(DriverError::InvalidOption(format!(
+            "{OPT_MTU} must be between 68 and 65535, got {mtu}"
+        )));
+    }
+    Ok(mtu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernel::fake::{FakeKernel, FakeLink};
+    use crate::model::IpData;
+
+    const NID: &str = "5cdf432b9218efa3a4cdb1c360f5d3859f2c76d21ec9701c194cb39579b6a3fc";
+    const EID: &str = "0f987eed597ecf3c9843814cfa7aa94478a534ffdc9850a75ed7a99f8135266e";
+
+    fn driver(dir: &std::path::Path) -> Driver<FakeKernel> {
+        let store = Store::open(dir).unwrap();
+        Driver::open(FakeKernel::default(), store, IpamConfig::default()).unwrap()
+    }
+
+    fn net_request(id: &str, subnet: &str) -> NetworkRequest {
+        let pool: IpNetwork = subnet.parse().unwrap();
+        let gw = IpNetwork::new(
+            match pool {
+                IpNetwork::V4(p) => IpAddr::V4(p.nth(1).unwrap()),
+                IpNetwork::V6(_) => panic!("v4 only"),
+            },
+            pool.prefix(),
+        )
+        .unwrap();
+        NetworkRequest {
+            id: id.into(),
+            options: BTreeMap::new(),
+            internal: false,
+            ipv6: false,
+            ipv4: vec![IpData {
+                pool,
+                gateway: Some(gw),
+                aux: BTreeMap::new(),
+            }],
+            ipv6_data: vec![],
+        }
+    }
+
+    fn ep_request(nid: &str, eid: &str, addr: &str) -> EndpointRequest {
+        EndpointRequest {
+            network_id: nid.into(),
+            endpoint_id: eid.into(),
+            address: Some(addr.parse().unwrap()),
+            address_v6: None,
+            mac: None,
+            options: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle_builds_and_removes_links() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        let created = d
+            .create_endpoint(ep_request(NID, EID, "10.20.0.5/24"))
+            .await
+            .unwrap();
+        assert_eq!(created.mac, Some([2, 0x42, 10, 20, 0, 5]));
+        let links = d.kernel().links();
+        assert!(
+            matches!(links.get(&names::bridge(NID)), Some(FakeLink::Bridge(b)) if b.addresses == vec!["10.20.0.1/24".parse::<IpNetwork>().unwrap()])
+        );
+        assert!(links.contains_key(&names::host_veth(EID)));
+
+        let join = d.join(NID, EID, "/var/run/docker/netns/abc").await.unwrap();
+        assert_eq!(join.src_name, names::peer_veth(EID));
+        assert_eq!(join.gateway, Some("10.20.0.1".parse().unwrap()));
+        assert_eq!(join.gateway_v6, None);
+
+        d.leave(NID, EID).await.unwrap();
+        d.delete_endpoint(NID, EID).await.unwrap();
+        assert!(!d.kernel().links().contains_key(&names::host_veth(EID)));
+        d.delete_network(NID).await.unwrap();
+        assert!(d.kernel().links().is_empty());
+    }
+
+    #[tokio::test]
+    async fn deletes_and_leave_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.delete_network("nope").await.unwrap();
+        d.delete_endpoint("nope", "nope").await.unwrap();
+        d.leave("nope", "nope").await.unwrap();
+        d.release_pool("nope").await.unwrap();
+        d.release_address("nope", "10.0.0.1".parse().unwrap())
+            .await
+            .unwrap();
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        d.delete_network(NID).await.unwrap();
+        d.delete_network(NID).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn internal_network_has_no_gateway_route() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        let mut req = net_request(NID, "10.20.0.0/24");
+        req.internal = true;
+        d.create_network(req).await.unwrap();
+        d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24"))
+            .await
+            .unwrap();
+        let join = d.join(NID, EID, "/x").await.unwrap();
+        assert_eq!(join.gateway, None);
+        let links = d.kernel().links();
+        assert!(matches!(links.get(&names::bridge(NID)), Some(FakeLink::Bridge(b)) if b.internal));
+    }
+
+    #[tokio::test]
+    async fn bad_options_are_refused_without_side_effects() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        for (k, v, msg) in [
+            (OPT_MTU, "abc", "must be a number"),
+            (OPT_MTU, "20", "between 68 and 65535"),
+            (OPT_MODE, "vxlan", "not available"),
+            ("colour", "blue", "unknown option"),
+        ] {
+            let mut req = net_request(NID, "10.20.0.0/24");
+            req.options.insert(k.into(), v.into());
+            let err = d.create_network(req).await.unwrap_err();
+            assert!(err.is_client_error());
+            assert!(err.to_string().contains(msg), "{err}");
+        }
+        assert!(d.kernel().links().is_empty());
+        assert!(d.networks().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn kernel_failure_leaves_no_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.kernel().fail_next("boom");
+        let err = d
+            .create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap_err();
+        assert!(!err.is_client_error());
+        assert!(d.networks().await.is_empty());
+        // Retrying works.
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        d.kernel().fail_next("boom");
+        d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24"))
+            .await
+            .unwrap_err();
+        assert!(d.endpoints().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn join_of_unknown_endpoint_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        let err = d.join(NID, EID, "/x").await.unwrap_err();
+        assert!(matches!(err, DriverError::UnknownNetwork(_)));
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        let err = d.join(NID, EID, "/x").await.unwrap_err();
+        assert!(matches!(err, DriverError::UnknownEndpoint(_)));
+        let err = d
+            .create_endpoint(ep_request("other", EID, "10.20.0.5/24"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DriverError::UnknownNetwork(_)));
+    }
+
+    #[tokio::test]
+    async fn state_survives_restart_and_reconcile_repairs_and_cleans() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let d = driver(dir.path());
+            let pool = d
+                .request_pool(&PoolRequest {
+                    pool: Some("10.20.0.0/24".parse().unwrap()),
+                    ..PoolRequest::default()
+                })
+                .await
+                .unwrap();
+            d.request_address(&pool.id, None, LeaseKind::Gateway)
+                .await
+                .unwrap();
+            d.request_address(&pool.id, None, LeaseKind::Endpoint)
+                .await
+                .unwrap();
+            d.create_network(net_request(NID, "10.20.0.0/24"))
+                .await
+                .unwrap();
+            d.create_endpoint(ep_request(NID, EID, "10.20.0.2/24"))
+                .await
+                .unwrap();
+        }
+        // A new process: the kernel lost the links (reboot) and has a stray one.
+        let d = driver(dir.path());
+        assert_eq!(d.networks().await.len(), 1);
+        assert_eq!(d.endpoints().await.len(), 1);
+        let pools = d.pools().await;
+        assert_eq!(pools.len(), 1);
+        assert_eq!(pools[0].leases.len(), 2);
+        d.kernel()
+            .insert("slbrdeadbeef000", FakeLink::VethPeer(String::new()));
+        d.kernel().insert("eth0", FakeLink::VethPeer(String::new()));
+        let report = d.reconcile().await;
+        assert_eq!(report.networks, 1);
+        assert_eq!(report.endpoints_repaired, 1);
+        assert_eq!(report.removed_links, vec!["slbrdeadbeef000".to_owned()]);
+        assert!(report.errors.is_empty());
+        let links = d.kernel().links();
+        assert!(links.contains_key(&names::bridge(NID)));
+        assert!(links.contains_key(&names::host_veth(EID)));
+        assert!(links.contains_key("eth0"), "never touches foreign links");
+        // The next address does not collide with the restored lease.
+        let next = d
+            .request_address(&pools[0].id, None, LeaseKind::Endpoint)
+            .await
+            .unwrap();
+        assert_eq!(next, "10.20.0.3/24".parse::<IpNetwork>().unwrap());
+    }
+
+    #[tokio::test]
+    async fn same_network_twice_is_idempotent_but_different_is_conflict() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        let err = d
+            .create_network(net_request(NID, "10.21.0.0/24"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, DriverError::Conflict(_)));
+    }
+}

@@ -1,0 +1,19 @@
+//! sluice's domain: the network and endpoint lifecycle ([`Driver`]), the IPAM allocator
+//! ([`ipam`], pure), the kernel side ([`kernel`] trait, [`link`] netlink wrapper, [`bridge`]
+//! mode), the embedded state ([`store`]) and start-up reconciliation.
+//!
+//! Nothing here knows HTTP: the plugin crate decodes Docker's requests into the types of
+//! [`model`] and calls one method of [`Driver`] per protocol call.
+
+pub mod bridge;
+pub mod driver;
+pub mod firewall;
+pub mod ipam;
+pub mod kernel;
+pub mod link;
+pub mod model;
+pub mod names;
+pub mod store;
+
+pub use driver::{Driver, DriverError};
+pub use kernel::Kernel;

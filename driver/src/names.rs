@@ -1,0 +1,76 @@
+//! Interface names derived from Docker's IDs. Linux allows 15 bytes (IFNAMSIZ - 1), so each
+//! name is a 4-byte prefix plus the first 11 hex digits of the ID. Every link sluice creates
+//! starts with [`PREFIX`], which is how reconciliation recognises its own links.
+
+/// Every link sluice creates starts with this.
+pub const PREFIX: &str = "sl";
+/// Bridge of a bridge-mode network.
+pub const BRIDGE_PREFIX: &str = "slbr";
+/// Host end of an endpoint's veth pair (stays on the bridge).
+pub const HOST_VETH_PREFIX: &str = "slvh";
+/// Container end of an endpoint's veth pair (Docker moves it into the sandbox).
+pub const PEER_VETH_PREFIX: &str = "slvc";
+/// Longest interface name the kernel accepts.
+pub const MAX_IFNAME_LEN: usize = 15;
+
+const ID_CHARS: usize = MAX_IFNAME_LEN - 4;
+
+fn derive(prefix: &str, id: &str) -> String {
+    let short: String = id
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(ID_CHARS)
+        .collect();
+    format!("{prefix}{short}")
+}
+
+/// Name of the bridge of network `network_id`.
+#[must_use]
+pub fn bridge(network_id: &str) -> String {
+    derive(BRIDGE_PREFIX, network_id)
+}
+
+/// Host-side veth name of endpoint `endpoint_id`.
+#[must_use]
+pub fn host_veth(endpoint_id: &str) -> String {
+    derive(HOST_VETH_PREFIX, endpoint_id)
+}
+
+/// Container-side veth name of endpoint `endpoint_id` (Join's `SrcName`).
+#[must_use]
+pub fn peer_veth(endpoint_id: &str) -> String {
+    derive(PEER_VETH_PREFIX, endpoint_id)
+}
+
+/// True for names sluice may have created.
+#[must_use]
+pub fn is_sluice_link(name: &str) -> bool {
+    [BRIDGE_PREFIX, HOST_VETH_PREFIX, PEER_VETH_PREFIX]
+        .iter()
+        .any(|p| name.starts_with(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "5cdf432b9218efa3a4cdb1c360f5d3859f2c76d21ec9701c194cb39579b6a3fc";
+
+    #[test]
+    fn names_fit_ifnamsiz_and_are_distinct() {
+        let names = [bridge(ID), host_veth(ID), peer_veth(ID)];
+        for n in &names {
+            assert_eq!(n.len(), MAX_IFNAME_LEN, "{n}");
+            assert!(is_sluice_link(n));
+        }
+        assert_eq!(names[0], "slbr5cdf432b921");
+        assert_ne!(names[1], names[2]);
+    }
+
+    #[test]
+    fn short_or_odd_ids_stay_valid() {
+        assert_eq!(bridge("ab/c"), "slbrabc");
+        assert!(!is_sluice_link("eth0"));
+        assert!(!is_sluice_link("docker0"));
+    }
+}

@@ -1,0 +1,358 @@
+//! Embedded state in one redb file, `<state-dir>/sluice.redb`.
+//!
+//! Layout (schema version [`SCHEMA_VERSION`]):
+//! - `meta`: `"schema_version"` → u64
+//! - `networks`: network ID → JSON of [`Network`]
+//! - `endpoints`: endpoint ID → JSON of [`Endpoint`]
+//! - `pools`: pool ID → JSON of [`Pool`] (with its leases)
+//!
+//! Values are JSON so that a field added later (with `#[serde(default)]`) reads old records.
+//! Every protocol call that changes state writes its [`Change`]s in ONE transaction, so a
+//! crash (`kill -9`) leaves either the old state or the new, never half of a call.
+
+use std::path::{Path, PathBuf};
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::ipam::Pool;
+use crate::model::{Endpoint, Network};
+
+/// Version of the layout above; bumped with a migration when it changes.
+pub const SCHEMA_VERSION: u64 = 1;
+
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
+const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
+const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database failed.
+    #[error("state store {path}: {source}")]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// The redb error.
+        #[source]
+        source: Box<redb::Error>,
+    },
+    /// A record could not be encoded or decoded.
+    #[error("state store {path}: record {key:?} in {table}: {source}")]
+    Record {
+        /// The database file.
+        path: PathBuf,
+        /// Table name.
+        table: &'static str,
+        /// Record key.
+        key: String,
+        /// The serde error.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// The file was written by a newer sluice.
+    #[error(
+        "state store {path} has schema version {found}, this sluice understands up to {SCHEMA_VERSION}; upgrade sluice"
+    )]
+    NewerSchema {
+        /// The database file.
+        path: PathBuf,
+        /// Version found.
+        found: u64,
+    },
+    /// The state directory could not be created.
+    #[error("state directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One change to persist.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// Insert or replace a network.
+    PutNetwork(Network),
+    /// Remove a network.
+    DeleteNetwork(String),
+    /// Insert or replace an endpoint.
+    PutEndpoint(Endpoint),
+    /// Remove an endpoint.
+    DeleteEndpoint(String),
+    /// Insert or replace a pool.
+    PutPool(Pool),
+    /// Remove a pool.
+    DeletePool(String),
+}
+
+/// Everything the store holds, read at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// Networks.
+    pub networks: Vec<Network>,
+    /// Endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// IPAM pools.
+    pub pools: Vec<Pool>,
+}
+
+/// The embedded store.
+#[derive(Debug)]
+pub struct Store {
+    db: Database,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens (or creates) `<dir>/sluice.redb`, creating `dir` with mode 0700 if needed.
+    ///
+    /// # Errors
+    /// When the directory or database cannot be opened, or was written by a newer schema.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| StoreError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let path = dir.join("sluice.redb");
+        let db = Database::create(&path).map_err(|e| db_err(&path, e))?;
+        let store = Self { db, path };
+        store.init_schema()?;
+        Ok(store)
+    }
+
+    /// Path of the database file.
+    #[must_use]
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn init_schema(&self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut meta = txn.open_table(META).map_err(|e| self.err(e))?;
+            let found = meta
+                .get("schema_version")
+                .map_err(|e| self.err(e))?
+                .map(|v| v.value());
+            match found {
+                Some(v) if v > SCHEMA_VERSION => {
+                    return Err(StoreError::NewerSchema {
+                        path: self.path.clone(),
+                        found: v,
+                    });
+                }
+                Some(_) => {}
+                None => {
+                    meta.insert("schema_version", SCHEMA_VERSION)
+                        .map_err(|e| self.err(e))?;
+                }
+            }
+            // Create the tables so that reads of a fresh store find them.
+            txn.open_table(NETWORKS).map_err(|e| self.err(e))?;
+            txn.open_table(ENDPOINTS).map_err(|e| self.err(e))?;
+            txn.open_table(POOLS).map_err(|e| self.err(e))?;
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    /// Reads everything.
+    ///
+    /// # Errors
+    /// On database errors or undecodable records.
+    pub fn load(&self) -> Result<Snapshot, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        Ok(Snapshot {
+            networks: self.read_all(&txn, NETWORKS, "networks")?,
+            endpoints: self.read_all(&txn, ENDPOINTS, "endpoints")?,
+            pools: self.read_all(&txn, POOLS, "pools")?,
+        })
+    }
+
+    fn read_all<T: DeserializeOwned>(
+        &self,
+        txn: &redb::ReadTransaction,
+        def: TableDefinition<&str, &[u8]>,
+        name: &'static str,
+    ) -> Result<Vec<T>, StoreError> {
+        let table = txn.open_table(def).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for entry in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = entry.map_err(|e| self.err(e))?;
+            let record =
+                serde_json::from_slice(v.value()).map_err(|source| StoreError::Record {
+                    path: self.path.clone(),
+                    table: name,
+                    key: k.value().to_owned(),
+                    source,
+                })?;
+            out.push(record);
+        }
+        Ok(out)
+    }
+
+    /// Applies `changes` in one transaction: all or nothing.
+    ///
+    /// # Errors
+    /// On database errors; nothing is written then.
+    pub fn apply(&self, changes: &[Change]) -> Result<(), StoreError> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut networks = txn.open_table(NETWORKS).map_err(|e| self.err(e))?;
+            let mut endpoints = txn.open_table(ENDPOINTS).map_err(|e| self.err(e))?;
+            let mut pools = txn.open_table(POOLS).map_err(|e| self.err(e))?;
+            for change in changes {
+                match change {
+                    Change::PutNetwork(n) => {
+                        let v = self.encode("networks", &n.id, n)?;
+                        networks
+                            .insert(n.id.as_str(), v.as_slice())
+                            .map_err(|e| self.err(e))?;
+                    }
+                    Change::DeleteNetwork(id) => {
+                        networks.remove(id.as_str()).map_err(|e| self.err(e))?;
+                    }
+                    Change::PutEndpoint(ep) => {
+                        let v = self.encode("endpoints", &ep.id, ep)?;
+                        endpoints
+                            .insert(ep.id.as_str(), v.as_slice())
+                            .map_err(|e| self.err(e))?;
+                    }
+                    Change::DeleteEndpoint(id) => {
+                        endpoints.remove(id.as_str()).map_err(|e| self.err(e))?;
+                    }
+                    Change::PutPool(p) => {
+                        let v = self.encode("pools", &p.id, p)?;
+                        pools
+                            .insert(p.id.as_str(), v.as_slice())
+                            .map_err(|e| self.err(e))?;
+                    }
+                    Change::DeletePool(id) => {
+                        pools.remove(id.as_str()).map_err(|e| self.err(e))?;
+                    }
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.err(e))
+    }
+
+    fn encode<T: Serialize>(
+        &self,
+        table: &'static str,
+        key: &str,
+        value: &T,
+    ) -> Result<Vec<u8>, StoreError> {
+        serde_json::to_vec(value).map_err(|source| StoreError::Record {
+            path: self.path.clone(),
+            table,
+            key: key.to_owned(),
+            source,
+        })
+    }
+
+    fn err(&self, e: impl Into<redb::Error>) -> StoreError {
+        db_err(&self.path, e)
+    }
+}
+
+fn db_err(path: &Path, e: impl Into<redb::Error>) -> StoreError {
+    StoreError::Db {
+        path: path.to_path_buf(),
+        source: Box::new(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::model::Mode;
+
+    fn network(id: &str) -> Network {
+        Network {
+            id: id.into(),
+            mode: Mode::Bridge,
+            bridge: crate::names::bridge(id),
+            mtu: Some(1400),
+            internal: false,
+            ipv4: vec![],
+            ipv6: vec![],
+            options: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn changes_persist_across_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store
+                .apply(&[
+                    Change::PutNetwork(network("n1")),
+                    Change::PutNetwork(network("n2")),
+                ])
+                .unwrap();
+            store.apply(&[Change::DeleteNetwork("n1".into())]).unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        let snap = store.load().unwrap();
+        assert_eq!(snap.networks, vec![network("n2")]);
+        assert!(snap.endpoints.is_empty());
+    }
+
+    #[test]
+    fn deleting_unknown_records_is_fine() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store
+            .apply(&[
+                Change::DeleteEndpoint("nope".into()),
+                Change::DeletePool("nope".into()),
+            ])
+            .unwrap();
+        assert!(store.load().unwrap().pools.is_empty());
+    }
+
+    #[test]
+    fn newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let txn = store.db.begin_write().unwrap();
+            txn.open_table(META)
+                .unwrap()
+                .insert("schema_version", SCHEMA_VERSION + 1)
+                .unwrap();
+            txn.commit().unwrap();
+        }
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("upgrade sluice"), "{err}");
+    }
+
+    #[test]
+    fn corrupt_record_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let txn = store.db.begin_write().unwrap();
+        txn.open_table(NETWORKS)
+            .unwrap()
+            .insert("bad", b"{not json".as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+        let err = store.load().unwrap_err();
+        assert!(err.to_string().contains("\"bad\""), "{err}");
+    }
+}

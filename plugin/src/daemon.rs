@@ -1,0 +1,108 @@
+//! `sluice daemon`: opens the state, reconciles the kernel with it, serves the plugin
+//! socket until SIGTERM/SIGINT, and removes the socket on the way out.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use ipnetwork::IpNetwork;
+use sluice_driver::Driver;
+use sluice_driver::bridge::LinuxKernel;
+use sluice_driver::ipam::IpamConfig;
+use sluice_driver::store::Store;
+use tracing::{error, info, warn};
+
+/// Settings of the daemon (the CLI flags).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonArgs {
+    /// Unix socket Docker finds the plugin on; its file name (without `.sock`) is the
+    /// driver name users give to `docker network create -d`.
+    #[arg(
+        long,
+        env = "SLUICE_PLUGIN_SOCKET",
+        default_value = "/run/docker/plugins/sluice.sock"
+    )]
+    pub plugin_socket: PathBuf,
+    /// Directory of the state database.
+    #[arg(long, env = "SLUICE_STATE_DIR", default_value = "/var/lib/sluice")]
+    pub state_dir: PathBuf,
+    /// IPv4 range automatic subnets are taken from.
+    #[arg(
+        long,
+        env = "SLUICE_DEFAULT_ADDRESS_POOL",
+        default_value = "10.200.0.0/14"
+    )]
+    pub default_address_pool: IpNetwork,
+    /// Prefix length of each automatic IPv4 subnet.
+    #[arg(long, env = "SLUICE_DEFAULT_POOL_SIZE", default_value_t = 24)]
+    pub default_pool_size: u8,
+    /// IPv6 (ULA) range automatic IPv6 subnets are taken from.
+    #[arg(
+        long,
+        env = "SLUICE_DEFAULT_IPV6_POOL",
+        default_value = "fd53:6c75:6963::/48"
+    )]
+    pub default_ipv6_pool: IpNetwork,
+    /// Prefix length of each automatic IPv6 subnet.
+    #[arg(long, env = "SLUICE_DEFAULT_IPV6_POOL_SIZE", default_value_t = 64)]
+    pub default_ipv6_pool_size: u8,
+}
+
+/// Runs the daemon until a signal arrives.
+///
+/// # Errors
+/// When the state, the kernel connection or the socket cannot be set up.
+pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    let ipam = IpamConfig::new(
+        args.default_address_pool,
+        args.default_pool_size,
+        args.default_ipv6_pool,
+        args.default_ipv6_pool_size,
+    )
+    .context("invalid default address pools")?;
+    let store = Store::open(&args.state_dir).context("opening the state store")?;
+    let kernel = LinuxKernel::new().context("connecting to the kernel (netlink)")?;
+    let driver = Arc::new(Driver::open(kernel, store, ipam)?);
+
+    let report = driver.reconcile().await;
+    info!(
+        networks = report.networks,
+        repaired = report.endpoints_repaired,
+        removed = ?report.removed_links,
+        "reconciled kernel with state"
+    );
+    for e in &report.errors {
+        warn!(error = %e, "reconciliation");
+    }
+
+    let listener = crate::server::bind(&args.plugin_socket).await?;
+    info!(socket = %args.plugin_socket.display(), "serving Docker plugin API");
+    let app = crate::server::router(driver);
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await;
+    if let Err(e) = tokio::fs::remove_file(&args.plugin_socket).await {
+        warn!(error = %e, socket = %args.plugin_socket.display(), "removing socket");
+    }
+    served.context("serving the plugin socket")?;
+    info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            error!(error = %e, "cannot listen for signals; stop with SIGKILL");
+            return std::future::pending().await;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: shutting down"),
+        _ = int.recv() => info!("SIGINT: shutting down"),
+    }
+}

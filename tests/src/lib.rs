@@ -1,0 +1,5 @@
+//! Shared helpers for sluice tests: throwaway network namespaces ([`netns`]) and a private
+//! Docker Engine with a sluice daemon ([`docker`]).
+
+pub mod docker;
+pub mod netns;
