@@ -1,0 +1,307 @@
+//! Bridge mode on a real kernel: [`LinuxKernel`] implements [`Kernel`] with one Linux bridge
+//! per network and one veth pair per endpoint, using [`Netlink`] for links and addresses,
+//! `/proc/sys` for per-bridge forwarding, and [`Firewall`] for the `DOCKER-USER` rule.
+//!
+//! Owns the *order* of kernel steps and their rollback; owns no netlink message building
+//! (that is [`crate::link`]) and no state (that is the driver's store).
+
+use ipnetwork::IpNetwork;
+use tracing::{debug, info, warn};
+
+use crate::firewall::Firewall;
+use crate::kernel::{BridgeSpec, Kernel, KernelError, VethSpec};
+use crate::link::{self, Netlink, format_mac, write_sysctl};
+use crate::names;
+
+/// The [`Kernel`] of bridge mode, acting on the network namespace it was created in.
+#[derive(Debug, Clone)]
+pub struct LinuxKernel {
+    nl: Netlink,
+    firewall: Firewall,
+}
+
+/// A stable, locally administered unicast MAC for a bridge, derived from its name (FNV-1a).
+///
+/// A bridge without an explicitly set MAC takes the lowest MAC among its ports and changes
+/// it whenever ports join or leave (kernel `br_stp_recalculate_bridge_id`, seen with
+/// `ip link add br0 type bridge; ip link set v1 master br0` on 6.18), which would leave
+/// containers with a stale ARP entry for their gateway. Deriving it from the name keeps it
+/// the same across re-creation, too.
+#[must_use]
+pub fn bridge_mac(name: &str) -> [u8; 6] {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in name.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    let b = hash.to_be_bytes();
+    // 0x02: locally administered, unicast.
+    [0x02, b[3], b[4], b[5], b[6], b[7]]
+}
+
+/// Merges the results of teardown steps that all ran: `Ok` if none failed, the error itself
+/// if one did, [`KernelError::Many`] otherwise.
+fn collect(results: impl IntoIterator<Item = Result<(), KernelError>>) -> Result<(), KernelError> {
+    let mut errors: Vec<KernelError> = results.into_iter().filter_map(Result::err).collect();
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        _ => Err(KernelError::Many(errors)),
+    }
+}
+
+fn missing(op: String, what: &str) -> KernelError {
+    KernelError::Os {
+        op,
+        message: format!("{what} does not exist"),
+    }
+}
+
+impl LinuxKernel {
+    /// Connects to the kernel of the calling thread's network namespace (see
+    /// [`Netlink::connect`]) and finds the iptables tools ([`Firewall::new`]).
+    ///
+    /// # Errors
+    /// [`KernelError::Os`] outside a tokio runtime or if netlink is unavailable.
+    pub fn new() -> Result<Self, KernelError> {
+        Ok(Self::with_parts(Netlink::connect()?, Firewall::new()))
+    }
+
+    /// Assembles a kernel from its parts (e.g. a [`Firewall`] with chosen tools).
+    #[must_use]
+    pub fn with_parts(nl: Netlink, firewall: Firewall) -> Self {
+        Self { nl, firewall }
+    }
+
+    /// The netlink connection, for callers that need lower-level queries.
+    #[must_use]
+    pub fn netlink(&self) -> &Netlink {
+        &self.nl
+    }
+
+    /// The index of `name`, or an error naming it and the operation if it is missing.
+    async fn require_index(&self, name: &str, op: &str) -> Result<u32, KernelError> {
+        self.nl
+            .link_index(name)
+            .await?
+            .ok_or_else(|| missing(op.to_owned(), &format!("link {name}")))
+    }
+
+    /// Everything after creation; on failure the caller rolls back what it created.
+    async fn configure_bridge(&self, spec: &BridgeSpec) -> Result<(), KernelError> {
+        let name = spec.name.as_str();
+        let index = self
+            .require_index(name, &format!("configure bridge {name}"))
+            .await?;
+        if let Some(mtu) = spec.mtu {
+            self.nl.set_mtu(index, mtu).await?;
+        }
+        if spec.addresses.iter().any(IpNetwork::is_ipv6) {
+            // New interfaces inherit `default.disable_ipv6`; with it set, adding an IPv6
+            // address fails with EACCES.
+            write_sysctl(&format!("net/ipv6/conf/{name}/disable_ipv6"), "0")?;
+        }
+        for address in &spec.addresses {
+            self.nl.add_address(index, *address).await?;
+        }
+        if spec.internal {
+            write_sysctl(&format!("net/ipv4/conf/{name}/forwarding"), "0")?;
+            // Without IPv6 in the kernel there is nothing to forward.
+            if std::path::Path::new("/proc/sys/net/ipv6/conf").exists() {
+                write_sysctl(&format!("net/ipv6/conf/{name}/forwarding"), "0")?;
+            }
+        }
+        self.nl.set_up(index).await?;
+        self.firewall.allow_bridge(name).await
+    }
+
+    async fn configure_veth(&self, spec: &VethSpec) -> Result<(), KernelError> {
+        let VethSpec {
+            host, peer, bridge, ..
+        } = spec;
+        let bridge_index = self.nl.link_index(bridge).await?.ok_or_else(|| {
+            missing(
+                format!("attach {host} to bridge {bridge}"),
+                &format!("bridge {bridge}"),
+            )
+        })?;
+        let host_index = self
+            .require_index(host, &format!("configure veth {host}"))
+            .await?;
+        match self.nl.link_index(peer).await? {
+            Some(peer_index) => {
+                if let Some(mtu) = spec.mtu {
+                    self.nl.set_mtu(peer_index, mtu).await?;
+                }
+                self.nl.set_mac(peer_index, spec.peer_mac).await?;
+            }
+            // Adopting a pair whose container end Docker already moved into a sandbox:
+            // that end is Docker's now.
+            None => debug!(%peer, "veth peer not in this namespace; leaving it alone"),
+        }
+        if let Some(mtu) = spec.mtu {
+            self.nl.set_mtu(host_index, mtu).await?;
+        }
+        self.nl.set_controller(host_index, bridge_index).await?;
+        self.nl.set_up(host_index).await
+    }
+
+    /// Undo of a creation, after a later step failed: logs, never masks the original error.
+    async fn roll_back(&self, name: &str, also_firewall: bool, cause: &KernelError) {
+        warn!(%cause, link = name, "rolling back");
+        if also_firewall && let Err(e) = self.firewall.remove_bridge(name).await {
+            warn!(error = %e, bridge = name, "rollback: removing firewall rule failed");
+        }
+        match self.nl.delete_link(name).await {
+            Ok(_) => info!("rollback: ip link del {name}"),
+            Err(e) => warn!(error = %e, link = name, "rollback: deleting link failed"),
+        }
+    }
+}
+
+impl Kernel for LinuxKernel {
+    async fn ensure_bridge(&self, spec: &BridgeSpec) -> Result<(), KernelError> {
+        let name = spec.name.as_str();
+        let created = if self.nl.link_index(name).await?.is_some() {
+            debug!(bridge = name, "bridge exists; adopting");
+            false
+        } else {
+            let mac = bridge_mac(name);
+            match self.nl.create_bridge(name, Some(mac)).await {
+                Ok(()) => {
+                    info!(
+                        "ip link add {name} address {} type bridge",
+                        format_mac(&mac)
+                    );
+                    true
+                }
+                // Created concurrently since the lookup: adopt it.
+                Err(e) if link::errno(&e) == Some(libc::EEXIST) => false,
+                Err(e) => return Err(e),
+            }
+        };
+        match self.configure_bridge(spec).await {
+            Ok(()) => {
+                info!(
+                    bridge = name,
+                    mtu = ?spec.mtu,
+                    addresses = ?spec.addresses,
+                    internal = spec.internal,
+                    created,
+                    "bridge ready"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if created {
+                    self.roll_back(name, true, &e).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn delete_bridge(&self, name: &str) -> Result<(), KernelError> {
+        let firewall = self.firewall.remove_bridge(name).await;
+        let link = match self.nl.delete_link(name).await {
+            Ok(true) => {
+                info!("ip link del {name}");
+                Ok(())
+            }
+            Ok(false) => {
+                debug!(bridge = name, "bridge already gone");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
+        collect([firewall, link])
+    }
+
+    async fn ensure_veth(&self, spec: &VethSpec) -> Result<(), KernelError> {
+        let VethSpec { host, peer, .. } = spec;
+        let created = if self.nl.link_index(host).await?.is_some() {
+            debug!(%host, "veth exists; adopting");
+            false
+        } else {
+            // A leftover container end without its host end cannot be adopted (the pair is
+            // gone) and would make creation fail with EEXIST; it is ours by name.
+            if self.nl.delete_link(peer).await? {
+                warn!(%peer, "deleted a stale veth end before re-creating the pair");
+            }
+            self.nl.create_veth(host, peer, spec.mtu).await?;
+            info!(
+                "ip link add {host} type veth peer name {peer}{}",
+                spec.mtu
+                    .map(|m| format!(" (mtu {m} on both)"))
+                    .unwrap_or_default()
+            );
+            true
+        };
+        match self.configure_veth(spec).await {
+            Ok(()) => {
+                info!(
+                    %host, %peer, bridge = %spec.bridge, mac = %format_mac(&spec.peer_mac), created,
+                    "veth ready: ip link set {host} master {} up", spec.bridge
+                );
+                Ok(())
+            }
+            Err(e) => {
+                if created {
+                    self.roll_back(host, false, &e).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn delete_link(&self, name: &str) -> Result<(), KernelError> {
+        if self.nl.delete_link(name).await? {
+            info!("ip link del {name}");
+        } else {
+            debug!(link = name, "link already gone");
+        }
+        Ok(())
+    }
+
+    async fn sluice_links(&self) -> Result<Vec<String>, KernelError> {
+        let mut links: Vec<String> = self
+            .nl
+            .link_names()
+            .await?
+            .into_iter()
+            .filter(|n| names::is_sluice_link(n))
+            .collect();
+        links.sort();
+        Ok(links)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bridge_mac_is_stable_local_unicast_and_distinct() {
+        let a = bridge_mac("slbr5cdf432b921");
+        assert_eq!(a, bridge_mac("slbr5cdf432b921"));
+        assert_ne!(a, bridge_mac("slbr5cdf432b922"));
+        assert_eq!(a[0] & 0b11, 0b10, "locally administered, unicast");
+    }
+
+    fn os(op: &str) -> KernelError {
+        KernelError::Os {
+            op: op.into(),
+            message: "boom".into(),
+        }
+    }
+
+    #[test]
+    fn collect_keeps_every_error() {
+        assert!(collect([Ok(()), Ok(())]).is_ok());
+        let one = collect([Ok(()), Err(os("a"))]).unwrap_err();
+        assert_eq!(one.to_string(), "a: boom");
+        let many = collect([Err(os("a")), Err(os("b"))]).unwrap_err();
+        assert!(matches!(&many, KernelError::Many(v) if v.len() == 2));
+        assert_eq!(many.to_string(), "a: boom; b: boom");
+    }
+}

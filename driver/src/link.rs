@@ -1,0 +1,408 @@
+//! The one netlink wrapper of the driver (netavark style): every `RTM_*` request sluice sends
+//! is built here, so drivers speak in terms of "create a bridge" or "attach to a bridge" and
+//! never touch rtnetlink messages. Also owns the small `/proc/sys` helper ([`write_sysctl`]).
+//!
+//! A [`Netlink`] talks to the network namespace its socket was **created** in (the calling
+//! thread's at [`Netlink::connect`]); moving threads or tasks afterwards does not change that.
+//!
+//! Errors keep the operation in their message (`create bridge slbr123: …`) and the raw
+//! rtnetlink error as their source; [`errno`] extracts the kernel's errno for callers that
+//! must tell "already there" or "already gone" apart from real failures.
+
+use std::net::IpAddr;
+use std::pin::pin;
+
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
+use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute};
+use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
+use tracing::debug;
+
+use crate::kernel::KernelError;
+
+/// A route-netlink connection (the `ip` tool in library form), bound to one network
+/// namespace.
+#[derive(Debug, Clone)]
+pub struct Netlink {
+    handle: rtnetlink::Handle,
+}
+
+/// The kernel's errno behind a netlink failure (positive, e.g. `libc::EEXIST`), if the
+/// error came from the kernel at all.
+#[must_use]
+pub fn errno(err: &KernelError) -> Option<i32> {
+    match err {
+        KernelError::Netlink { source, .. } => rtnetlink_errno(source),
+        _ => None,
+    }
+}
+
+fn rtnetlink_errno(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        // The kernel reports `-errno` in NLMSG_ERROR.
+        rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| c.get().saturating_neg()),
+        _ => None,
+    }
+}
+
+fn nl_error(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelError {
+    move |source| KernelError::Netlink {
+        op: op.into(),
+        source,
+    }
+}
+
+/// Formats a MAC the way `ip` prints it.
+#[must_use]
+pub fn format_mac(mac: &[u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl Netlink {
+    /// Opens a route-netlink socket in the **calling thread's** network namespace and spawns
+    /// its connection task on the current tokio runtime.
+    ///
+    /// # Errors
+    /// [`KernelError::Os`] when called outside a tokio runtime or when the socket cannot be
+    /// opened.
+    pub fn connect() -> Result<Self, KernelError> {
+        let op = "open route netlink socket";
+        let runtime = tokio::runtime::Handle::try_current().map_err(|e| KernelError::Os {
+            op: op.to_owned(),
+            message: format!("needs a tokio runtime: {e}"),
+        })?;
+        let (connection, handle, _messages) =
+            rtnetlink::new_connection().map_err(|e| KernelError::Os {
+                op: op.to_owned(),
+                message: e.to_string(),
+            })?;
+        runtime.spawn(connection);
+        Ok(Self { handle })
+    }
+
+    /// Index of the link called `name`, or `None` if there is none
+    /// (`ip link show dev NAME`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] for failures other than "no such device".
+    pub async fn link_index(&self, name: &str) -> Result<Option<u32>, KernelError> {
+        let mut links = pin!(
+            self.handle
+                .link()
+                .get()
+                .match_name(name.to_owned())
+                .execute()
+        );
+        match links.try_next().await {
+            Ok(link) => Ok(link.map(|l| l.header.index)),
+            Err(e) if rtnetlink_errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(nl_error(format!("look up link {name}"))(e)),
+        }
+    }
+
+    /// Names of all links in the namespace (`ip link show`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] if the dump fails.
+    pub async fn link_names(&self) -> Result<Vec<String>, KernelError> {
+        let links: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_error("dump links"))?;
+        Ok(links
+            .into_iter()
+            .filter_map(|l| {
+                l.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::IfName(n) => Some(n),
+                    _ => None,
+                })
+            })
+            .collect())
+    }
+
+    /// Creates a bridge, down, with a fixed MAC if given
+    /// (`ip link add NAME [address MAC] type bridge`).
+    ///
+    /// There is deliberately no MTU parameter: an MTU sent with `RTM_NEWLINK` is not marked
+    /// "set by user" by the bridge code, so the bridge re-tunes itself to the smallest port
+    /// MTU as soon as a port joins (a 1400 bridge becomes 1500 when a 1500 veth is attached;
+    /// found with `ip link add br mtu 1400 type bridge` + `ip link set veth master br` on
+    /// 6.18). Use [`Netlink::set_mtu`] after creation, which goes through `ndo_change_mtu`
+    /// and pins the value. Likewise a bridge without an explicit MAC takes the lowest MAC of
+    /// its ports and changes it as ports come and go, so callers should pass one.
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`], with errno `EEXIST` if the name is taken.
+    pub async fn create_bridge(&self, name: &str, mac: Option<[u8; 6]>) -> Result<(), KernelError> {
+        let mut builder = LinkMessageBuilder::<LinkBridge>::new(name);
+        if let Some(mac) = mac {
+            builder = builder.address(mac.to_vec());
+        }
+        self.handle
+            .link()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(nl_error(format!("create bridge {name}")))?;
+        debug!(
+            "ip link add {name}{} type bridge",
+            mac.map(|m| format!(" address {}", format_mac(&m)))
+                .unwrap_or_default()
+        );
+        Ok(())
+    }
+
+    /// Creates a veth pair, both ends down, with the MTU on both ends if given
+    /// (`ip link add HOST [mtu MTU] type veth peer name PEER [mtu MTU]`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`], with errno `EEXIST` if either name is taken.
+    pub async fn create_veth(
+        &self,
+        host: &str,
+        peer: &str,
+        mtu: Option<u32>,
+    ) -> Result<(), KernelError> {
+        let mut peer_msg = LinkUnspec::new_with_name(peer);
+        let mut builder = LinkVeth::new(host, peer);
+        if let Some(mtu) = mtu {
+            peer_msg = peer_msg.mtu(mtu);
+            builder = builder.mtu(mtu);
+        }
+        let message = builder
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer_msg.build())))
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(nl_error(format!("create veth {host} peer {peer}")))?;
+        debug!(
+            "ip link add {host}{m} type veth peer name {peer}{m}",
+            m = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default()
+        );
+        Ok(())
+    }
+
+    async fn set_link(
+        &self,
+        op: String,
+        message: rtnetlink::LinkMessageBuilder<LinkUnspec>,
+    ) -> Result<(), KernelError> {
+        self.handle
+            .link()
+            .set(message.build())
+            .execute()
+            .await
+            .map_err(nl_error(op.clone()))?;
+        debug!("{op}");
+        Ok(())
+    }
+
+    /// Sets the hardware address (`ip link set dev IDX address MAC`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`].
+    pub async fn set_mac(&self, index: u32, mac: [u8; 6]) -> Result<(), KernelError> {
+        self.set_link(
+            format!("ip link set dev #{index} address {}", format_mac(&mac)),
+            LinkUnspec::new_with_index(index).address(mac.to_vec()),
+        )
+        .await
+    }
+
+    /// Attaches a link to a bridge (`ip link set dev IDX master BRIDGE`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`], e.g. `EOPNOTSUPP` if `bridge_index` is not a bridge.
+    pub async fn set_controller(&self, index: u32, bridge_index: u32) -> Result<(), KernelError> {
+        self.set_link(
+            format!("ip link set dev #{index} master #{bridge_index}"),
+            LinkUnspec::new_with_index(index).controller(bridge_index),
+        )
+        .await
+    }
+
+    /// Sets the MTU (`ip link set dev IDX mtu MTU`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`], `EINVAL` when the MTU is outside the device's range.
+    pub async fn set_mtu(&self, index: u32, mtu: u32) -> Result<(), KernelError> {
+        self.set_link(
+            format!("ip link set dev #{index} mtu {mtu}"),
+            LinkUnspec::new_with_index(index).mtu(mtu),
+        )
+        .await
+    }
+
+    /// Brings a link up (`ip link set dev IDX up`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`].
+    pub async fn set_up(&self, index: u32) -> Result<(), KernelError> {
+        self.set_link(
+            format!("ip link set dev #{index} up"),
+            LinkUnspec::new_with_index(index).up(),
+        )
+        .await
+    }
+
+    /// Adds an address with its prefix (`ip addr add ADDR/PREFIX dev IDX`, plus `nodad` for
+    /// IPv6 so a gateway address is usable at once instead of staying tentative). An address
+    /// that is already there is fine.
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] for anything but `EEXIST`.
+    pub async fn add_address(&self, index: u32, address: IpNetwork) -> Result<(), KernelError> {
+        let mut request = self
+            .handle
+            .address()
+            .add(index, address.ip(), address.prefix());
+        if address.is_ipv6() {
+            let message = request.message_mut();
+            message.header.flags |= AddressHeaderFlags::Nodad;
+            message
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        match request.execute().await {
+            Ok(()) => {
+                debug!(
+                    "ip addr add {address} dev #{index}{}",
+                    if address.is_ipv6() { " nodad" } else { "" }
+                );
+                Ok(())
+            }
+            Err(e) if rtnetlink_errno(&e) == Some(libc::EEXIST) => {
+                debug!(%address, index, "address already present");
+                Ok(())
+            }
+            Err(e) => Err(nl_error(format!("add address {address} to link #{index}"))(
+                e,
+            )),
+        }
+    }
+
+    /// Addresses of a link (`ip addr show dev IDX`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] if the dump fails.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>, KernelError> {
+        let op = || format!("list addresses of link #{index}");
+        let messages: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_error(op()))?;
+        let mut out = Vec::with_capacity(messages.len());
+        for m in messages {
+            // IFA_LOCAL is the interface's own address; IFA_ADDRESS is the peer's on
+            // point-to-point links and equal to IFA_LOCAL otherwise. IPv6 sends only
+            // IFA_ADDRESS.
+            let mut local: Option<IpAddr> = None;
+            let mut addr: Option<IpAddr> = None;
+            for a in &m.attributes {
+                match a {
+                    AddressAttribute::Local(ip) => local = Some(*ip),
+                    AddressAttribute::Address(ip) => addr = Some(*ip),
+                    _ => {}
+                }
+            }
+            if let Some(ip) = local.or(addr) {
+                let net = IpNetwork::new(ip, m.header.prefix_len).map_err(|e| KernelError::Os {
+                    op: op(),
+                    message: e.to_string(),
+                })?;
+                out.push(net);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a link by name (`ip link del NAME`); deleting either end of a veth pair removes
+    /// both. Returns `false` if there was no such link.
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] for failures other than "no such device".
+    pub async fn delete_link(&self, name: &str) -> Result<bool, KernelError> {
+        match self
+            .handle
+            .link()
+            .del_with_message(LinkUnspec::new_with_name(name).build())
+            .execute()
+            .await
+        {
+            Ok(()) => {
+                debug!("ip link del {name}");
+                Ok(true)
+            }
+            Err(e) if rtnetlink_errno(&e) == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(nl_error(format!("delete link {name}"))(e)),
+        }
+    }
+}
+
+/// Writes `value` to `/proc/sys/<path>` (`sysctl -w`, with `/` separators:
+/// `net/ipv4/conf/slbr123/forwarding`).
+///
+/// `/proc/sys/net` resolves against the network namespace of the thread that opens the file,
+/// so this writes synchronously on the calling thread (the write is a few bytes to procfs)
+/// instead of going through tokio's blocking pool, whose threads may sit in another netns.
+///
+/// # Errors
+/// [`KernelError::Os`] if the file cannot be written (e.g. no such interface or no IPv6).
+pub fn write_sysctl(path: &str, value: &str) -> Result<(), KernelError> {
+    let full = format!("/proc/sys/{}", path.trim_start_matches('/'));
+    std::fs::write(&full, value).map_err(|e| KernelError::Os {
+        op: format!("write {value} to {full}"),
+        message: e.to_string(),
+    })?;
+    debug!("sysctl -w {}={value}", path.replace('/', "."));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_is_formatted_like_ip() {
+        assert_eq!(
+            format_mac(&[0x02, 0, 0xab, 1, 2, 0xff]),
+            "02:00:ab:01:02:ff"
+        );
+    }
+
+    #[test]
+    fn errno_is_positive_and_only_for_kernel_errors() {
+        let os = KernelError::Os {
+            op: "x".into(),
+            message: "y".into(),
+        };
+        assert_eq!(errno(&os), None);
+        let failed = KernelError::Netlink {
+            op: "x".into(),
+            source: rtnetlink::Error::RequestFailed,
+        };
+        assert_eq!(errno(&failed), None);
+    }
+
+    #[test]
+    fn connect_outside_a_runtime_is_an_error() {
+        let err = Netlink::connect().unwrap_err();
+        assert!(err.to_string().contains("tokio runtime"), "{err}");
+    }
+}
