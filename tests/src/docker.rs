@@ -1,0 +1,1172 @@
+//! A private dockerd plus a sluice daemon for end-to-end tests.
+//!
+//! [`Env`] starts a dockerd of its own (own data-root, exec-root, pidfile, socket and
+//! containerd namespace under `/tmp/sle2e-<pid>-<n>`, no `docker0`, iptables on as in
+//! production) and a sluice daemon under a unique plugin name (`slt<pid>n<n>`, socket
+//! `/run/docker/plugins/slt<pid>n<n>.sock`) with its own state dir, default pools and log. So
+//! several environments, and a Docker Engine that already runs on the machine, never collide.
+//!
+//! Everything an [`Env`] started is stopped and removed when it drops and, for the shared
+//! per-binary [`Env`] (a static, which Rust never drops), by an `atexit` hook. Only processes
+//! that an [`Env`] spawned itself are ever signalled.
+//!
+//! The test image [`IMAGE`] is made with `docker import` from the host's static busybox.
+
+use std::ffi::OsStr;
+use std::fs::{self, OpenOptions};
+use std::io::{Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock, PoisonError};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// The image every test container runs: Debian's static busybox with its applets.
+pub const IMAGE: &str = "sluice-test/busybox:latest";
+
+/// How long dockerd and sluice get to answer after a start.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a stopped daemon gets before SIGKILL.
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Lines of each log shown when a command fails.
+const LOG_TAIL_LINES: usize = 50;
+
+static NEXT_ENV: AtomicU32 = AtomicU32::new(0);
+/// Environments not cleaned up yet, for the `atexit` hook.
+static LIVE: Mutex<Vec<Arc<Inner>>> = Mutex::new(Vec::new());
+static ATEXIT: Once = Once::new();
+static SHARED: OnceLock<Result<Env, String>> = OnceLock::new();
+
+/// True when the tests run as root (the Docker tier needs it).
+#[must_use]
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Prints "skipped: needs root" and returns true when not root; tests then return early.
+#[must_use]
+pub fn skip_unless_root() -> bool {
+    if is_root() {
+        false
+    } else {
+        eprintln!("skipped: needs root");
+        true
+    }
+}
+
+/// The environment shared by every test of one test binary, started on first use.
+///
+/// # Panics
+/// When the environment could not be started (every test using it then fails with the reason).
+pub fn shared() -> &'static Env {
+    match SHARED.get_or_init(|| Env::try_new().map_err(|e| format!("{e:#}"))) {
+        Ok(env) => env,
+        Err(e) => panic!("the shared Docker test environment failed to start: {e}"),
+    }
+}
+
+/// A private dockerd and a sluice daemon registered with it under a unique plugin name.
+#[derive(Debug)]
+pub struct Env {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    dir: PathBuf,
+    docker_host: String,
+    containerd_namespace: String,
+    driver: String,
+    plugin_socket: PathBuf,
+    pool_v4: String,
+    pool_v6: String,
+    dockerd: Mutex<Option<Child>>,
+    sluice: Mutex<Option<Child>>,
+    cleaned: AtomicBool,
+}
+
+impl Env {
+    /// Starts dockerd and sluice, and imports the test image.
+    ///
+    /// # Panics
+    /// When either daemon does not come up; the message holds both logs' tails.
+    #[must_use]
+    pub fn start() -> Env {
+        match Env::try_new() {
+            Ok(env) => env,
+            Err(e) => panic!("the Docker test environment failed to start: {e:#}"),
+        }
+    }
+
+    /// Like [`Env::start`], with the failure as an error.
+    ///
+    /// # Errors
+    /// When a daemon does not come up, or the test image cannot be built.
+    pub fn try_new() -> Result<Env> {
+        let n = NEXT_ENV.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        // Short: unix socket paths are limited to 107 bytes, and dockerd and containerd put
+        // theirs under the exec-root.
+        let dir = PathBuf::from(format!("/tmp/sle2e-{pid}-{n}"));
+        if dir.exists() {
+            fs::remove_dir_all(&dir).with_context(|| format!("remove stale {}", dir.display()))?;
+        }
+        fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let plugin_dir = Path::new("/run/docker/plugins");
+        fs::create_dir_all(plugin_dir)
+            .with_context(|| format!("create {}", plugin_dir.display()))?;
+        let driver = format!("slt{pid}n{n}");
+        let inner = Arc::new(Inner {
+            docker_host: format!("unix://{}", dir.join("docker.sock").display()),
+            containerd_namespace: format!("sle2e-{pid}-{n}"),
+            plugin_socket: plugin_dir.join(format!("{driver}.sock")),
+            driver,
+            // One /16 per environment, split into /24s; 10.100-199 stays clear of the
+            // explicit test subnets (10.3x.*) and of sluice's own default (10.200.0.0/14).
+            pool_v4: format!("10.{}.0.0/16", 100 + n % 100),
+            // Inside sluice's default ULA /48, one /56 per environment.
+            pool_v6: format!("fd53:6c75:6963:{:x}00::/56", n % 256),
+            dir,
+            dockerd: Mutex::new(None),
+            sluice: Mutex::new(None),
+            cleaned: AtomicBool::new(false),
+        });
+        register_for_exit(&inner);
+        let env = Env { inner };
+        env.inner.spawn_sluice()?;
+        env.inner.spawn_dockerd()?;
+        env.inner.wait_sluice()?;
+        env.inner.wait_dockerd()?;
+        env.build_image()?;
+        Ok(env)
+    }
+
+    /// The plugin name to use as `-d` and `--ipam-driver`.
+    #[must_use]
+    pub fn driver(&self) -> &str {
+        &self.inner.driver
+    }
+
+    /// The sluice daemon's socket (`/run/docker/plugins/<driver>.sock`).
+    #[must_use]
+    pub fn plugin_socket(&self) -> &Path {
+        &self.inner.plugin_socket
+    }
+
+    /// The IPv4 range that automatic subnets of this environment come from (split into /24s).
+    #[must_use]
+    pub fn default_pool(&self) -> &str {
+        &self.inner.pool_v4
+    }
+
+    /// The IPv6 range that automatic IPv6 subnets come from (split into /64s).
+    #[must_use]
+    pub fn default_pool_v6(&self) -> &str {
+        &self.inner.pool_v6
+    }
+
+    /// The temporary directory holding everything of this environment.
+    #[must_use]
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    /// `DOCKER_HOST` of the private dockerd (`unix:///tmp/sle2e-…/docker.sock`).
+    #[must_use]
+    pub fn docker_host(&self) -> &str {
+        &self.inner.docker_host
+    }
+
+    /// Runs `docker -H <private socket> ARGS…`.
+    ///
+    /// # Panics
+    /// When the docker CLI cannot be started.
+    pub fn docker<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.inner.docker(args)
+    }
+
+    /// Runs docker and returns its trimmed stdout.
+    ///
+    /// # Panics
+    /// When the command fails: the message holds its stderr and the tails of both logs.
+    pub fn docker_ok<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = self.docker(&args);
+        self.check(&out, "docker", &args)
+    }
+
+    /// Runs docker, expecting it to fail; returns its stderr.
+    ///
+    /// # Panics
+    /// When the command succeeds.
+    pub fn docker_fails<I, S>(&self, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = self.docker(&args);
+        assert!(
+            !out.status.success(),
+            "expected `docker {}` to fail, but it succeeded:\nstdout: {}\n{}",
+            join(&args),
+            String::from_utf8_lossy(&out.stdout),
+            self.logs_tail()
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Runs `docker-compose ARGS…` in `project_dir` against the private dockerd.
+    ///
+    /// # Panics
+    /// When docker-compose cannot be started.
+    pub fn compose<I, S>(&self, project_dir: &Path, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Command::new("docker-compose")
+            .args(args)
+            .current_dir(project_dir)
+            .env("DOCKER_HOST", &self.inner.docker_host)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run docker-compose: {e}"))
+    }
+
+    /// Runs docker-compose and returns its trimmed stdout.
+    ///
+    /// # Panics
+    /// When the command fails: the message holds its output and the tails of both logs.
+    pub fn compose_ok<I, S>(&self, project_dir: &Path, args: I) -> String
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let out = self.compose(project_dir, &args);
+        self.check(&out, "docker-compose", &args)
+    }
+
+    fn check(&self, out: &Output, program: &str, args: &[std::ffi::OsString]) -> String {
+        assert!(
+            out.status.success(),
+            "`{program} {}` failed ({}):\nstdout: {}\nstderr: {}\n{}",
+            join(args),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            self.logs_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// `docker network create -d <driver> --ipam-driver <driver> EXTRA… NAME`; returns the ID.
+    pub fn create_network(&self, name: &str, extra: &[&str]) -> String {
+        let driver = self.driver().to_owned();
+        let mut args = vec!["network", "create", "-d", &driver, "--ipam-driver", &driver];
+        args.extend_from_slice(extra);
+        args.push(name);
+        self.docker_ok(args)
+    }
+
+    /// `docker network inspect NAME`, the network's object.
+    pub fn network_inspect(&self, name: &str) -> serde_json::Value {
+        let out = self.docker_ok(["network", "inspect", name]);
+        let mut all: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("docker network inspect {name}: bad JSON ({e}): {out}"));
+        all.get_mut(0)
+            .map(serde_json::Value::take)
+            .unwrap_or_else(|| panic!("docker network inspect {name}: empty answer"))
+    }
+
+    /// The network's full ID.
+    pub fn network_id(&self, name: &str) -> String {
+        self.docker_ok(["network", "inspect", "-f", "{{.Id}}", name])
+    }
+
+    /// Starts a detached container (`sleep 3600`, stops at once on SIGTERM) on `net`.
+    /// Returns the container ID.
+    pub fn run_container(&self, net: &str, name: &str, extra: &[&str]) -> String {
+        self.run_container_cmd(
+            net,
+            name,
+            extra,
+            &["sh", "-c", "trap 'exit 0' TERM; sleep 3600 & wait"],
+        )
+    }
+
+    /// Starts a detached container running `cmd` on `net`. Returns the container ID.
+    pub fn run_container_cmd(&self, net: &str, name: &str, extra: &[&str], cmd: &[&str]) -> String {
+        let mut args = vec![
+            "run",
+            "-d",
+            "--name",
+            name,
+            "--hostname",
+            name,
+            "--network",
+            net,
+            "--stop-timeout",
+            "3",
+        ];
+        args.extend_from_slice(extra);
+        args.push(IMAGE);
+        args.extend_from_slice(cmd);
+        self.docker_ok(args)
+    }
+
+    /// `docker exec CONTAINER CMD…`.
+    pub fn exec(&self, container: &str, cmd: &[&str]) -> Output {
+        let mut args = vec!["exec", container];
+        args.extend_from_slice(cmd);
+        self.docker(args)
+    }
+
+    /// `docker exec` that must succeed; returns trimmed stdout.
+    pub fn exec_ok(&self, container: &str, cmd: &[&str]) -> String {
+        let mut args = vec!["exec", container];
+        args.extend_from_slice(cmd);
+        self.docker_ok(args)
+    }
+
+    /// True when `ping -c1 -W2 TARGET` from `container` gets an answer (retried for up to
+    /// `within`, so a neighbour or DAD still settling does not count as failure).
+    pub fn can_ping(&self, container: &str, target: &str, within: Duration) -> bool {
+        wait_until(within, || {
+            self.exec(container, &["ping", "-c1", "-W2", target])
+                .status
+                .success()
+        })
+    }
+
+    /// Like [`Env::can_ping`], over IPv6 (`ping -6`).
+    pub fn can_ping6(&self, container: &str, target: &str, within: Duration) -> bool {
+        wait_until(within, || {
+            self.exec(container, &["ping", "-6", "-c1", "-W2", target])
+                .status
+                .success()
+        })
+    }
+
+    /// Asserts that `from` reaches `target` by ping within 15 s.
+    ///
+    /// # Panics
+    /// When it does not: with the last ping's output and both logs' tails.
+    pub fn assert_ping(&self, from: &str, target: &str) {
+        if !self.can_ping(from, target, Duration::from_secs(15)) {
+            let out = self.exec(from, &["ping", "-c1", "-W2", target]);
+            panic!(
+                "{from} cannot ping {target}:\n{}{}\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                self.logs_tail()
+            );
+        }
+    }
+
+    /// The container's IPv4 address on `net` (without prefix length), from `docker inspect`.
+    pub fn container_ip(&self, container: &str, net: &str) -> String {
+        self.docker_ok([
+            "inspect",
+            "-f",
+            &format!("{{{{(index .NetworkSettings.Networks \"{net}\").IPAddress}}}}"),
+            container,
+        ])
+    }
+
+    /// The container's IPv6 address on `net` (without prefix length), from `docker inspect`.
+    pub fn container_ip6(&self, container: &str, net: &str) -> String {
+        self.docker_ok([
+            "inspect",
+            "-f",
+            &format!("{{{{(index .NetworkSettings.Networks \"{net}\").GlobalIPv6Address}}}}"),
+            container,
+        ])
+    }
+
+    /// The container's endpoint ID on `net`, from `docker inspect`.
+    pub fn endpoint_id(&self, container: &str, net: &str) -> String {
+        self.docker_ok([
+            "inspect",
+            "-f",
+            &format!("{{{{(index .NetworkSettings.Networks \"{net}\").EndpointID}}}}"),
+            container,
+        ])
+    }
+
+    /// `docker rm -f` every container of this environment.
+    pub fn remove_all_containers(&self) {
+        self.inner.remove_all_containers();
+    }
+
+    /// Sends `signal` to the sluice daemon and waits for it to exit (SIGKILL after 20 s).
+    pub fn kill_sluice(&self, signal: Signal) {
+        let mut guard = lock(&self.inner.sluice);
+        if let Some(child) = guard.as_mut() {
+            stop_child(child, signal, STOP_TIMEOUT);
+        }
+        *guard = None;
+    }
+
+    /// Starts the sluice daemon again (same socket, state dir and pools) and waits for it.
+    ///
+    /// # Panics
+    /// When it does not come up.
+    pub fn start_sluice(&self) {
+        if let Err(e) = self
+            .inner
+            .spawn_sluice()
+            .and_then(|()| self.inner.wait_sluice())
+        {
+            panic!("sluice did not start again: {e:#}\n{}", self.logs_tail());
+        }
+    }
+
+    /// True while the sluice daemon process runs.
+    pub fn sluice_running(&self) -> bool {
+        lock(&self.inner.sluice)
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Stops dockerd (SIGTERM, waits for it; SIGKILL after 20 s), starts it again with the
+    /// same directories, and waits until it answers.
+    ///
+    /// # Panics
+    /// When it does not come back.
+    pub fn restart_dockerd(&self) {
+        self.inner.stop_dockerd();
+        if let Err(e) = self
+            .inner
+            .spawn_dockerd()
+            .and_then(|()| self.inner.wait_dockerd())
+        {
+            panic!("dockerd did not start again: {e:#}\n{}", self.logs_tail());
+        }
+    }
+
+    /// The sluice daemon's log so far (all its runs).
+    #[must_use]
+    pub fn sluice_log(&self) -> String {
+        read_lossy(&self.inner.dir.join("sluice.log"))
+    }
+
+    /// The private dockerd's log so far (all its runs).
+    #[must_use]
+    pub fn dockerd_log(&self) -> String {
+        read_lossy(&self.inner.dir.join("dockerd.log"))
+    }
+
+    /// The last lines of both logs, for failure messages.
+    #[must_use]
+    pub fn logs_tail(&self) -> String {
+        format!(
+            "--- sluice log (last {LOG_TAIL_LINES} lines) ---\n{}\n--- dockerd log (last {LOG_TAIL_LINES} lines) ---\n{}",
+            tail(&self.sluice_log(), LOG_TAIL_LINES),
+            tail(&self.dockerd_log(), LOG_TAIL_LINES)
+        )
+    }
+
+    /// Sends one HTTP/1.1 request to the sluice socket as dockerd does (POST, no Content-Type)
+    /// and returns the status code and body.
+    ///
+    /// # Panics
+    /// When the socket does not answer with an HTTP response.
+    pub fn plugin_call(&self, method: &str, body: &[u8]) -> (u16, String) {
+        plugin_call(self.plugin_socket(), method, body)
+            .unwrap_or_else(|e| panic!("POST /{method}: {e:#}\n{}", self.logs_tail()))
+    }
+
+    fn build_image(&self) -> Result<()> {
+        let busybox =
+            find_tool("busybox").context("busybox not found (apt-get install busybox-static)")?;
+        if is_dynamically_linked(&busybox)? {
+            bail!(
+                "{} is dynamically linked; the test image needs Debian's busybox-static",
+                busybox.display()
+            );
+        }
+        let root = self.inner.dir.join("image");
+        for sub in ["bin", "etc", "tmp", "root", "proc", "sys", "dev", "var"] {
+            fs::create_dir_all(root.join(sub))?;
+        }
+        fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+        fs::copy(&busybox, root.join("bin/busybox"))
+            .with_context(|| format!("copy {}", busybox.display()))?;
+        fs::set_permissions(root.join("bin/busybox"), fs::Permissions::from_mode(0o755))?;
+        let list = Command::new(&busybox)
+            .arg("--list")
+            .output()
+            .context("busybox --list")?;
+        for applet in String::from_utf8_lossy(&list.stdout).lines() {
+            let applet = applet.trim();
+            if applet.is_empty() || applet == "busybox" || applet.contains('/') {
+                continue;
+            }
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
+                .with_context(|| format!("symlink applet {applet}"))?;
+        }
+        fs::write(
+            root.join("etc/passwd"),
+            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
+        )?;
+        fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+        let tarball = self.inner.dir.join("image.tar");
+        let status = Command::new("tar")
+            .arg("-C")
+            .arg(&root)
+            .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
+            .arg(&tarball)
+            .arg(".")
+            .status()
+            .context("run tar")?;
+        if !status.success() {
+            bail!("tar of the test image failed ({status})");
+        }
+        let out = self.docker([
+            OsStr::new("import"),
+            OsStr::new("--change"),
+            OsStr::new("CMD [\"sh\"]"),
+            tarball.as_os_str(),
+            OsStr::new(IMAGE),
+        ]);
+        if !out.status.success() {
+            bail!(
+                "docker import of the test image failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        self.inner.cleanup();
+        lock(&LIVE).retain(|i| !Arc::ptr_eq(i, &self.inner));
+    }
+}
+
+impl Inner {
+    fn docker<I, S>(&self, args: I) -> Output
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        Command::new("docker")
+            .arg("-H")
+            .arg(&self.docker_host)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run the docker CLI: {e}"))
+    }
+
+    fn spawn_dockerd(&self) -> Result<()> {
+        let dockerd =
+            find_tool("dockerd").context("dockerd not found (apt-get install docker.io)")?;
+        let config = self.dir.join("daemon.json");
+        // An empty config file, so /etc/docker/daemon.json of the machine does not apply.
+        fs::write(&config, "{}\n")?;
+        let log = open_log(&self.dir.join("dockerd.log"))?;
+        let child = Command::new(dockerd)
+            .arg("--config-file")
+            .arg(&config)
+            .arg("--data-root")
+            .arg(self.dir.join("data"))
+            .arg("--exec-root")
+            .arg(self.dir.join("exec"))
+            .arg("--pidfile")
+            .arg(self.dir.join("dockerd.pid"))
+            .arg("-H")
+            .arg(&self.docker_host)
+            .arg("--bridge=none")
+            .arg("--containerd-namespace")
+            .arg(&self.containerd_namespace)
+            .arg("--containerd-plugins-namespace")
+            .arg(format!("{}-plugins", self.containerd_namespace))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start dockerd")?;
+        *lock(&self.dockerd) = Some(child);
+        Ok(())
+    }
+
+    fn wait_dockerd(&self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let out = self.docker(["info", "--format", "{{.ServerVersion}}"]);
+            if out.status.success() {
+                return Ok(());
+            }
+            if let Some(status) = exited(&self.dockerd) {
+                bail!(
+                    "dockerd exited ({status}) before answering; its log:\n{}",
+                    tail(&read_lossy(&self.dir.join("dockerd.log")), LOG_TAIL_LINES)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "dockerd did not answer on {} within {START_TIMEOUT:?}; its log:\n{}",
+                    self.docker_host,
+                    tail(&read_lossy(&self.dir.join("dockerd.log")), LOG_TAIL_LINES)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn spawn_sluice(&self) -> Result<()> {
+        let bin = sluice_bin();
+        if !bin.is_file() {
+            bail!(
+                "sluice binary {} not found: build it (`cargo build -p sluice-plugin`), set \
+                 SLUICE_BIN, or run `cargo xtask test`",
+                bin.display()
+            );
+        }
+        let log = open_log(&self.dir.join("sluice.log"))?;
+        let child = Command::new(&bin)
+            .arg("daemon")
+            .arg("--plugin-socket")
+            .arg(&self.plugin_socket)
+            .arg("--state-dir")
+            .arg(self.dir.join("state"))
+            .args(["--default-address-pool", &self.pool_v4])
+            .args(["--default-pool-size", "24"])
+            .args(["--default-ipv6-pool", &self.pool_v6])
+            .args(["--default-ipv6-pool-size", "64"])
+            .args(["--log-level", "debug"])
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        *lock(&self.sluice) = Some(child);
+        Ok(())
+    }
+
+    fn wait_sluice(&self) -> Result<()> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if UnixStream::connect(&self.plugin_socket).is_ok() {
+                return Ok(());
+            }
+            if let Some(status) = exited(&self.sluice) {
+                bail!(
+                    "sluice exited ({status}) before serving {}; its log:\n{}",
+                    self.plugin_socket.display(),
+                    tail(&read_lossy(&self.dir.join("sluice.log")), LOG_TAIL_LINES)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "sluice did not serve {} within {START_TIMEOUT:?}; its log:\n{}",
+                    self.plugin_socket.display(),
+                    tail(&read_lossy(&self.dir.join("sluice.log")), LOG_TAIL_LINES)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn dockerd_running(&self) -> bool {
+        lock(&self.dockerd)
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn sluice_running(&self) -> bool {
+        lock(&self.sluice)
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    fn stop_dockerd(&self) {
+        let mut guard = lock(&self.dockerd);
+        if let Some(child) = guard.as_mut()
+            && !stop_child(child, Signal::SIGTERM, STOP_TIMEOUT)
+        {
+            // dockerd was SIGKILLed: its managed containerd outlives it. Stop that too, but
+            // only when its pid file is ours and the process still names our exec-root.
+            self.stop_orphaned_containerd();
+        }
+        *guard = None;
+    }
+
+    fn stop_orphaned_containerd(&self) {
+        let pid_file = self.dir.join("exec/containerd/containerd.pid");
+        let Ok(pid) = fs::read_to_string(&pid_file) else {
+            return;
+        };
+        let Ok(pid) = pid.trim().parse::<i32>() else {
+            return;
+        };
+        let cmdline = read_lossy(Path::new(&format!("/proc/{pid}/cmdline")));
+        if cmdline.contains(&*self.dir.to_string_lossy()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+
+    fn remove_all_containers(&self) {
+        let ids = self.docker(["ps", "-aq"]);
+        let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout)
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect();
+        if !ids.is_empty() {
+            let mut args = vec!["rm".to_owned(), "-f".to_owned()];
+            args.extend(ids);
+            let out = self.docker(&args);
+            if !out.status.success() {
+                eprintln!(
+                    "sluice tests: docker rm -f failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+        }
+    }
+
+    /// Stops and removes everything this environment started. Idempotent; never panics on
+    /// purpose (it runs in `Drop` during unwinding and in the `atexit` hook).
+    fn cleanup(&self) {
+        if self.cleaned.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let mut network_ids = Vec::new();
+        if self.dockerd_running() {
+            self.remove_all_containers();
+            let out = self.docker([
+                "network",
+                "ls",
+                "-q",
+                "--no-trunc",
+                "--filter",
+                &format!("driver={}", self.driver),
+            ]);
+            network_ids = String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            // Without sluice, Docker would retry its calls for a while: skip then.
+            if self.sluice_running() {
+                for id in &network_ids {
+                    let out = self.docker(["network", "rm", id]);
+                    if !out.status.success() {
+                        eprintln!(
+                            "sluice tests: cleanup: docker network rm {id} failed: {}",
+                            String::from_utf8_lossy(&out.stderr).trim()
+                        );
+                    }
+                }
+            }
+        }
+        self.stop_dockerd();
+        {
+            let mut guard = lock(&self.sluice);
+            if let Some(child) = guard.as_mut() {
+                stop_child(child, Signal::SIGTERM, STOP_TIMEOUT);
+            }
+            *guard = None;
+        }
+        // Bridges of networks that sluice did not remove would outlive the state dir.
+        let links = host_links();
+        for id in &network_ids {
+            let bridge = format!("slbr{}", &id[..id.len().min(11)]);
+            if links.contains(&bridge) {
+                eprintln!("sluice tests: cleanup: removing leftover bridge {bridge}");
+                let _ = Command::new("ip").args(["link", "del", &bridge]).status();
+            }
+        }
+        unmount_under(&self.dir);
+        let _ = fs::remove_file(&self.plugin_socket);
+        if let Err(e) = fs::remove_dir_all(&self.dir) {
+            eprintln!(
+                "sluice tests: cleanup: cannot remove {}: {e}",
+                self.dir.display()
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// process exit
+
+fn register_for_exit(inner: &Arc<Inner>) {
+    lock(&LIVE).push(Arc::clone(inner));
+    ATEXIT.call_once(|| {
+        // SAFETY: `cleanup_at_exit` is a plain `extern "C" fn()` with no arguments, as
+        // atexit(3) requires; it catches every panic, so none unwinds into libc, and it only
+        // touches statics, which stay valid until the process ends.
+        let rc = unsafe { libc::atexit(cleanup_at_exit) };
+        if rc != 0 {
+            eprintln!("sluice tests: atexit failed; a shared environment may outlive the tests");
+        }
+    });
+}
+
+/// Cleans up every environment still alive (Rust never drops statics such as [`shared`]).
+extern "C" fn cleanup_at_exit() {
+    let _ = std::panic::catch_unwind(|| {
+        let live = std::mem::take(&mut *lock(&LIVE));
+        for inner in live {
+            inner.cleanup();
+        }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+/// Polls `f` every 250 ms until it returns true (then true) or `timeout` passes (then false).
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// Runs `ip -j ARGS…` on the host and parses its JSON.
+///
+/// # Panics
+/// When `ip` fails or prints no JSON.
+pub fn ip_json(args: &[&str]) -> serde_json::Value {
+    let out = Command::new("ip")
+        .arg("-j")
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run ip: {e}"));
+    assert!(
+        out.status.success(),
+        "ip -j {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    if text.trim().is_empty() {
+        return serde_json::Value::Array(Vec::new());
+    }
+    serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("ip -j {}: bad JSON ({e})", args.join(" ")))
+}
+
+/// Names of every link in the host's network namespace.
+#[must_use]
+pub fn host_links() -> Vec<String> {
+    let Ok(out) = Command::new("ip").args(["-j", "link", "show"]).output() else {
+        return Vec::new();
+    };
+    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    links
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l.get("ifname").and_then(serde_json::Value::as_str))
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Host links whose name ties them to `id` (a network or endpoint ID): `sl????<id prefix>`.
+#[must_use]
+pub fn sl_links_for(id: &str) -> Vec<String> {
+    host_links()
+        .into_iter()
+        .filter(|name| {
+            name.starts_with("sl")
+                && name.len() > 4
+                && name.is_char_boundary(4)
+                && id.starts_with(&name[4..])
+        })
+        .collect()
+}
+
+/// IPv4/IPv6 addresses (`addr/prefix`) the host has on link `name`.
+#[must_use]
+pub fn host_addresses(name: &str) -> Vec<String> {
+    let v = ip_json(&["addr", "show", "dev", name]);
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| {
+            l.get("addr_info")
+                .and_then(serde_json::Value::as_array)
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|a| {
+            let local = a.get("local")?.as_str()?;
+            let len = a.get("prefixlen")?.as_u64()?;
+            Some(format!("{local}/{len}"))
+        })
+        .collect()
+}
+
+/// Panics when the host already routes anything overlapping `cidr` (a leftover of an earlier
+/// run, or a clash with the machine's own networks), so tests fail with the reason up front.
+///
+/// # Panics
+/// When `cidr` is in use on the host.
+pub fn assert_subnet_free(cidr: &str) {
+    let net: ipnetwork::IpNetwork = cidr.parse().unwrap_or_else(|e| panic!("{cidr}: {e}"));
+    let family = if net.is_ipv4() { "-4" } else { "-6" };
+    let routes = ip_json(&[family, "route", "show", "table", "all"]);
+    for r in routes.as_array().into_iter().flatten() {
+        let Some(dst) = r.get("dst").and_then(serde_json::Value::as_str) else {
+            continue;
+        };
+        if dst == "default" {
+            continue;
+        }
+        let Ok(other) = dst.parse::<ipnetwork::IpNetwork>() else {
+            continue;
+        };
+        // Host routes of a local table and multicast do not matter; real subnets do.
+        if other.prefix() == if net.is_ipv4() { 32 } else { 128 }
+            || dst.starts_with("ff")
+            || dst.starts_with("fe80")
+        {
+            continue;
+        }
+        let overlaps = other.contains(net.network()) || net.contains(other.network());
+        assert!(
+            !overlaps,
+            "test subnet {cidr} overlaps host route {r} (leftover from an earlier run?)"
+        );
+    }
+}
+
+/// Sends one HTTP/1.1 POST to a plugin socket the way dockerd does (no Content-Type).
+///
+/// # Errors
+/// When the socket does not answer with an HTTP response.
+pub fn plugin_call(socket: &Path, method: &str, body: &[u8]) -> Result<(u16, String)> {
+    let mut stream =
+        UnixStream::connect(socket).with_context(|| format!("connect {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let head = format!(
+        "POST /{method} HTTP/1.1\r\nHost: plugin.moby.localhost\r\n\
+         Accept: application/vnd.docker.plugins.v1.2+json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw).context("read the response")?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP header end in {text:?}"))?;
+    let status: u16 = head
+        .lines()
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no HTTP status line in {head:?}"))?;
+    let chunked = head.lines().any(|l| {
+        let l = l.to_ascii_lowercase();
+        l.starts_with("transfer-encoding:") && l.contains("chunked")
+    });
+    let body = if chunked {
+        dechunk(body)
+    } else {
+        body.to_owned()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(size) = usize::from_str_radix(size.split(';').next().unwrap_or("").trim(), 16)
+        else {
+            break;
+        };
+        if size == 0 || after.len() < size {
+            break;
+        }
+        out.push_str(&after[..size]);
+        rest = after[size..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// The sluice binary: `SLUICE_BIN`, else `<target dir>/debug/sluice`.
+#[must_use]
+pub fn sluice_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("SLUICE_BIN") {
+        return PathBuf::from(bin);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"),
+        PathBuf::from,
+    );
+    target.join("debug/sluice")
+}
+
+fn find_tool(tool: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|dir| dir.join(tool))
+        .find(|p| {
+            p.metadata()
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+}
+
+/// True when the ELF file has a `PT_INTERP` program header (needs a dynamic loader).
+fn is_dynamically_linked(path: &Path) -> Result<bool> {
+    const PT_INTERP: u32 = 3;
+    let data = fs::read(path).with_context(|| format!("read {}", path.display()))?;
+    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| {
+        data.get(o..o + 4)
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
+    };
+    let u64_at = |o: usize| {
+        data.get(o..o + 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    // 64-bit little-endian ELF only (x86_64 / aarch64 Debian).
+    if data.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        bail!("{} is not a 64-bit little-endian ELF file", path.display());
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        bail!("{}: truncated ELF header", path.display());
+    };
+    let phoff = usize::try_from(phoff)?;
+    Ok((0..usize::from(phnum))
+        .any(|i| u32_at(phoff + i * usize::from(phentsize)) == Some(PT_INTERP)))
+}
+
+/// Sends `signal`, waits up to `timeout`, then SIGKILLs. True when it exited before SIGKILL.
+fn stop_child(child: &mut Child, signal: Signal, timeout: Duration) -> bool {
+    if matches!(child.try_wait(), Ok(Some(_))) {
+        return true;
+    }
+    let Ok(pid) = i32::try_from(child.id()) else {
+        return false;
+    };
+    let _ = kill(Pid::from_raw(pid), signal);
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return true,
+            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    eprintln!("sluice tests: pid {pid} ignored {signal} for {timeout:?}; sending SIGKILL");
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
+fn exited(child: &Mutex<Option<Child>>) -> Option<std::process::ExitStatus> {
+    lock(child)
+        .as_mut()
+        .and_then(|c| c.try_wait().ok().flatten())
+}
+
+/// Lazily unmounts everything mounted under `dir`, deepest first.
+fn unmount_under(dir: &Path) {
+    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let prefix = dir.to_string_lossy().into_owned();
+    let mut points: Vec<String> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mount_path)
+        .filter(|p| p == &prefix || p.starts_with(&format!("{prefix}/")))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    points.dedup();
+    for p in points {
+        let _ = Command::new("umount")
+            .args(["-l", &p])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Decodes mountinfo's octal escapes (`\040` for a space, …).
+fn unescape_mount_path(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(Ok(digits)) = bytes.get(i + 1..i + 4).map(std::str::from_utf8)
+            && let Ok(v) = u8::from_str_radix(digits, 8)
+        {
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn open_log(path: &Path) -> Result<fs::File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("open {}", path.display()))
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// The last `n` lines of `text`.
+#[must_use]
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+fn join(args: &[std::ffi::OsString]) -> String {
+    args.iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
