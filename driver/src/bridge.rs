@@ -18,6 +18,16 @@ use crate::names;
 pub struct LinuxKernel {
     nl: Netlink,
     firewall: Firewall,
+    /// Alias put on every link this kernel creates or adopts; only links carrying it are
+    /// listed by [`Kernel::sluice_links`], so two sluice daemons (with different plugin
+    /// names) on one host never remove each other's links.
+    owner: String,
+}
+
+/// Alias of links owned by the daemon serving plugin `name`.
+#[must_use]
+pub fn owner_alias(name: &str) -> String {
+    format!("sluice:{name}")
 }
 
 /// A stable, locally administered unicast MAC for a bridge, derived from its name (FNV-1a).
@@ -70,7 +80,18 @@ impl LinuxKernel {
     /// Assembles a kernel from its parts (e.g. a [`Firewall`] with chosen tools).
     #[must_use]
     pub fn with_parts(nl: Netlink, firewall: Firewall) -> Self {
-        Self { nl, firewall }
+        Self {
+            nl,
+            firewall,
+            owner: owner_alias("sluice"),
+        }
+    }
+
+    /// Marks links as owned by the daemon serving plugin `name` (default `sluice`).
+    #[must_use]
+    pub fn owned_by(mut self, name: &str) -> Self {
+        self.owner = owner_alias(name);
+        self
     }
 
     /// The netlink connection, for callers that need lower-level queries.
@@ -93,6 +114,7 @@ impl LinuxKernel {
         let index = self
             .require_index(name, &format!("configure bridge {name}"))
             .await?;
+        self.nl.set_alias(index, &self.owner).await?;
         if let Some(mtu) = spec.mtu {
             self.nl.set_mtu(index, mtu).await?;
         }
@@ -128,8 +150,10 @@ impl LinuxKernel {
         let host_index = self
             .require_index(host, &format!("configure veth {host}"))
             .await?;
+        self.nl.set_alias(host_index, &self.owner).await?;
         match self.nl.link_index(peer).await? {
             Some(peer_index) => {
+                self.nl.set_alias(peer_index, &self.owner).await?;
                 if let Some(mtu) = spec.mtu {
                     self.nl.set_mtu(peer_index, mtu).await?;
                 }
@@ -266,10 +290,13 @@ impl Kernel for LinuxKernel {
     async fn sluice_links(&self) -> Result<Vec<String>, KernelError> {
         let mut links: Vec<String> = self
             .nl
-            .link_names()
+            .link_aliases()
             .await?
             .into_iter()
-            .filter(|n| names::is_sluice_link(n))
+            .filter(|(n, alias)| {
+                names::is_sluice_link(n) && alias.as_deref() == Some(self.owner.as_str())
+            })
+            .map(|(n, _)| n)
             .collect();
         links.sort();
         Ok(links)

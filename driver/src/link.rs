@@ -244,6 +244,49 @@ impl Netlink {
         .await
     }
 
+    /// Sets the link's alias (`ip link set dev IDX alias ALIAS`); sluice marks the links it
+    /// owns this way.
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`].
+    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<(), KernelError> {
+        self.set_link(
+            format!("ip link set dev #{index} alias {alias}"),
+            LinkUnspec::new_with_index(index).alias(alias),
+        )
+        .await
+    }
+
+    /// Names and aliases of all links in the namespace (`ip link show`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] if the dump fails.
+    pub async fn link_aliases(&self) -> Result<Vec<(String, Option<String>)>, KernelError> {
+        let links: Vec<_> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_error("dump links"))?;
+        Ok(links
+            .into_iter()
+            .filter_map(|l| {
+                let mut name = None;
+                let mut alias = None;
+                for a in l.attributes {
+                    match a {
+                        LinkAttribute::IfName(n) => name = Some(n),
+                        LinkAttribute::IfAlias(a) => alias = Some(a),
+                        _ => {}
+                    }
+                }
+                name.map(|n| (n, alias))
+            })
+            .collect())
+    }
+
     /// Brings a link up (`ip link set dev IDX up`).
     ///
     /// # Errors

@@ -61,7 +61,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     )
     .context("invalid default address pools")?;
     let store = Store::open(&args.state_dir).context("opening the state store")?;
-    let kernel = LinuxKernel::new().context("connecting to the kernel (netlink)")?;
+    let name = plugin_name(&args.plugin_socket)?;
+    let kernel = LinuxKernel::new()
+        .context("connecting to the kernel (netlink)")?
+        .owned_by(&name);
     let driver = Arc::new(Driver::open(kernel, store, ipam)?);
 
     let report = driver.reconcile().await;
@@ -87,6 +90,16 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     served.context("serving the plugin socket")?;
     info!("stopped");
     Ok(())
+}
+
+/// The driver name Docker knows the plugin by: the socket's file name without `.sock`.
+fn plugin_name(socket: &std::path::Path) -> anyhow::Result<String> {
+    socket
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .with_context(|| format!("cannot derive a plugin name from {}", socket.display()))
 }
 
 async fn shutdown_signal() {

@@ -474,7 +474,30 @@ fn sluice_links_lists_only_sluice_links() {
             ],
         )
         .unwrap();
+        // A sluice-named link of another sluice daemon (another plugin name) is not ours,
+        // and neither is one without any mark.
+        run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "slvhforeign0001",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "slvcforeign0001",
+            ],
+        )
+        .unwrap();
+        run(
+            "ip",
+            &["link", "set", "slvhforeign0001", "alias", "sluice:other"],
+        )
+        .unwrap();
         assert_eq!(k.sluice_links().await.unwrap(), [BR, PEER, HOST]);
+        let aliases = ip_json(&["link", "show", "dev", HOST]);
+        assert_eq!(aliases[0]["ifalias"], "sluice:sluice");
     });
 }
 
