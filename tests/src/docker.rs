@@ -34,6 +34,8 @@ pub const IMAGE: &str = "sluice-test/busybox:latest";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stopped daemon gets before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Serialises dockerd start-ups across test processes.
+const DOCKERD_START_LOCK: &str = "/run/sluice-e2e-dockerd-start.lock";
 /// Lines of each log shown when a command fails.
 const LOG_TAIL_LINES: usize = 50;
 
@@ -140,9 +142,8 @@ impl Env {
         register_for_exit(&inner);
         let env = Env { inner };
         env.inner.spawn_sluice()?;
-        env.inner.spawn_dockerd()?;
         env.inner.wait_sluice()?;
-        env.inner.wait_dockerd()?;
+        env.inner.start_dockerd()?;
         env.build_image()?;
         Ok(env)
     }
@@ -415,12 +416,15 @@ impl Env {
     }
 
     /// Sends `signal` to the sluice daemon and waits for it to exit (SIGKILL after 20 s).
-    pub fn kill_sluice(&self, signal: Signal) {
+    /// Returns how it exited (`None` when it was not running).
+    pub fn kill_sluice(&self, signal: Signal) -> Option<std::process::ExitStatus> {
         let mut guard = lock(&self.inner.sluice);
-        if let Some(child) = guard.as_mut() {
+        let status = guard.as_mut().and_then(|child| {
             stop_child(child, signal, STOP_TIMEOUT);
-        }
+            child.try_wait().ok().flatten()
+        });
         *guard = None;
+        status
     }
 
     /// Starts the sluice daemon again (same socket, state dir and pools) and waits for it.
@@ -451,11 +455,7 @@ impl Env {
     /// When it does not come back.
     pub fn restart_dockerd(&self) {
         self.inner.stop_dockerd();
-        if let Err(e) = self
-            .inner
-            .spawn_dockerd()
-            .and_then(|()| self.inner.wait_dockerd())
-        {
+        if let Err(e) = self.inner.start_dockerd() {
             panic!("dockerd did not start again: {e:#}\n{}", self.logs_tail());
         }
     }
@@ -575,6 +575,40 @@ impl Inner {
             .stdin(Stdio::null())
             .output()
             .unwrap_or_else(|e| panic!("cannot run the docker CLI: {e}"))
+    }
+
+    /// Starts dockerd and waits until it answers. Starts are serialised, within this process
+    /// and across processes (a lock file): concurrent dockerds race creating their iptables
+    /// chains and one dies with "Chain already exists". A dockerd that exits during start-up
+    /// anyway is started again, twice at most.
+    fn start_dockerd(&self) -> Result<()> {
+        static IN_PROCESS: Mutex<()> = Mutex::new(());
+        let _in_process = lock(&IN_PROCESS);
+        let lock_file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(DOCKERD_START_LOCK)
+            .with_context(|| format!("open {DOCKERD_START_LOCK}"))?;
+        let _across_processes =
+            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+                .map_err(|(_, e)| e)
+                .with_context(|| format!("lock {DOCKERD_START_LOCK}"))?;
+        let mut attempt = 1;
+        loop {
+            self.spawn_dockerd()?;
+            match self.wait_dockerd() {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < 3 && exited(&self.dockerd).is_some() => {
+                    eprintln!(
+                        "sluice tests: dockerd start attempt {attempt} failed, retrying: {e:#}"
+                    );
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     fn spawn_dockerd(&self) -> Result<()> {
@@ -745,6 +779,26 @@ impl Inner {
         }
     }
 
+    /// With `SLUICE_TEST_KEEP_LOGS` set, copies both logs to `/tmp/sle2e-logs/` before the
+    /// temporary directory goes.
+    fn keep_logs(&self) {
+        if std::env::var_os("SLUICE_TEST_KEEP_LOGS").is_none() {
+            return;
+        }
+        let keep = Path::new("/tmp/sle2e-logs");
+        let _ = fs::create_dir_all(keep);
+        let name = self
+            .dir
+            .file_name()
+            .map_or_else(|| "env".to_owned(), |n| n.to_string_lossy().into_owned());
+        for log in ["sluice.log", "dockerd.log"] {
+            let to = keep.join(format!("{name}-{log}"));
+            if fs::copy(self.dir.join(log), &to).is_ok() {
+                eprintln!("sluice tests: kept {}", to.display());
+            }
+        }
+    }
+
     /// Stops and removes everything this environment started. Idempotent; never panics on
     /// purpose (it runs in `Drop` during unwinding and in the `atexit` hook).
     fn cleanup(&self) {
@@ -796,6 +850,7 @@ impl Inner {
                 let _ = Command::new("ip").args(["link", "del", &bridge]).status();
             }
         }
+        self.keep_logs();
         unmount_under(&self.dir);
         let _ = fs::remove_file(&self.plugin_socket);
         if let Err(e) = fs::remove_dir_all(&self.dir) {
