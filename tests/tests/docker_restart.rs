@@ -1,22 +1,14 @@
 //! Docker end-to-end: sluice and dockerd restarts while containers run. Each test has its own
 //! environment (it restarts daemons); subnets under 10.32.0.0/16.
 //!
-//! The tests run one after the other: a sluice daemon reconciles the kernel when it starts and
-//! removes every `sl*` link its own state does not know, which includes the links of another
-//! sluice daemon running at the same time.
+//! The two tests run in parallel on purpose: each restarts its sluice daemon, which reconciles
+//! the kernel at start; that must leave the links of the other daemon alone.
 
 use std::collections::HashSet;
-use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use sluice_tests::docker::{self, Env, assert_subnet_free, sl_links_for, wait_until};
-
-/// One environment at a time in this file (see the module comment).
-fn serial() -> MutexGuard<'static, ()> {
-    static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Asserts that no host link belongs to the network or to any of the endpoints.
 fn assert_no_links(env: &Env, network_id: &str, endpoints: &[String]) {
@@ -40,7 +32,6 @@ fn sluice_restart_keeps_containers_connected_and_state_intact() {
     if docker::skip_unless_root() {
         return;
     }
-    let _serial = serial();
     let env = Env::start();
     assert_subnet_free("10.32.1.0/24");
     let net = "r-net";
@@ -106,7 +97,6 @@ fn dockerd_restart_brings_restart_always_containers_back_connected() {
     if docker::skip_unless_root() {
         return;
     }
-    let _serial = serial();
     let env = Env::start();
     assert_subnet_free("10.32.2.0/24");
     let net = "d-net";
