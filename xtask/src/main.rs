@@ -12,6 +12,7 @@
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
+use std::io::{BufRead as _, BufReader};
 use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -285,7 +286,26 @@ fn test(unprivileged: bool, args: &[OsString]) -> Result<ExitCode> {
     }
     cmd.args(args);
     println!("test: {}", describe(&cmd));
-    let status = cmd.status().context("run cargo test")?;
+    // cargo test's stdout passes through line by line; its per-binary summaries are added up
+    // into one closing line, so the last line says what the whole run did (cargo's own last
+    // summary is that of a doc-test binary, often "0 passed").
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("run cargo test")?;
+    let mut totals = Totals::default();
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("read cargo test output")?;
+            println!("{line}");
+            totals.add(&line);
+        }
+    }
+    let status = child.wait().context("wait for cargo test")?;
+    println!(
+        "total: {} passed, {} failed, {} skipped",
+        totals.passed, totals.failed, totals.ignored
+    );
     Ok(match status.code() {
         Some(0) => ExitCode::SUCCESS,
         Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
@@ -294,6 +314,37 @@ fn test(unprivileged: bool, args: &[OsString]) -> Result<ExitCode> {
             ExitCode::FAILURE
         }
     })
+}
+
+/// Counts added up from libtest's `test result: ok. 3 passed; 0 failed; 1 ignored; …` lines.
+#[derive(Debug, Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+    ignored: u64,
+}
+
+impl Totals {
+    fn add(&mut self, line: &str) {
+        let Some(rest) = line.trim().strip_prefix("test result:") else {
+            return;
+        };
+        for part in rest.split(['.', ';']) {
+            let mut words = part.split_whitespace();
+            let (Some(n), Some(what)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else {
+                continue;
+            };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -354,4 +405,19 @@ fn describe(cmd: &Command) -> String {
         .map(|s| s.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Totals;
+
+    #[test]
+    fn totals_add_up_libtest_summaries() {
+        let mut t = Totals::default();
+        t.add("test result: ok. 62 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 1.99s");
+        t.add("test result: FAILED. 9 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 15.11s");
+        t.add("test something ... ok");
+        t.add("running 10 tests");
+        assert_eq!((t.passed, t.failed, t.ignored), (71, 1, 2));
+    }
 }
