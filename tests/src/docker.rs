@@ -34,6 +34,11 @@ pub const IMAGE: &str = "sluice-test/busybox:latest";
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a stopped daemon gets before SIGKILL.
 const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long one docker / docker-compose command may take (dockerd retries a plugin that does
+/// not answer for 30 s per call).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long one docker command may take during clean-up.
+const CLEANUP_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// Serialises dockerd start-ups across test processes.
 const DOCKERD_START_LOCK: &str = "/run/sluice-e2e-dockerd-start.lock";
 /// Lines of each log shown when a command fails.
@@ -111,6 +116,8 @@ impl Env {
     /// # Errors
     /// When a daemon does not come up, or the test image cannot be built.
     pub fn try_new() -> Result<Env> {
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(sweep_leftovers);
         let n = NEXT_ENV.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
         // Short: unix socket paths are limited to 107 bytes, and dockerd and containerd put
@@ -187,13 +194,17 @@ impl Env {
     /// Runs `docker -H <private socket> ARGS…`.
     ///
     /// # Panics
-    /// When the docker CLI cannot be started.
+    /// When the docker CLI cannot be started, or does not finish within 3 minutes (a hung
+    /// plugin call): the message holds the tails of both logs.
     pub fn docker<I, S>(&self, args: I) -> Output
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        self.inner.docker(args)
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        self.inner
+            .try_docker(&args, COMMAND_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.logs_tail()))
     }
 
     /// Runs docker and returns its trimmed stdout.
@@ -234,19 +245,26 @@ impl Env {
     /// Runs `docker-compose ARGS…` in `project_dir` against the private dockerd.
     ///
     /// # Panics
-    /// When docker-compose cannot be started.
+    /// When docker-compose cannot be started or does not finish within 3 minutes.
     pub fn compose<I, S>(&self, project_dir: &Path, args: I) -> Output
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
-        Command::new("docker-compose")
-            .args(args)
+        let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
+        let mut cmd = Command::new("docker-compose");
+        cmd.args(&args)
             .current_dir(project_dir)
-            .env("DOCKER_HOST", &self.inner.docker_host)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run docker-compose: {e}"))
+            .env("DOCKER_HOST", &self.inner.docker_host);
+        match output_with_timeout(&mut cmd, COMMAND_TIMEOUT) {
+            Ok(Some(out)) => out,
+            Ok(None) => panic!(
+                "`docker-compose {}` did not finish within {COMMAND_TIMEOUT:?}\n{}",
+                join(&args),
+                self.logs_tail()
+            ),
+            Err(e) => panic!("cannot run docker-compose: {e}"),
+        }
     }
 
     /// Runs docker-compose and returns its trimmed stdout.
@@ -475,11 +493,7 @@ impl Env {
     /// The last lines of both logs, for failure messages.
     #[must_use]
     pub fn logs_tail(&self) -> String {
-        format!(
-            "--- sluice log (last {LOG_TAIL_LINES} lines) ---\n{}\n--- dockerd log (last {LOG_TAIL_LINES} lines) ---\n{}",
-            tail(&self.sluice_log(), LOG_TAIL_LINES),
-            tail(&self.dockerd_log(), LOG_TAIL_LINES)
-        )
+        self.inner.logs_tail()
     }
 
     /// Sends one HTTP/1.1 request to the sluice socket as dockerd does (POST, no Content-Type)
@@ -563,18 +577,39 @@ impl Drop for Env {
 }
 
 impl Inner {
-    fn docker<I, S>(&self, args: I) -> Output
-    where
-        I: IntoIterator<Item = S>,
-        S: AsRef<OsStr>,
-    {
-        Command::new("docker")
-            .arg("-H")
-            .arg(&self.docker_host)
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run the docker CLI: {e}"))
+    /// Runs the docker CLI against the private dockerd, killing it after `timeout`.
+    fn try_docker<S: AsRef<OsStr>>(&self, args: &[S], timeout: Duration) -> Result<Output, String> {
+        let mut cmd = Command::new("docker");
+        cmd.arg("-H").arg(&self.docker_host).args(args);
+        let shown = || {
+            args.iter()
+                .map(|a| a.as_ref().to_string_lossy().into_owned())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        match output_with_timeout(&mut cmd, timeout) {
+            Ok(Some(out)) => Ok(out),
+            Ok(None) => Err(format!(
+                "`docker {}` did not finish within {timeout:?}",
+                shown()
+            )),
+            Err(e) => Err(format!("cannot run the docker CLI: {e}")),
+        }
+    }
+
+    /// Runs the docker CLI for clean-up: never panics; failures are reported and give `None`.
+    fn docker_quiet<S: AsRef<OsStr>>(&self, args: &[S]) -> Option<Output> {
+        self.try_docker(args, CLEANUP_COMMAND_TIMEOUT)
+            .map_err(|e| eprintln!("sluice tests: cleanup: {e}"))
+            .ok()
+    }
+
+    fn logs_tail(&self) -> String {
+        format!(
+            "--- sluice log (last {LOG_TAIL_LINES} lines) ---\n{}\n--- dockerd log (last {LOG_TAIL_LINES} lines) ---\n{}",
+            tail(&read_lossy(&self.dir.join("sluice.log")), LOG_TAIL_LINES),
+            tail(&read_lossy(&self.dir.join("dockerd.log")), LOG_TAIL_LINES)
+        )
     }
 
     /// Starts dockerd and waits until it answers. Starts are serialised, within this process
@@ -646,8 +681,13 @@ impl Inner {
     fn wait_dockerd(&self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            let out = self.docker(["info", "--format", "{{.ServerVersion}}"]);
-            if out.status.success() {
+            let answered = self
+                .try_docker(
+                    &["info", "--format", "{{.ServerVersion}}"],
+                    Duration::from_secs(20),
+                )
+                .is_ok_and(|out| out.status.success());
+            if answered {
                 return Ok(());
             }
             if let Some(status) = exited(&self.dockerd) {
@@ -761,7 +801,9 @@ impl Inner {
     }
 
     fn remove_all_containers(&self) {
-        let ids = self.docker(["ps", "-aq"]);
+        let Some(ids) = self.docker_quiet(&["ps", "-aq"]) else {
+            return;
+        };
         let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout)
             .split_whitespace()
             .map(str::to_owned)
@@ -769,7 +811,9 @@ impl Inner {
         if !ids.is_empty() {
             let mut args = vec!["rm".to_owned(), "-f".to_owned()];
             args.extend(ids);
-            let out = self.docker(&args);
+            let Some(out) = self.docker_quiet(&args) else {
+                return;
+            };
             if !out.status.success() {
                 eprintln!(
                     "sluice tests: docker rm -f failed: {}",
@@ -808,22 +852,21 @@ impl Inner {
         let mut network_ids = Vec::new();
         if self.dockerd_running() {
             self.remove_all_containers();
-            let out = self.docker([
-                "network",
-                "ls",
-                "-q",
-                "--no-trunc",
-                "--filter",
-                &format!("driver={}", self.driver),
-            ]);
-            network_ids = String::from_utf8_lossy(&out.stdout)
-                .split_whitespace()
-                .map(str::to_owned)
-                .collect();
+            let filter = format!("driver={}", self.driver);
+            if let Some(out) =
+                self.docker_quiet(&["network", "ls", "-q", "--no-trunc", "--filter", &filter])
+            {
+                network_ids = String::from_utf8_lossy(&out.stdout)
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect();
+            }
             // Without sluice, Docker would retry its calls for a while: skip then.
             if self.sluice_running() {
                 for id in &network_ids {
-                    let out = self.docker(["network", "rm", id]);
+                    let Some(out) = self.docker_quiet(&["network", "rm", id]) else {
+                        continue;
+                    };
                     if !out.status.success() {
                         eprintln!(
                             "sluice tests: cleanup: docker network rm {id} failed: {}",
@@ -841,13 +884,21 @@ impl Inner {
             }
             *guard = None;
         }
-        // Bridges of networks that sluice did not remove would outlive the state dir.
-        let links = host_links();
-        for id in &network_ids {
-            let bridge = format!("slbr{}", &id[..id.len().min(11)]);
-            if links.contains(&bridge) {
-                eprintln!("sluice tests: cleanup: removing leftover bridge {bridge}");
-                let _ = Command::new("ip").args(["link", "del", &bridge]).status();
+        // Links that sluice did not remove would outlive its state dir: remove those marked
+        // as this daemon's (alias `sluice:<driver>`), and the bridges of its networks.
+        let owner = format!("sluice:{}", self.driver);
+        let links = try_ip_json(&["link", "show"]).unwrap_or_default();
+        for link in links.as_array().into_iter().flatten() {
+            let Some(name) = link["ifname"].as_str() else {
+                continue;
+            };
+            let ours = link["ifalias"].as_str() == Some(owner.as_str())
+                || network_ids
+                    .iter()
+                    .any(|id| name == format!("slbr{}", &id[..id.len().min(11)]));
+            if name.starts_with("sl") && ours {
+                eprintln!("sluice tests: cleanup: removing leftover link {name}");
+                let _ = Command::new("ip").args(["link", "del", name]).status();
             }
         }
         self.keep_logs();
@@ -889,6 +940,87 @@ extern "C" fn cleanup_at_exit() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// leftovers of earlier runs
+
+/// Removes what earlier test processes that died without cleaning up (Ctrl-C, SIGKILL) left
+/// behind: their temporary directories, plugin sockets, and the links their sluice daemons
+/// marked as theirs (alias `sluice:slt<pid>n<n>`). Only leftovers of processes that no longer
+/// exist are touched, and no process is signalled: a directory whose dockerd still runs is
+/// left alone.
+fn sweep_leftovers() {
+    let alive = |pid: u32| Path::new(&format!("/proc/{pid}")).exists();
+    let me = std::process::id();
+    let dead = |pid: u32| pid != me && !alive(pid);
+
+    let links = try_ip_json(&["link", "show"]).unwrap_or_default();
+    for link in links.as_array().into_iter().flatten() {
+        let (Some(name), Some(alias)) = (link["ifname"].as_str(), link["ifalias"].as_str()) else {
+            continue;
+        };
+        if name.starts_with("sl")
+            && let Some(pid) = alias
+                .strip_prefix("sluice:slt")
+                .and_then(|rest| rest.split('n').next())
+                .and_then(|pid| pid.parse().ok())
+            && dead(pid)
+        {
+            eprintln!("sluice tests: removing link {name} left by dead test process {pid}");
+            let _ = Command::new("ip").args(["link", "del", name]).status();
+        }
+    }
+
+    if let Ok(entries) = fs::read_dir("/run/docker/plugins") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(pid) = name
+                .strip_prefix("slt")
+                .and_then(|rest| rest.split('n').next())
+                .and_then(|pid| pid.parse().ok())
+                && name.ends_with(".sock")
+                && dead(pid)
+            {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+    }
+
+    if let Ok(entries) = fs::read_dir("/tmp") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("sle2e-")
+                .and_then(|rest| rest.split('-').next())
+                .and_then(|pid| pid.parse().ok())
+            else {
+                continue;
+            };
+            if !dead(pid) {
+                continue;
+            }
+            let dir = entry.path();
+            let dockerd_alive = fs::read_to_string(dir.join("dockerd.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse().ok())
+                .is_some_and(alive);
+            if dockerd_alive {
+                eprintln!(
+                    "sluice tests: {} belongs to a dead test process but its dockerd still runs; \
+                     left alone",
+                    dir.display()
+                );
+                continue;
+            }
+            eprintln!(
+                "sluice tests: removing {} left by dead test process {pid}",
+                dir.display()
+            );
+            unmount_under(&dir);
+            let _ = fs::remove_dir_all(&dir);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // helpers
 
 /// Polls `f` every 250 ms until it returns true (then true) or `timeout` passes (then false).
@@ -910,33 +1042,40 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
 /// # Panics
 /// When `ip` fails or prints no JSON.
 pub fn ip_json(args: &[&str]) -> serde_json::Value {
+    try_ip_json(args).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Like [`ip_json`], with the failure as an error.
+///
+/// # Errors
+/// When `ip` cannot run, fails, or prints something that is not JSON.
+pub fn try_ip_json(args: &[&str]) -> Result<serde_json::Value, String> {
     let out = Command::new("ip")
         .arg("-j")
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run ip: {e}"));
-    assert!(
-        out.status.success(),
-        "ip -j {} failed: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip -j {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
     let text = String::from_utf8_lossy(&out.stdout);
     if text.trim().is_empty() {
-        return serde_json::Value::Array(Vec::new());
+        return Ok(serde_json::Value::Array(Vec::new()));
     }
-    serde_json::from_str(&text)
-        .unwrap_or_else(|e| panic!("ip -j {}: bad JSON ({e})", args.join(" ")))
+    serde_json::from_str(&text).map_err(|e| format!("ip -j {}: bad JSON ({e})", args.join(" ")))
 }
 
 /// Names of every link in the host's network namespace.
+///
+/// # Panics
+/// When `ip` fails.
 #[must_use]
 pub fn host_links() -> Vec<String> {
-    let Ok(out) = Command::new("ip").args(["-j", "link", "show"]).output() else {
-        return Vec::new();
-    };
-    let links: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    links
+    ip_json(&["link", "show"])
         .as_array()
         .map(|a| {
             a.iter()
@@ -1122,6 +1261,46 @@ fn is_dynamically_linked(path: &Path) -> Result<bool> {
     let phoff = usize::try_from(phoff)?;
     Ok((0..usize::from(phnum))
         .any(|i| u32_at(phoff + i * usize::from(phentsize)) == Some(PT_INTERP)))
+}
+
+/// Runs `cmd` (stdin from /dev/null) and collects its output; kills it (it is our own child)
+/// and returns `None` when it runs longer than `timeout`.
+fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> std::io::Result<Option<Output>> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut pipe) = pipe {
+                let _ = pipe.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let stdout = stdout.join().unwrap_or_default();
+    let stderr = stderr.join().unwrap_or_default();
+    Ok(status.map(|status| Output {
+        status,
+        stdout,
+        stderr,
+    }))
 }
 
 /// Sends `signal`, waits up to `timeout`, then SIGKILLs. True when it exited before SIGKILL.
