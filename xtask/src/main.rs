@@ -104,11 +104,7 @@ fn setup() -> Result<ExitCode> {
 /// Installs Debian's Docker Engine, compose, busybox-static, iproute2, iptables, nftables and jq
 /// when any required tool is missing; does nothing (no `apt-get update`) when all are present.
 fn install_system_packages() -> Result<()> {
-    let missing: Vec<&str> = REQUIRED_TOOLS
-        .iter()
-        .copied()
-        .filter(|tool| find_tool(tool).is_none())
-        .collect();
+    let missing = missing_tools();
     if missing.is_empty() {
         println!(
             "setup: all required tools present ({})",
@@ -135,11 +131,7 @@ fn install_system_packages() -> Result<()> {
             .args(APT_PACKAGES)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )?;
-    let still_missing: Vec<&str> = REQUIRED_TOOLS
-        .iter()
-        .copied()
-        .filter(|tool| find_tool(tool).is_none())
-        .collect();
+    let still_missing = missing_tools();
     if !still_missing.is_empty() {
         bail!(
             "still missing after apt-get install: {}",
@@ -157,6 +149,47 @@ fn install_system_packages() -> Result<()> {
 /// ---------------------------------------------------------------------------------------------
 fn install_ebpf_toolchain() -> Result<()> {
     Ok(())
+}
+
+/// Required tools that are not installed. A dynamically linked busybox (Debian's `busybox`)
+/// counts as missing: the test image is made from the static one (`busybox-static`).
+fn missing_tools() -> Vec<&'static str> {
+    REQUIRED_TOOLS
+        .iter()
+        .copied()
+        .filter(|tool| match find_tool(tool) {
+            None => true,
+            Some(path) => *tool == "busybox" && !is_static_elf(&path),
+        })
+        .collect()
+}
+
+/// True when `path` is an ELF executable without a `PT_INTERP` header (needs no loader).
+fn is_static_elf(path: &Path) -> bool {
+    const PT_INTERP: u32 = 3;
+    let Ok(data) = std::fs::read(path) else {
+        return false;
+    };
+    let bytes = |o: usize, n: usize| data.get(o..o + n);
+    let u16_at = |o: usize| bytes(o, 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| bytes(o, 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let u64_at = |o: usize| {
+        bytes(o, 8)
+            .and_then(|b| <[u8; 8]>::try_from(b).ok())
+            .map(u64::from_le_bytes)
+    };
+    // 64-bit little-endian ELF (Debian on x86_64 / arm64).
+    if data.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
+        return false;
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
+    else {
+        return false;
+    };
+    let Ok(phoff) = usize::try_from(phoff) else {
+        return false;
+    };
+    !(0..usize::from(phnum)).any(|i| u32_at(phoff + i * usize::from(phentsize)) == Some(PT_INTERP))
 }
 
 /// Looks `tool` up on `PATH`, plus the sbin directories that a non-login root shell may lack.
@@ -410,6 +443,14 @@ fn describe(cmd: &Command) -> String {
 #[cfg(test)]
 mod tests {
     use super::Totals;
+
+    #[test]
+    fn static_and_dynamic_binaries_are_told_apart() {
+        // The test binary itself is dynamically linked (glibc).
+        let me = std::env::current_exe().unwrap();
+        assert!(!super::is_static_elf(&me));
+        assert!(!super::is_static_elf(std::path::Path::new("/nonexistent")));
+    }
 
     #[test]
     fn totals_add_up_libtest_summaries() {
