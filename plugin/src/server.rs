@@ -154,13 +154,18 @@ pub fn router<K: Kernel>(driver: Shared<K>) -> Router {
         .with_state(driver)
 }
 
+/// Docker probes optional methods (ProgramExternalConnectivity on every container start)
+/// and reads 404 as "not implemented", so this is logged at debug, not as a failure.
 async fn not_found(uri: Uri) -> Response {
-    debug!(%uri, "unknown plugin method");
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        message: format!("{} is not implemented by sluice", uri.path()),
-    }
-    .into_response()
+    debug!(%uri, "unknown plugin method: 404");
+    let message = format!("{} is not implemented by sluice", uri.path());
+    reply(
+        StatusCode::NOT_FOUND,
+        &ErrorResponse {
+            err: message.clone(),
+            error: message,
+        },
+    )
 }
 
 async fn activate() -> Response {
