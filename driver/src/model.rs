@@ -237,3 +237,17 @@ mod tests {
         );
     }
 }
+
+/// Who an endpoint belongs to, as the Docker Engine API tells it (Docker sends neither the
+/// container's name nor its labels in any plugin call). Resolved outside the plugin handlers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ContainerIdentity {
+    /// Docker's endpoint ID (the key the driver knows the endpoint by).
+    pub endpoint_id: String,
+    /// Container ID.
+    pub container_id: String,
+    /// Container name without the leading `/`.
+    pub name: String,
+    /// Container labels (`docker run --label k=v`).
+    pub labels: BTreeMap<String, String>,
+}
