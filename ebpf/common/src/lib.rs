@@ -1,0 +1,519 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! Map keys, map values and constants shared by sluice's TC programs (`sluice-ebpf`) and the
+//! loader in `sluice-driver` (`datapath`).
+//!
+//! Every type is `#[repr(C)]` with explicit padding fields (always written as zero, so hash
+//! keys compare byte-for-byte) and a compile-time size check below each definition: a struct
+//! whose size equals the sum of its fields has no implicit padding. With the `user` feature
+//! the types implement `aya::Pod`.
+//!
+//! Nothing here allocates or needs `std`; it builds for `bpfel-unknown-none` and for the host.
+
+#![cfg_attr(not(test), no_std)]
+
+use core::mem::size_of;
+
+// ---------------------------------------------------------------------------------------------
+// Names
+
+/// Map: endpoint ifindex (`u32`) → [`EndpointInfo`]. Hash.
+pub const MAP_ENDPOINTS: &str = "ENDPOINTS";
+/// Map: address → [`IpInfo`]. LPM trie keyed by `{prefix_len: u32, IpKey}`.
+pub const MAP_IPCACHE: &str = "IPCACHE";
+/// Map: rule table → [`PolicyValue`]. LPM trie keyed by `{prefix_len: u32, PolicyKey}`.
+pub const MAP_POLICY: &str = "POLICY";
+/// Map: [`CtKey`] → [`CtValue`]. LRU hash.
+pub const MAP_CONNTRACK: &str = "CONNTRACK";
+/// Map: [`CounterKey`] → [`CounterValue`]. Per-CPU hash.
+pub const MAP_COUNTERS: &str = "COUNTERS";
+/// Map: ring buffer of [`DropEvent`]s.
+pub const MAP_EVENTS: &str = "EVENTS";
+/// Map: index 0 → [`Settings`]. Array.
+pub const MAP_SETTINGS: &str = "SETTINGS";
+/// Map: index 0 → [`RateState`]. Per-CPU array, kernel-only state of the event rate limiter.
+pub const MAP_EVENT_RATE: &str = "EVENT_RATE";
+
+/// Every map the object defines, in a fixed order.
+pub const MAP_NAMES: [&str; 8] = [
+    MAP_ENDPOINTS,
+    MAP_IPCACHE,
+    MAP_POLICY,
+    MAP_CONNTRACK,
+    MAP_COUNTERS,
+    MAP_EVENTS,
+    MAP_SETTINGS,
+    MAP_EVENT_RATE,
+];
+
+/// Program for the **TCX ingress** hook of an endpoint's host-side veth: it sees what the
+/// container *sends*, so it applies the endpoint's **egress** policy.
+pub const PROG_EGRESS: &str = "sluice_egress";
+/// Program for the **TCX egress** hook of an endpoint's host-side veth: it sees what the
+/// container *receives*, so it applies the endpoint's **ingress** policy.
+pub const PROG_INGRESS: &str = "sluice_ingress";
+
+/// Default `max_entries` of [`MAP_ENDPOINTS`].
+pub const DEFAULT_MAX_ENDPOINTS: u32 = 16_384;
+/// Default `max_entries` of [`MAP_IPCACHE`].
+pub const DEFAULT_MAX_IPCACHE: u32 = 262_144;
+/// Default `max_entries` of [`MAP_POLICY`].
+pub const DEFAULT_MAX_POLICY: u32 = 1_048_576;
+/// Default `max_entries` of [`MAP_CONNTRACK`].
+pub const DEFAULT_MAX_CONNTRACK: u32 = 65_536;
+/// Default `max_entries` of [`MAP_COUNTERS`] (endpoints × 2 directions × 2 verdicts).
+pub const DEFAULT_MAX_COUNTERS: u32 = 4 * DEFAULT_MAX_ENDPOINTS;
+/// Default size of [`MAP_EVENTS`] in bytes (a power of two, a multiple of the page size).
+pub const DEFAULT_EVENTS_BYTES: u32 = 256 * 1024;
+
+// ---------------------------------------------------------------------------------------------
+// Directions, verdicts, identities, flags, reasons
+
+/// Traffic the endpoint receives (seen on the host veth's TCX egress hook).
+pub const DIR_INGRESS: u8 = 1;
+/// Traffic the endpoint sends (seen on the host veth's TCX ingress hook).
+pub const DIR_EGRESS: u8 = 2;
+
+/// Policy verdict and counter class: let through.
+pub const VERDICT_ALLOW: u8 = 1;
+/// Policy verdict and counter class: dropped.
+pub const VERDICT_DENY: u8 = 2;
+
+/// Wildcard peer in [`PolicyKey`]: the rule applies to every peer. Never a real identity.
+pub const IDENTITY_ANY: u32 = 0;
+/// Reserved: the host itself (not used by the datapath yet).
+pub const IDENTITY_HOST: u32 = 1;
+/// Reserved: any address the ipcache does not know (an ipcache miss).
+pub const IDENTITY_WORLD: u32 = 2;
+/// First identity for endpoints (`IDENTITY_FIRST_ENDPOINT..IDENTITY_FIRST_CIDR`).
+pub const IDENTITY_FIRST_ENDPOINT: u32 = 256;
+/// First identity of the range reserved for CIDRs that policy mentions.
+pub const IDENTITY_FIRST_CIDR: u32 = 1 << 24;
+/// Last identity of the CIDR range (inclusive).
+pub const IDENTITY_LAST_CIDR: u32 = (1 << 25) - 1;
+
+/// [`EndpointInfo::flags`]: a policy selects this endpoint for ingress, so ingress is
+/// default-deny (only what the POLICY map allows, and replies of allowed flows, pass).
+pub const EP_INGRESS_ENFORCED: u32 = 1 << 0;
+/// [`EndpointInfo::flags`]: as [`EP_INGRESS_ENFORCED`], for egress.
+pub const EP_EGRESS_ENFORCED: u32 = 1 << 1;
+/// [`EndpointInfo::flags`]: network isolation is on; traffic with an endpoint of *another*
+/// sluice network (ipcache `network` non-zero and different) is dropped both ways.
+pub const EP_ISOLATE: u32 = 1 << 2;
+/// [`EndpointInfo::flags`]: the endpoint's identity is not known yet while policy applies on
+/// its network; every IP packet is dropped both ways (fail closed). ARP, IPv6 neighbour
+/// discovery and MLD still pass.
+pub const EP_IDENTITY_PENDING: u32 = 1 << 3;
+
+/// [`DropEvent::reason`]: a deny rule matched ([`DropEvent::rule_id`] names it).
+pub const REASON_POLICY_DENY: u8 = 1;
+/// [`DropEvent::reason`]: enforced direction and no rule allowed it (`rule_id` 0).
+pub const REASON_DEFAULT_DENY: u8 = 2;
+/// [`DropEvent::reason`]: peer is an endpoint of another network and isolation is on.
+pub const REASON_ISOLATION: u8 = 3;
+/// [`DropEvent::reason`]: the endpoint's identity is pending ([`EP_IDENTITY_PENDING`]).
+pub const REASON_IDENTITY_PENDING: u8 = 4;
+/// [`DropEvent::reason`]: a header the verdict needs is truncated or malformed.
+pub const REASON_MALFORMED: u8 = 5;
+/// [`DropEvent::reason`]: neither IP nor ARP (e.g. a VLAN-tagged frame) in a direction that
+/// is enforced, or from/to an endpoint whose identity is pending.
+pub const REASON_NOT_IP: u8 = 6;
+
+/// IP protocol numbers the datapath knows.
+pub const PROTO_ICMP: u8 = 1;
+/// TCP.
+pub const PROTO_TCP: u8 = 6;
+/// UDP.
+pub const PROTO_UDP: u8 = 17;
+/// ICMPv6.
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Address family tag in [`CtKey`] and [`DropEvent`].
+pub const FAMILY_V4: u8 = 4;
+/// Address family tag for IPv6.
+pub const FAMILY_V6: u8 = 6;
+
+// ---------------------------------------------------------------------------------------------
+// ENDPOINTS
+
+/// Value of [`MAP_ENDPOINTS`], keyed by the ifindex of the endpoint's host-side veth.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct EndpointInfo {
+    /// Security identity (`IDENTITY_FIRST_ENDPOINT..IDENTITY_FIRST_CIDR`).
+    pub identity: u32,
+    /// Network number (non-zero; the same number as in the ipcache entries of its addresses).
+    pub network: u32,
+    /// `EP_*` flags.
+    pub flags: u32,
+    /// Zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<EndpointInfo>() == 16);
+
+impl EndpointInfo {
+    /// An entry with zeroed padding.
+    #[must_use]
+    pub const fn new(identity: u32, network: u32, flags: u32) -> Self {
+        Self {
+            identity,
+            network,
+            flags,
+            _pad: 0,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// IPCACHE
+
+/// Data part of the [`MAP_IPCACHE`] LPM key: an IPv6 address, or an IPv4 address as
+/// v4-mapped `::ffff:a.b.c.d` (so an IPv4 `/n` is stored with prefix length `96 + n`).
+/// The full kernel key is `{ prefix_len: u32, addr: [u8; 16] }` (20 bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct IpKey {
+    /// Address bytes in network order.
+    pub addr: [u8; 16],
+}
+const _: () = assert!(size_of::<IpKey>() == 16);
+
+/// Prefix length of the v4-mapped range: an IPv4 `/n` is an ipcache `/96+n`.
+pub const IPV4_MAPPED_PREFIX: u32 = 96;
+
+impl IpKey {
+    /// `::ffff:a.b.c.d` for an IPv4 address given in network order.
+    #[must_use]
+    pub const fn v4(octets: [u8; 4]) -> Self {
+        Self {
+            addr: [
+                0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, octets[0], octets[1], octets[2],
+                octets[3],
+            ],
+        }
+    }
+
+    /// An IPv6 address given in network order.
+    #[must_use]
+    pub const fn v6(octets: [u8; 16]) -> Self {
+        Self { addr: octets }
+    }
+}
+
+/// Value of [`MAP_IPCACHE`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct IpInfo {
+    /// Identity of the endpoint or CIDR.
+    pub identity: u32,
+    /// Network of the endpoint; 0 for CIDRs and anything outside sluice.
+    pub network: u32,
+}
+const _: () = assert!(size_of::<IpInfo>() == 8);
+
+// ---------------------------------------------------------------------------------------------
+// POLICY
+
+/// Data part of the [`MAP_POLICY`] LPM key (full kernel key: `{prefix_len: u32, PolicyKey}`,
+/// 16 bytes). The trie matches bits in memory order, so the fields that are always matched
+/// exactly come first and the maskable tail is `proto` then `dport` (big-endian):
+///
+/// | prefix_len | matches |
+/// | --- | --- |
+/// | [`POLICY_PREFIX_ANY_PROTO`] (72) | subject, peer, direction; any protocol and port |
+/// | [`POLICY_PREFIX_PROTO`] (80) | … and protocol; any port |
+/// | 80 + k | … and the top k bits of the port (a port range is ≤ 30 such prefixes) |
+/// | [`POLICY_PREFIX_FULL`] (96) | … and one port |
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct PolicyKey {
+    /// Identity of the endpoint the rule is for.
+    pub subject: u32,
+    /// Identity of the other side, or [`IDENTITY_ANY`].
+    pub peer: u32,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub direction: u8,
+    /// IP protocol number.
+    pub proto: u8,
+    /// Destination port in network byte order (for ICMP: `[type, code]`).
+    pub dport: [u8; 2],
+}
+const _: () = assert!(size_of::<PolicyKey>() == 12);
+
+/// Prefix length that matches subject, peer and direction only.
+pub const POLICY_PREFIX_ANY_PROTO: u32 = 72;
+/// Prefix length that adds the protocol.
+pub const POLICY_PREFIX_PROTO: u32 = 80;
+/// Prefix length of a fully specified key.
+pub const POLICY_PREFIX_FULL: u32 = 96;
+
+impl PolicyKey {
+    /// A key with the port in host order (stored big-endian).
+    #[must_use]
+    pub const fn new(subject: u32, peer: u32, direction: u8, proto: u8, dport: u16) -> Self {
+        Self {
+            subject,
+            peer,
+            direction,
+            proto,
+            dport: dport.to_be_bytes(),
+        }
+    }
+}
+
+/// Value of [`MAP_POLICY`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct PolicyValue {
+    /// [`VERDICT_ALLOW`] or [`VERDICT_DENY`] (as `u32`).
+    pub verdict: u32,
+    /// The rule this entry came from (reported in drop events); non-zero.
+    pub rule_id: u32,
+}
+const _: () = assert!(size_of::<PolicyValue>() == 8);
+
+// ---------------------------------------------------------------------------------------------
+// CONNTRACK
+
+/// Key of [`MAP_CONNTRACK`]: a flow as seen by one endpoint. It is normalised to the
+/// endpoint's point of view (`local` = the container's side, whichever way the packet goes),
+/// so a flow and its replies share one key, and it carries the ifindex so that each endpoint
+/// tracks its own flows: A's egress allowing a flow must not let it skip B's ingress policy.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CtKey {
+    /// Host-side veth of the endpoint.
+    pub ifindex: u32,
+    /// The container's port, host order (ICMP echo: the identifier; other ICMP: 0).
+    pub local_port: u16,
+    /// The peer's port, host order (ICMP: 0).
+    pub remote_port: u16,
+    /// IP protocol number.
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+    /// The container's address (IPv4 v4-mapped).
+    pub local_addr: [u8; 16],
+    /// The peer's address (IPv4 v4-mapped).
+    pub remote_addr: [u8; 16],
+}
+const _: () = assert!(size_of::<CtKey>() == 44);
+
+/// Value of [`MAP_CONNTRACK`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CtValue {
+    /// `bpf_ktime_get_ns()` when the flow was allowed.
+    pub created_ns: u64,
+    /// Direction of the packet that opened the flow ([`DIR_INGRESS`] / [`DIR_EGRESS`]).
+    pub origin: u8,
+    /// Zero.
+    pub _pad: [u8; 7],
+}
+const _: () = assert!(size_of::<CtValue>() == 16);
+
+// ---------------------------------------------------------------------------------------------
+// COUNTERS
+
+/// Key of [`MAP_COUNTERS`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct CounterKey {
+    /// Host-side veth of the endpoint.
+    pub ifindex: u32,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
+    pub direction: u8,
+    /// [`VERDICT_ALLOW`] or [`VERDICT_DENY`].
+    pub verdict: u8,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<CounterKey>() == 8);
+
+impl CounterKey {
+    /// A key with zeroed padding.
+    #[must_use]
+    pub const fn new(ifindex: u32, direction: u8, verdict: u8) -> Self {
+        Self {
+            ifindex,
+            direction,
+            verdict,
+            _pad: [0; 2],
+        }
+    }
+}
+
+/// Value of [`MAP_COUNTERS`] (per CPU; the loader sums them).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct CounterValue {
+    /// Packets.
+    pub packets: u64,
+    /// Bytes (`skb->len`, including the Ethernet header).
+    pub bytes: u64,
+}
+const _: () = assert!(size_of::<CounterValue>() == 16);
+
+// ---------------------------------------------------------------------------------------------
+// EVENTS
+
+/// One record in [`MAP_EVENTS`]: a dropped packet.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct DropEvent {
+    /// `bpf_ktime_get_ns()` (CLOCK_MONOTONIC).
+    pub timestamp_ns: u64,
+    /// Source address (IPv4 v4-mapped).
+    pub src_addr: [u8; 16],
+    /// Destination address (IPv4 v4-mapped).
+    pub dst_addr: [u8; 16],
+    /// Host-side veth of the endpoint.
+    pub ifindex: u32,
+    /// Rule that denied it; 0 for default deny, isolation, pending identity, malformed.
+    pub rule_id: u32,
+    /// Source port, host order (0 for ICMP and port-less protocols).
+    pub src_port: u16,
+    /// Destination port, host order (ICMP: `type << 8 | code`).
+    pub dst_port: u16,
+    /// IP protocol number (0 when not parsed).
+    pub proto: u8,
+    /// [`DIR_INGRESS`] or [`DIR_EGRESS`], from the endpoint's point of view.
+    pub direction: u8,
+    /// `REASON_*`.
+    pub reason: u8,
+    /// [`FAMILY_V4`], [`FAMILY_V6`] or 0 when not parsed.
+    pub family: u8,
+    /// Events this CPU suppressed (rate limit) since the previous one it delivered.
+    pub suppressed: u32,
+    /// Zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<DropEvent>() == 64);
+
+// ---------------------------------------------------------------------------------------------
+// SETTINGS / EVENT_RATE
+
+/// Value of [`MAP_SETTINGS`] at index 0. Zero fields mean the built-in defaults.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Settings {
+    /// Drop events each CPU may emit per second ([`DEFAULT_EVENTS_PER_SEC`] when 0).
+    pub drop_events_per_sec: u32,
+    /// Burst of drop events per CPU ([`DEFAULT_EVENTS_BURST`] when 0).
+    pub drop_events_burst: u32,
+}
+const _: () = assert!(size_of::<Settings>() == 8);
+
+/// Default sustained drop-event rate per CPU.
+pub const DEFAULT_EVENTS_PER_SEC: u32 = 100;
+/// Default drop-event burst per CPU.
+pub const DEFAULT_EVENTS_BURST: u32 = 100;
+
+/// Value of [`MAP_EVENT_RATE`]: a per-CPU token bucket. Tokens are counted in
+/// event-nanoseconds: one event costs 1e9, and each elapsed nanosecond adds `rate`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct RateState {
+    /// Available tokens (event-nanoseconds).
+    pub tokens: u64,
+    /// Time of the last refill.
+    pub last_ns: u64,
+    /// Events suppressed since the last one emitted.
+    pub suppressed: u32,
+    /// Zero.
+    pub _pad: u32,
+}
+const _: () = assert!(size_of::<RateState>() == 24);
+
+// ---------------------------------------------------------------------------------------------
+// aya::Pod
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::{
+        CounterKey, CounterValue, CtKey, CtValue, DropEvent, EndpointInfo, IpInfo, IpKey,
+        PolicyKey, PolicyValue, RateState, Settings,
+    };
+
+    // SAFETY: `aya::Pod` requires a `Copy + 'static` type that is valid for every bit pattern
+    // and has no uninitialised bytes. Each type below is `#[repr(C)]`, holds only integers
+    // and integer arrays (valid for any bits), and has a compile-time assertion in this crate
+    // that its size equals the sum of its fields, so it has no implicit padding.
+    unsafe impl aya::Pod for EndpointInfo {}
+    // SAFETY: as above (16 bytes of u32s and u8 arrays; asserted).
+    unsafe impl aya::Pod for IpKey {}
+    // SAFETY: as above (two u32s; asserted).
+    unsafe impl aya::Pod for IpInfo {}
+    // SAFETY: as above (u32, u32, u8, u8, [u8; 2]; asserted 12 bytes).
+    unsafe impl aya::Pod for PolicyKey {}
+    // SAFETY: as above (two u32s; asserted).
+    unsafe impl aya::Pod for PolicyValue {}
+    // SAFETY: as above (44 bytes, explicit `_pad`; asserted).
+    unsafe impl aya::Pod for CtKey {}
+    // SAFETY: as above (u64 + u8 + [u8; 7]; asserted).
+    unsafe impl aya::Pod for CtValue {}
+    // SAFETY: as above (u32 + u8 + u8 + [u8; 2]; asserted).
+    unsafe impl aya::Pod for CounterKey {}
+    // SAFETY: as above (two u64s; asserted).
+    unsafe impl aya::Pod for CounterValue {}
+    // SAFETY: as above (64 bytes, explicit `_pad`; asserted).
+    unsafe impl aya::Pod for DropEvent {}
+    // SAFETY: as above (two u32s; asserted).
+    unsafe impl aya::Pod for Settings {}
+    // SAFETY: as above (u64, u64, u32, u32; asserted).
+    unsafe impl aya::Pod for RateState {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::{align_of, offset_of};
+
+    use super::*;
+
+    #[test]
+    fn lpm_key_layouts_match_the_kernel_view() {
+        // Kernel LPM keys are `{u32 prefixlen; u8 data[]}`; the data follows at offset 4.
+        assert_eq!(size_of::<IpKey>(), 16);
+        assert_eq!(align_of::<IpKey>(), 1);
+        assert_eq!(size_of::<PolicyKey>(), 12);
+        assert_eq!(offset_of!(PolicyKey, subject), 0);
+        assert_eq!(offset_of!(PolicyKey, peer), 4);
+        assert_eq!(offset_of!(PolicyKey, direction), 8);
+        assert_eq!(offset_of!(PolicyKey, proto), 9);
+        assert_eq!(offset_of!(PolicyKey, dport), 10);
+        assert_eq!(POLICY_PREFIX_ANY_PROTO, 8 * 9);
+        assert_eq!(POLICY_PREFIX_PROTO, 8 * 10);
+        assert_eq!(POLICY_PREFIX_FULL as usize, 8 * size_of::<PolicyKey>());
+    }
+
+    #[test]
+    fn conntrack_and_event_offsets() {
+        assert_eq!(offset_of!(CtKey, local_addr), 12);
+        assert_eq!(offset_of!(CtKey, remote_addr), 28);
+        assert_eq!(offset_of!(CtValue, origin), 8);
+        assert_eq!(offset_of!(DropEvent, src_addr), 8);
+        assert_eq!(offset_of!(DropEvent, ifindex), 40);
+        assert_eq!(offset_of!(DropEvent, src_port), 48);
+        assert_eq!(offset_of!(DropEvent, suppressed), 56);
+    }
+
+    #[test]
+    fn port_is_big_endian_and_v4_is_mapped() {
+        let k = PolicyKey::new(300, 2, DIR_INGRESS, PROTO_TCP, 0x1234);
+        assert_eq!(k.dport, [0x12, 0x34]);
+        assert_eq!(
+            IpKey::v4([10, 0, 0, 1]).addr,
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 10, 0, 0, 1]
+        );
+    }
+
+    #[test]
+    fn identity_ranges_do_not_overlap() {
+        const {
+            assert!(IDENTITY_WORLD < IDENTITY_FIRST_ENDPOINT);
+            assert!(IDENTITY_FIRST_ENDPOINT < IDENTITY_FIRST_CIDR);
+            assert!(IDENTITY_FIRST_CIDR < IDENTITY_LAST_CIDR);
+        }
+    }
+}

@@ -1,0 +1,385 @@
+// SPDX-License-Identifier: GPL-2.0 OR MIT
+//! sluice's TC programs, attached through TCX to the **host** end of each endpoint's veth:
+//!
+//! | program | TCX hook on the host veth | sees what the container | applies its |
+//! | --- | --- | --- | --- |
+//! | [`sluice_egress`] | ingress | sends | egress policy |
+//! | [`sluice_ingress`] | egress | receives | ingress policy |
+//!
+//! Per packet, in order (the map layouts are in `sluice-common`):
+//! 1. `ENDPOINTS[skb->ifindex]` (hash). Missing: not a sluice endpoint, pass uncounted.
+//! 2. Parse. ARP, IPv6 ND and MLD pass. Other non-IP frames pass unless the direction is enforced
+//!    or the identity is pending. A truncated or malformed IP header is dropped.
+//! 3. Identity pending: drop. No isolation and no policy on this endpoint: pass.
+//! 4. `IPCACHE[peer address]` (LPM trie; miss = WORLD, network 0). Isolation on and the peer
+//!    is an endpoint of another network: drop.
+//! 5. No policy on this endpoint in either direction: pass (no conntrack).
+//! 6. `CONNTRACK[flow as seen by this endpoint]` (LRU hash). Hit: pass (replies and
+//!    established flows).
+//! 7. Direction not enforced: create the conntrack entry (so the replies pass the other
+//!    direction's enforcement) and pass.
+//! 8. `POLICY[subject, peer identity, dir, proto, port]` (LPM trie), and unless that said
+//!    deny, `POLICY[subject, ANY, dir, proto, port]`. Deny from either wins; else allow from
+//!    either allows (and creates the conntrack entry); else default deny.
+//!
+//! Every verdict bumps `COUNTERS[ifindex, dir, verdict]` (per-CPU hash); every drop emits a
+//! `DropEvent` to `EVENTS` if the per-CPU token bucket (`EVENT_RATE`, `SETTINGS`) allows.
+//! So a packet costs at most: 1 hash + 1 LPM + 1 LRU lookup + 2 LPM + 1 LRU update + 1
+//! per-CPU counter update (+ the rate limiter and a ring-buffer reserve on drops), whatever
+//! the number of rules: rules are never iterated here.
+
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod packet;
+
+#[cfg(target_arch = "bpf")]
+mod programs {
+    use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT};
+    use aya_ebpf::helpers::bpf_ktime_get_ns;
+    use aya_ebpf::macros::{classifier, map};
+    use aya_ebpf::maps::lpm_trie::Key;
+    use aya_ebpf::maps::{
+        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
+    };
+    use aya_ebpf::programs::TcContext;
+    use sluice_common::{
+        CounterKey, CounterValue, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_BYTES,
+        DEFAULT_EVENTS_PER_SEC, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_COUNTERS, DEFAULT_MAX_ENDPOINTS,
+        DEFAULT_MAX_IPCACHE, DEFAULT_MAX_POLICY, DIR_EGRESS, DIR_INGRESS, DropEvent,
+        EP_EGRESS_ENFORCED, EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED, EP_ISOLATE, EndpointInfo,
+        IDENTITY_ANY, IDENTITY_WORLD, IpInfo, IpKey, POLICY_PREFIX_FULL, PolicyKey, PolicyValue,
+        REASON_DEFAULT_DENY, REASON_IDENTITY_PENDING, REASON_ISOLATION, REASON_MALFORMED,
+        REASON_NOT_IP, REASON_POLICY_DENY, RateState, Settings, VERDICT_ALLOW, VERDICT_DENY,
+    };
+
+    use crate::packet::{Frame, Packet, parse};
+
+    #[map]
+    static ENDPOINTS: HashMap<u32, EndpointInfo> =
+        HashMap::with_max_entries(DEFAULT_MAX_ENDPOINTS, 0);
+
+    #[map]
+    static IPCACHE: LpmTrie<IpKey, IpInfo> = LpmTrie::with_max_entries(DEFAULT_MAX_IPCACHE, 0);
+
+    #[map]
+    static POLICY: LpmTrie<PolicyKey, PolicyValue> =
+        LpmTrie::with_max_entries(DEFAULT_MAX_POLICY, 0);
+
+    #[map]
+    static CONNTRACK: LruHashMap<CtKey, CtValue> =
+        LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
+
+    #[map]
+    static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
+        PerCpuHashMap::with_max_entries(DEFAULT_MAX_COUNTERS, 0);
+
+    #[map]
+    static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
+
+    #[map]
+    static SETTINGS: Array<Settings> = Array::with_max_entries(1, 0);
+
+    #[map]
+    static EVENT_RATE: PerCpuArray<RateState> = PerCpuArray::with_max_entries(1, 0);
+
+    const NS_PER_SEC: u64 = 1_000_000_000;
+    /// Refill at most this much idle time, so `elapsed * rate` cannot overflow.
+    const MAX_REFILL_NS: u64 = 10 * NS_PER_SEC;
+
+    /// Attach to the host veth's TCX **ingress**: what the container sends.
+    #[classifier]
+    fn sluice_egress(ctx: TcContext) -> i32 {
+        match classify(&ctx, DIR_EGRESS) {
+            Ok(action) => action,
+            Err(action) => action,
+        }
+    }
+
+    /// Attach to the host veth's TCX **egress**: what the container receives.
+    #[classifier]
+    fn sluice_ingress(ctx: TcContext) -> i32 {
+        match classify(&ctx, DIR_INGRESS) {
+            Ok(action) => action,
+            Err(action) => action,
+        }
+    }
+
+    /// Why a packet is dropped, for counters and events.
+    struct Denied {
+        reason: u8,
+        rule_id: u32,
+    }
+
+    const fn drop(reason: u8) -> Denied {
+        Denied { reason, rule_id: 0 }
+    }
+
+    /// `Ok(TC_ACT_OK)` or `Err(TC_ACT_SHOT)`, with the counter bumped and the event sent.
+    #[inline(always)]
+    fn classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
+        // SAFETY: `ctx.skb.skb` is the `__sk_buff` context pointer the kernel passed to this
+        // program; reading `ifindex` from it is a plain context access the verifier permits
+        // for SCHED_CLS programs.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        let Some(ep) = endpoint(ifindex) else {
+            return Ok(TC_ACT_OK);
+        };
+        let len = u64::from(ctx.len());
+        let (verdict, pkt) = match parse(ctx) {
+            Ok(Frame::Ip(pkt)) => (decide(&ep, ifindex, dir, &pkt), Some(pkt)),
+            Ok(Frame::Neighbour) => (Ok(()), None),
+            Ok(Frame::NotIp) => {
+                let strict = enforced_flag(dir) | EP_IDENTITY_PENDING;
+                if ep.flags & strict == 0 {
+                    (Ok(()), None)
+                } else {
+                    (Err(drop(REASON_NOT_IP)), None)
+                }
+            }
+            Err(_) => (Err(drop(REASON_MALFORMED)), None),
+        };
+        match verdict {
+            Ok(()) => {
+                count(ifindex, dir, VERDICT_ALLOW, len);
+                Ok(TC_ACT_OK)
+            }
+            Err(why) => {
+                count(ifindex, dir, VERDICT_DENY, len);
+                emit_drop(ifindex, dir, &why, pkt.as_ref());
+                Err(TC_ACT_SHOT)
+            }
+        }
+    }
+
+    #[inline(always)]
+    const fn enforced_flag(dir: u8) -> u32 {
+        if dir == DIR_INGRESS {
+            EP_INGRESS_ENFORCED
+        } else {
+            EP_EGRESS_ENFORCED
+        }
+    }
+
+    #[inline(always)]
+    fn endpoint(ifindex: u32) -> Option<EndpointInfo> {
+        // SAFETY: ENDPOINTS is a preallocated hash map; the value is copied out at once, so
+        // a concurrent update from user space can at worst make us read a torn (old/new mix)
+        // entry for this one packet, never memory outside the value.
+        unsafe { ENDPOINTS.get(ifindex) }.copied()
+    }
+
+    /// The verdict for an IP packet of endpoint `ep`.
+    #[inline(always)]
+    fn decide(ep: &EndpointInfo, ifindex: u32, dir: u8, pkt: &Packet) -> Result<(), Denied> {
+        if ep.flags & EP_IDENTITY_PENDING != 0 {
+            return Err(drop(REASON_IDENTITY_PENDING));
+        }
+        // Nothing to check: skip even the ipcache lookup.
+        if ep.flags & (EP_ISOLATE | EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED) == 0 {
+            return Ok(());
+        }
+        let (local, remote, local_port, remote_port) = if dir == DIR_EGRESS {
+            (&pkt.src, &pkt.dst, pkt.sport, pkt.dport)
+        } else {
+            (&pkt.dst, &pkt.src, pkt.dport, pkt.sport)
+        };
+
+        let peer = IPCACHE
+            .get(Key::new(128, IpKey { addr: *remote }))
+            .copied()
+            .unwrap_or(IpInfo {
+                identity: IDENTITY_WORLD,
+                network: 0,
+            });
+        if ep.flags & EP_ISOLATE != 0 && peer.network != 0 && peer.network != ep.network {
+            return Err(drop(REASON_ISOLATION));
+        }
+        if ep.flags & (EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED) == 0 {
+            return Ok(());
+        }
+
+        // ICMP: the echo identifier stands in for the port on the container's side, so an
+        // echo request and its reply share the entry; other ICMP types use 0/0.
+        let (ct_local_port, ct_remote_port) =
+            if pkt.proto == sluice_common::PROTO_ICMP || pkt.proto == sluice_common::PROTO_ICMPV6 {
+                (pkt.echo_id, 0)
+            } else {
+                (local_port, remote_port)
+            };
+        let ct_key = CtKey {
+            ifindex,
+            local_port: ct_local_port,
+            remote_port: ct_remote_port,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: [0; 2],
+            local_addr: *local,
+            remote_addr: *remote,
+        };
+        if CONNTRACK.get_ptr(ct_key).is_some() {
+            return Ok(());
+        }
+
+        if ep.flags & enforced_flag(dir) == 0 {
+            track(&ct_key, dir);
+            return Ok(());
+        }
+
+        let exact = policy(ep.identity, peer.identity, dir, pkt);
+        if let Some(v) = exact
+            && v.verdict != u32::from(VERDICT_ALLOW)
+        {
+            return Err(Denied {
+                reason: REASON_POLICY_DENY,
+                rule_id: v.rule_id,
+            });
+        }
+        let any = policy(ep.identity, IDENTITY_ANY, dir, pkt);
+        if let Some(v) = any
+            && v.verdict != u32::from(VERDICT_ALLOW)
+        {
+            return Err(Denied {
+                reason: REASON_POLICY_DENY,
+                rule_id: v.rule_id,
+            });
+        }
+        if exact.is_some() || any.is_some() {
+            track(&ct_key, dir);
+            Ok(())
+        } else {
+            Err(drop(REASON_DEFAULT_DENY))
+        }
+    }
+
+    /// One POLICY lookup (the trie returns the longest matching prefix, which the compiler
+    /// has made carry the deny-wins verdict).
+    #[inline(always)]
+    fn policy(subject: u32, peer: u32, dir: u8, pkt: &Packet) -> Option<PolicyValue> {
+        let key = Key::new(
+            POLICY_PREFIX_FULL,
+            PolicyKey::new(subject, peer, dir, pkt.proto, pkt.dport),
+        );
+        POLICY.get(key).copied()
+    }
+
+    #[inline(always)]
+    fn track(key: &CtKey, dir: u8) {
+        let value = CtValue {
+            // SAFETY: bpf_ktime_get_ns has no preconditions.
+            created_ns: unsafe { bpf_ktime_get_ns() },
+            origin: dir,
+            _pad: [0; 7],
+        };
+        // An LRU map evicts instead of failing when full; a failed insert only means the
+        // reply will be judged as a new flow.
+        let _ignored = CONNTRACK.insert(key, value, u64::from(BPF_ANY));
+    }
+
+    #[inline(always)]
+    fn count(ifindex: u32, dir: u8, verdict: u8, len: u64) {
+        let key = CounterKey::new(ifindex, dir, verdict);
+        for _ in 0..2 {
+            if let Some(value) = COUNTERS.get_ptr_mut(key) {
+                // SAFETY: the pointer is this CPU's slot of a per-CPU map value, valid for the
+                // program's run; TC programs run with migration disabled, so no other writer
+                // touches this slot concurrently.
+                unsafe {
+                    (*value).packets += 1;
+                    (*value).bytes += len;
+                }
+                return;
+            }
+            let first = CounterValue {
+                packets: 1,
+                bytes: len,
+            };
+            // Fails only if another CPU created the entry meanwhile: then retry the update.
+            if COUNTERS.insert(key, first, u64::from(BPF_NOEXIST)).is_ok() {
+                return;
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn emit_drop(ifindex: u32, dir: u8, why: &Denied, pkt: Option<&Packet>) {
+        let Some(state) = EVENT_RATE.get_ptr_mut(0) else {
+            return;
+        };
+        let (rate, burst) = match SETTINGS.get(0) {
+            Some(s) => (s.drop_events_per_sec, s.drop_events_burst),
+            None => (0, 0),
+        };
+        let rate = u64::from(if rate == 0 {
+            DEFAULT_EVENTS_PER_SEC
+        } else {
+            rate
+        });
+        let burst = u64::from(if burst == 0 {
+            DEFAULT_EVENTS_BURST
+        } else {
+            burst
+        });
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: `state` is this CPU's slot of EVENT_RATE (index 0 exists in an array map),
+        // valid for the program's run; migration is disabled, so no concurrent writer.
+        let st = unsafe { &mut *state };
+        let elapsed = now.saturating_sub(st.last_ns);
+        let elapsed = if elapsed > MAX_REFILL_NS {
+            MAX_REFILL_NS
+        } else {
+            elapsed
+        };
+        let cap = burst * NS_PER_SEC;
+        let tokens = st.tokens + elapsed * rate;
+        st.tokens = if tokens > cap { cap } else { tokens };
+        st.last_ns = now;
+        if st.tokens < NS_PER_SEC {
+            st.suppressed = st.suppressed.saturating_add(1);
+            return;
+        }
+        let Some(mut entry) = EVENTS.reserve::<DropEvent>(0) else {
+            st.suppressed = st.suppressed.saturating_add(1);
+            return;
+        };
+        st.tokens -= NS_PER_SEC;
+        let (src_addr, dst_addr, src_port, dst_port, proto, family) = match pkt {
+            Some(p) => (p.src, p.dst, p.sport, p.dport, p.proto, p.family),
+            None => ([0; 16], [0; 16], 0, 0, 0, 0),
+        };
+        entry.write(DropEvent {
+            timestamp_ns: now,
+            src_addr,
+            dst_addr,
+            ifindex,
+            rule_id: why.rule_id,
+            src_port,
+            dst_port,
+            proto,
+            direction: dir,
+            reason: why.reason,
+            family,
+            suppressed: st.suppressed,
+            _pad: 0,
+        });
+        entry.submit(0);
+        st.suppressed = 0;
+    }
+
+    #[cfg(not(test))]
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+        loop {}
+    }
+
+    /// License string the kernel reads (GPL-compatible, for GPL-only helpers).
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+}
+
+/// Host builds (`cargo test --workspace`, clippy): the programs exist only for the BPF target.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
