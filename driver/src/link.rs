@@ -53,14 +53,7 @@ fn nl_error(op: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> KernelErr
     }
 }
 
-/// Formats a MAC the way `ip` prints it.
-#[must_use]
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
+pub use crate::model::format_mac;
 
 impl Netlink {
     /// Opens a route-netlink socket in the **calling thread's** network namespace and spawns
@@ -109,22 +102,11 @@ impl Netlink {
     /// # Errors
     /// [`KernelError::Netlink`] if the dump fails.
     pub async fn link_names(&self) -> Result<Vec<String>, KernelError> {
-        let links: Vec<_> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(nl_error("dump links"))?;
-        Ok(links
+        Ok(self
+            .link_aliases()
+            .await?
             .into_iter()
-            .filter_map(|l| {
-                l.attributes.into_iter().find_map(|a| match a {
-                    LinkAttribute::IfName(n) => Some(n),
-                    _ => None,
-                })
-            })
+            .map(|(name, _)| name)
             .collect())
     }
 
