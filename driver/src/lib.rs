@@ -6,6 +6,7 @@
 //! [`model`] and calls one method of [`Driver`] per protocol call.
 
 pub mod bridge;
+pub mod datapath;
 pub mod driver;
 pub mod firewall;
 pub mod ipam;

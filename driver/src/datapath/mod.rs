@@ -1,0 +1,1110 @@
+//! The eBPF datapath, user side: loads sluice's TC programs (`ebpf/tc`, embedded at build
+//! time), pins them and their maps, attaches them to endpoints' host-side veths through TCX,
+//! and writes the maps (endpoints, ipcache, policy) in the layouts of `sluice-common`.
+//! [`compile`] turns policy rules into `POLICY` entries; it is pure.
+//!
+//! Owns no decisions about *which* endpoint gets which identity or flags (that is the
+//! driver's), and never touches links other than through TCX attachments.
+//!
+//! # Per-packet cost
+//! Fixed, whatever the number of rules: `ENDPOINTS` (hash) → `IPCACHE` (LPM) →
+//! `CONNTRACK` (LRU hash) → at most two `POLICY` LPM lookups (peer identity, then
+//! [`IDENTITY_ANY`](sluice_common::IDENTITY_ANY)) → one conntrack insert for a new allowed
+//! flow → one per-CPU counter update. See `ebpf/tc/src/main.rs` for the order.
+//!
+//! # Pins
+//! Under the pin directory (default [`DEFAULT_PIN_DIR`], which must be on a bpffs):
+//! ```text
+//! maps/v<LAYOUT_VERSION>/<MAP>       every map; an existing pin is adopted at load
+//! progs/sluice_egress, progs/sluice_ingress
+//!                                    the programs of the latest load (replaced each load)
+//! links/<ifindex>_sluice_egress      TCX link on the host veth's ingress hook
+//! links/<ifindex>_sluice_ingress     TCX link on the host veth's egress hook
+//! ```
+//! Pinned links keep an endpoint enforced while the daemon is down; a restarted daemon loads
+//! the object again (new program instances sharing the pinned maps, so policy is not reset)
+//! and [`Datapath::attach`] swaps the new program into an existing link atomically
+//! (`BPF_LINK_UPDATE`). A link whose device is gone is replaced. The map layout version is
+//! part of the path, so a build with different layouts starts from empty maps instead of
+//! misreading old ones (the driver re-applies state from its store).
+
+pub mod compile;
+mod events;
+
+use std::collections::HashMap as StdHashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aya::maps::lpm_trie::Key;
+use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapType, PerCpuHashMap, RingBuf};
+use aya::programs::links::{FdLink, LinkError, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions};
+use aya::programs::{
+    LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun as _, TestRunOptions,
+};
+use aya::{Ebpf, EbpfLoader};
+use ipnetwork::IpNetwork;
+use sluice_common::{
+    CounterKey, CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointInfo,
+    IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_CONNTRACK, MAP_COUNTERS,
+    MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_NAMES, MAP_POLICY, MAP_SETTINGS,
+    PROG_EGRESS, PROG_INGRESS, PolicyKey, PolicyValue, Settings, VERDICT_ALLOW, VERDICT_DENY,
+};
+use tracing::{debug, info};
+
+pub use compile::{CompiledPolicy, Direction};
+pub use events::{DropEvents, decode as decode_drop_event, event_addr};
+pub use sluice_common::{self as layout, DropEvent};
+
+/// The programs, built by `driver/build.rs` (empty when it could not build them).
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sluice-ebpf"));
+
+/// Default pin directory (on the host's bpffs).
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
+/// Version of the map layouts in `sluice-common`; bump on any layout change.
+pub const LAYOUT_VERSION: u32 = 1;
+/// `statfs` magic of bpffs (`BPF_FS_MAGIC`, include/uapi/linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Offset of `ifindex` in `struct __sk_buff` (include/uapi/linux/bpf.h: len, pkt_type, mark,
+/// queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex,
+/// ifindex: eleven `__u32`s).
+const SKB_IFINDEX_OFFSET: usize = 40;
+
+/// Errors of the datapath.
+#[derive(Debug, thiserror::Error)]
+pub enum DatapathError {
+    /// The build had no eBPF toolchain and embedded an empty object.
+    #[error(
+        "this sluice was built without its eBPF programs (driver/build.rs found no \
+         nightly-2026-05-20 toolchain or no bpf-linker); see ebpf/README.md, or build with \
+         SLUICE_EBPF_OBJ=/path/to/sluice-ebpf"
+    )]
+    NoObject,
+    /// Loading the object (creating or adopting maps) failed.
+    #[error("load eBPF object: {0}")]
+    Load(#[source] aya::EbpfError),
+    /// The object lacks a map or program this code expects.
+    #[error("the eBPF object has no {0}")]
+    Missing(&'static str),
+    /// A program operation failed.
+    #[error("{op} {program}: {source}")]
+    Program {
+        /// What was being done.
+        op: String,
+        /// Program name.
+        program: &'static str,
+        /// The cause.
+        #[source]
+        source: ProgramError,
+    },
+    /// A map operation failed.
+    #[error("{op} ({map}): {source}")]
+    Map {
+        /// What was being done.
+        op: String,
+        /// Map name.
+        map: &'static str,
+        /// The cause.
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A pinned map does not have the layout this build expects.
+    #[error("pinned map {map} has {found}, this build expects {expected}; remove {dir}")]
+    IncompatiblePin {
+        /// Map name.
+        map: &'static str,
+        /// What the pin has.
+        found: String,
+        /// What the object wants.
+        expected: String,
+        /// The directory to remove.
+        dir: PathBuf,
+    },
+    /// A file operation under the pin directory failed.
+    #[error("{op} {}: {source}", path.display())]
+    Pin {
+        /// What was being done.
+        op: &'static str,
+        /// Where.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+    /// The pin directory is not on a bpffs.
+    #[error("{} is not on a bpffs (mount -t bpf bpf <dir>)", .0.display())]
+    NotBpffs(PathBuf),
+    /// No interface has that index (in the calling thread's network namespace).
+    #[error("no interface with ifindex {0}")]
+    NoSuchInterface(u32),
+    /// The drop-event reader was already handed out, or needs a tokio runtime.
+    #[error("drop events: {0}")]
+    Events(String),
+}
+
+type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// How to load the datapath.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatapathConfig {
+    /// Where to pin maps, programs and links; `None` pins nothing (tests, benchmarks): the
+    /// maps are fresh and everything is detached when the [`Datapath`] is dropped.
+    pub pin_dir: Option<PathBuf>,
+    /// `max_entries` overrides by map name (see `sluice_common::DEFAULT_MAX_*`); ignored for
+    /// maps adopted from pins.
+    pub max_entries: Vec<(&'static str, u32)>,
+    /// Drop-event rate limit (per CPU); zeros mean the kernel-side defaults.
+    pub settings: Settings,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        Self::pinned(DEFAULT_PIN_DIR)
+    }
+}
+
+impl DatapathConfig {
+    /// Pinned under `dir`.
+    #[must_use]
+    pub fn pinned(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            pin_dir: Some(dir.into()),
+            max_entries: Vec::new(),
+            settings: Settings::default(),
+        }
+    }
+
+    /// Nothing pinned.
+    #[must_use]
+    pub fn unpinned() -> Self {
+        Self {
+            pin_dir: None,
+            max_entries: Vec::new(),
+            settings: Settings::default(),
+        }
+    }
+}
+
+/// Allowed and denied traffic of one direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DirectionCounters {
+    /// Packets and bytes let through.
+    pub allowed: CounterValue,
+    /// Packets and bytes dropped.
+    pub denied: CounterValue,
+}
+
+/// An endpoint's counters, summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EndpointCounters {
+    /// What the container received.
+    pub ingress: DirectionCounters,
+    /// What the container sent.
+    pub egress: DirectionCounters,
+}
+
+/// What [`Datapath::apply_policy`] changed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PolicyUpdate {
+    /// `POLICY` entries written (new or overwritten).
+    pub written: usize,
+    /// `POLICY` entries removed.
+    pub removed: usize,
+    /// `IPCACHE` CIDR entries written.
+    pub cidrs_written: usize,
+    /// `IPCACHE` CIDR entries removed.
+    pub cidrs_removed: usize,
+}
+
+/// Result of one `BPF_PROG_TEST_RUN`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TestRunOutcome {
+    /// The program's return value (`TC_ACT_OK` 0, `TC_ACT_SHOT` 2).
+    pub action: u32,
+    /// Average time per run, as the kernel measured it.
+    pub duration: Duration,
+}
+
+/// `TC_ACT_OK`: the packet passes.
+pub const TC_ACT_OK: u32 = 0;
+/// `TC_ACT_SHOT`: the packet is dropped.
+pub const TC_ACT_SHOT: u32 = 2;
+
+/// The paths under the pin directory.
+#[derive(Debug, Clone)]
+struct Pins {
+    root: PathBuf,
+}
+
+impl Pins {
+    fn maps(&self) -> PathBuf {
+        self.root.join("maps").join(format!("v{LAYOUT_VERSION}"))
+    }
+    fn progs(&self) -> PathBuf {
+        self.root.join("progs")
+    }
+    fn links(&self) -> PathBuf {
+        self.root.join("links")
+    }
+    fn link(&self, ifindex: u32, program: &str) -> PathBuf {
+        // No dots: bpffs reserves names with a dot (EPERM, kernel/bpf/inode.c bpf_lookup).
+        self.links().join(format!("{ifindex}_{program}"))
+    }
+}
+
+fn mkdir(path: &Path) -> Result<()> {
+    std::fs::create_dir_all(path).map_err(|source| DatapathError::Pin {
+        op: "create",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn require_bpffs(path: &Path) -> Result<()> {
+    let stat = nix::sys::statfs::statfs(path).map_err(|e| DatapathError::Pin {
+        op: "statfs",
+        path: path.to_owned(),
+        source: e.into(),
+    })?;
+    if stat.filesystem_type().0 == BPF_FS_MAGIC {
+        Ok(())
+    } else {
+        Err(DatapathError::NotBpffs(path.to_owned()))
+    }
+}
+
+fn remove_if_present(path: &Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Pin {
+            op: "remove",
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+/// `true` for a syscall error that means "no such element / file".
+fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound => true,
+        aya::maps::MapError::SyscallError(s) => s.io_error.kind() == io::ErrorKind::NotFound,
+        _ => false,
+    }
+}
+
+/// The TCX hook each program goes on, on the host-side veth.
+const HOOKS: [(&str, TcAttachType); 2] = [
+    (PROG_EGRESS, TcAttachType::Ingress),
+    (PROG_INGRESS, TcAttachType::Egress),
+];
+
+/// Expected kernel map type, key size and value size of each map.
+fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
+    let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+    Some(match name {
+        MAP_ENDPOINTS => (MapType::Hash, 4, size(size_of::<EndpointInfo>())),
+        MAP_IPCACHE => (
+            MapType::LpmTrie,
+            4 + size(size_of::<IpKey>()),
+            size(size_of::<IpInfo>()),
+        ),
+        MAP_POLICY => (
+            MapType::LpmTrie,
+            4 + size(size_of::<PolicyKey>()),
+            size(size_of::<PolicyValue>()),
+        ),
+        MAP_CONNTRACK => (
+            MapType::LruHash,
+            size(size_of::<CtKey>()),
+            size(size_of::<CtValue>()),
+        ),
+        MAP_COUNTERS => (
+            MapType::PerCpuHash,
+            size(size_of::<CounterKey>()),
+            size(size_of::<CounterValue>()),
+        ),
+        MAP_EVENTS => (MapType::RingBuf, 0, 0),
+        MAP_SETTINGS => (MapType::Array, 4, size(size_of::<Settings>())),
+        MAP_EVENT_RATE => (
+            MapType::PerCpuArray,
+            4,
+            size(size_of::<sluice_common::RateState>()),
+        ),
+        _ => return None,
+    })
+}
+
+/// The loaded datapath: programs, maps, and (unless pinned) the links it made.
+pub struct Datapath {
+    ebpf: Ebpf,
+    endpoints: HashMap<MapData, u32, EndpointInfo>,
+    ipcache: LpmTrie<MapData, IpKey, IpInfo>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+    conntrack: HashMap<MapData, CtKey, CtValue>,
+    counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    settings: Array<MapData, Settings>,
+    events: Option<RingBuf<MapData>>,
+    pins: Option<Pins>,
+    /// Links held by this process (unpinned mode only).
+    links: StdHashMap<(u32, &'static str), SchedClassifierLinkId>,
+}
+
+impl std::fmt::Debug for Datapath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Datapath")
+            .field("pins", &self.pins)
+            .field("links", &self.links.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
+    ebpf.take_map(name).ok_or(DatapathError::Missing(name))
+}
+
+fn map_err(
+    op: impl Into<String>,
+    map: &'static str,
+) -> impl FnOnce(aya::maps::MapError) -> DatapathError {
+    let op = op.into();
+    move |source| DatapathError::Map { op, map, source }
+}
+
+impl Datapath {
+    /// Loads the embedded programs with `config`: creates (or, when pinned, adopts) the maps,
+    /// loads both programs into the kernel and pins them.
+    ///
+    /// # Errors
+    /// [`DatapathError::NoObject`] if the build embedded no object; load, verifier, pin and
+    /// layout errors otherwise.
+    pub fn load(config: &DatapathConfig) -> Result<Self> {
+        Self::load_object(EBPF_OBJECT, config)
+    }
+
+    /// As [`Datapath::load`], with another object (e.g. read from a file).
+    ///
+    /// # Errors
+    /// As [`Datapath::load`].
+    pub fn load_object(object: &[u8], config: &DatapathConfig) -> Result<Self> {
+        if object.is_empty() {
+            return Err(DatapathError::NoObject);
+        }
+        let pins = config
+            .pin_dir
+            .as_ref()
+            .map(|root| Pins { root: root.clone() });
+        let mut loader = EbpfLoader::new();
+        if let Some(p) = &pins {
+            mkdir(&p.root)?;
+            require_bpffs(&p.root)?;
+            for dir in [p.maps(), p.progs(), p.links()] {
+                mkdir(&dir)?;
+            }
+            for name in MAP_NAMES {
+                loader.map_pin_path(name, p.maps().join(name));
+            }
+        }
+        for &(name, entries) in &config.max_entries {
+            loader.map_max_entries(name, entries);
+        }
+        let mut ebpf = loader.load(object).map_err(DatapathError::Load)?;
+
+        // aya adopts a pinned map without comparing it with the object: check here.
+        for (name, map) in ebpf.maps() {
+            let Some(&name) = MAP_NAMES.iter().find(|n| **n == name) else {
+                continue;
+            };
+            let Some((map_type, key, value)) = expected_layout(name) else {
+                continue;
+            };
+            let info = map_data(map)
+                .ok_or(DatapathError::Missing(name))?
+                .info()
+                .map_err(map_err("map info", name))?;
+            let found_type = info.map_type().map_err(map_err("map type", name))?;
+            if found_type != map_type || info.key_size() != key || info.value_size() != value {
+                return Err(DatapathError::IncompatiblePin {
+                    map: name,
+                    found: format!(
+                        "{found_type:?} key {} value {}",
+                        info.key_size(),
+                        info.value_size()
+                    ),
+                    expected: format!("{map_type:?} key {key} value {value}"),
+                    dir: pins.as_ref().map(Pins::maps).unwrap_or_default(),
+                });
+            }
+        }
+
+        for (program, _) in HOOKS {
+            let prog = classifier_mut(&mut ebpf, program)?;
+            prog.load().map_err(|source| DatapathError::Program {
+                op: "load".into(),
+                program,
+                source,
+            })?;
+            if let Some(p) = &pins {
+                let path = p.progs().join(program);
+                remove_if_present(&path)?;
+                prog.pin(&path).map_err(|e| DatapathError::Pin {
+                    op: "pin",
+                    path: path.clone(),
+                    source: io::Error::other(e),
+                })?;
+            }
+        }
+
+        let endpoints = HashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)
+            .map_err(map_err("open", MAP_ENDPOINTS))?;
+        let ipcache = LpmTrie::try_from(take_map(&mut ebpf, MAP_IPCACHE)?)
+            .map_err(map_err("open", MAP_IPCACHE))?;
+        let policy = LpmTrie::try_from(take_map(&mut ebpf, MAP_POLICY)?)
+            .map_err(map_err("open", MAP_POLICY))?;
+        let conntrack = HashMap::try_from(take_map(&mut ebpf, MAP_CONNTRACK)?)
+            .map_err(map_err("open", MAP_CONNTRACK))?;
+        let counters = PerCpuHashMap::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
+            .map_err(map_err("open", MAP_COUNTERS))?;
+        let settings = Array::try_from(take_map(&mut ebpf, MAP_SETTINGS)?)
+            .map_err(map_err("open", MAP_SETTINGS))?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, MAP_EVENTS)?)
+            .map_err(map_err("open", MAP_EVENTS))?;
+
+        let mut datapath = Self {
+            ebpf,
+            endpoints,
+            ipcache,
+            policy,
+            conntrack,
+            counters,
+            settings,
+            events: Some(events),
+            pins,
+            links: StdHashMap::new(),
+        };
+        datapath.set_settings(config.settings)?;
+        info!(
+            pin_dir = ?config.pin_dir,
+            "eBPF datapath loaded (programs {PROG_EGRESS}, {PROG_INGRESS})"
+        );
+        Ok(datapath)
+    }
+
+    /// The pin directory, if pinned.
+    #[must_use]
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pins.as_ref().map(|p| p.root.as_path())
+    }
+
+    /// Writes the drop-event rate limit.
+    ///
+    /// # Errors
+    /// If the map write fails.
+    pub fn set_settings(&mut self, settings: Settings) -> Result<()> {
+        self.settings
+            .set(0, settings, 0)
+            .map_err(map_err("write settings", MAP_SETTINGS))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Attach / detach
+
+    /// Attaches both programs to the host-side veth `ifindex` through TCX (`sluice_egress` on
+    /// its ingress hook, `sluice_ingress` on its egress hook), like
+    /// `tc filter add dev IF {ingress,egress} bpf da obj … ` but as TCX links. Pinned mode
+    /// pins the links (they outlive this process); an existing live pinned link gets this
+    /// load's program swapped in atomically. Idempotent. Register the endpoint
+    /// ([`Datapath::set_endpoint`]) first: packets of an unregistered ifindex pass.
+    ///
+    /// The ifindex is resolved in the calling thread's network namespace.
+    ///
+    /// # Minimum kernel version
+    /// 6.6 (TCX).
+    ///
+    /// # Errors
+    /// [`DatapathError::NoSuchInterface`], attach and pin errors. On error, a hook attached
+    /// by this call may remain attached; call [`Datapath::detach`] to clean up.
+    pub fn attach(&mut self, ifindex: u32) -> Result<()> {
+        let ifname = interface_name(ifindex)?;
+        for (program, hook) in HOOKS {
+            if let Some(pins) = self.pins.clone() {
+                self.attach_pinned(&pins, ifindex, &ifname, program, hook)?;
+            } else if !self.links.contains_key(&(ifindex, program)) {
+                let prog = classifier_mut(&mut self.ebpf, program)?;
+                let id = prog
+                    .attach_with_options(
+                        &ifname,
+                        hook,
+                        TcAttachOptions::TcxOrder(LinkOrder::default()),
+                    )
+                    .map_err(|source| DatapathError::Program {
+                        op: format!("attach to {ifname} ({hook:?}) of"),
+                        program,
+                        source,
+                    })?;
+                self.links.insert((ifindex, program), id);
+            }
+        }
+        info!(ifindex, %ifname, "attached datapath (tcx ingress {PROG_EGRESS}, tcx egress {PROG_INGRESS})");
+        Ok(())
+    }
+
+    fn attach_pinned(
+        &mut self,
+        pins: &Pins,
+        ifindex: u32,
+        ifname: &str,
+        program: &'static str,
+        hook: TcAttachType,
+    ) -> Result<()> {
+        let path = pins.link(ifindex, program);
+        let prog = classifier_mut(&mut self.ebpf, program)?;
+        let prog_err = |op: String| {
+            move |source| DatapathError::Program {
+                op,
+                program,
+                source,
+            }
+        };
+        match PinnedLink::from_pin(&path) {
+            Ok(pinned) => {
+                // Keep the pin; only swap the program inside the link.
+                let link = SchedClassifierLink::try_from(FdLink::from(pinned)).map_err(|e| {
+                    DatapathError::Pin {
+                        op: "adopt link",
+                        path: path.clone(),
+                        source: io::Error::other(e),
+                    }
+                })?;
+                match prog.attach_to_link(link) {
+                    Ok(id) => {
+                        // Dropping our handle closes the fd; the pin keeps the link.
+                        let _handle = prog
+                            .take_link(id)
+                            .map_err(prog_err(format!("release link {} of", path.display())))?;
+                        debug!(ifindex, program, "updated pinned link");
+                        return Ok(());
+                    }
+                    Err(ProgramError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOLINK) =>
+                    {
+                        // The device this link was on is gone (ifindex reused): replace it.
+                        debug!(ifindex, program, "pinned link is defunct; replacing");
+                        remove_if_present(&path)?;
+                    }
+                    Err(source) => {
+                        return Err(DatapathError::Program {
+                            op: format!("update link {} with", path.display()),
+                            program,
+                            source,
+                        });
+                    }
+                }
+            }
+            Err(LinkError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(DatapathError::Pin {
+                    op: "open link",
+                    path,
+                    source: io::Error::other(e),
+                });
+            }
+        }
+        let id = prog
+            .attach_with_options(
+                ifname,
+                hook,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(prog_err(format!("attach to {ifname} ({hook:?}) of")))?;
+        let link = prog
+            .take_link(id)
+            .map_err(prog_err(format!("take link on {ifname} of")))?;
+        let fd_link = FdLink::try_from(link).map_err(|e| DatapathError::Pin {
+            op: "take link fd",
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        // If pinning fails the link is dropped here, which detaches it.
+        fd_link.pin(&path).map_err(|e| DatapathError::Pin {
+            op: "pin link",
+            path: path.clone(),
+            source: io::Error::other(e),
+        })?;
+        Ok(())
+    }
+
+    /// Detaches both programs from `ifindex` (removes the pinned links, or drops the links
+    /// this process holds). Idempotent; works after the device is gone.
+    ///
+    /// # Errors
+    /// If a pin cannot be removed or a held link cannot be detached.
+    pub fn detach(&mut self, ifindex: u32) -> Result<()> {
+        for (program, _) in HOOKS {
+            if let Some(pins) = &self.pins {
+                let path = pins.link(ifindex, program);
+                match PinnedLink::from_pin(&path) {
+                    Ok(link) => {
+                        // Removing the pin and closing the last fd destroys the link.
+                        let _fd_link = link.unpin().map_err(|source| DatapathError::Pin {
+                            op: "unpin link",
+                            path: path.clone(),
+                            source,
+                        })?;
+                    }
+                    Err(LinkError::SyscallError(e))
+                        if e.io_error.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(DatapathError::Pin {
+                            op: "open link",
+                            path,
+                            source: io::Error::other(e),
+                        });
+                    }
+                }
+            }
+            if let Some(id) = self.links.remove(&(ifindex, program)) {
+                classifier_mut(&mut self.ebpf, program)?
+                    .detach(id)
+                    .map_err(|source| DatapathError::Program {
+                        op: format!("detach from ifindex {ifindex}"),
+                        program,
+                        source,
+                    })?;
+            }
+        }
+        info!(ifindex, "detached datapath");
+        Ok(())
+    }
+
+    /// Whether `ifindex` has pinned links (pinned mode) or links held by this process.
+    #[must_use]
+    pub fn is_attached(&self, ifindex: u32) -> bool {
+        HOOKS.iter().all(|(program, _)| match &self.pins {
+            Some(p) => p.link(ifindex, program).exists(),
+            None => self.links.contains_key(&(ifindex, *program)),
+        })
+    }
+
+    /// Removes everything pinned under `dir` (links first, so traffic is released, then
+    /// programs and maps). For uninstalling and tests. Idempotent.
+    ///
+    /// # Errors
+    /// If a pin cannot be removed.
+    pub fn remove_pins(dir: &Path) -> Result<()> {
+        match std::fs::remove_dir_all(dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(DatapathError::Pin {
+                op: "remove",
+                path: dir.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Maps
+
+    /// Registers (or updates) the endpoint whose host-side veth is `ifindex`.
+    ///
+    /// # Errors
+    /// If the map write fails (e.g. full).
+    pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
+        let info = EndpointInfo::new(info.identity, info.network, info.flags);
+        self.endpoints
+            .insert(ifindex, info, 0)
+            .map_err(map_err(format!("set endpoint {ifindex}"), MAP_ENDPOINTS))
+    }
+
+    /// The endpoint registered at `ifindex`.
+    ///
+    /// # Errors
+    /// If the map read fails.
+    pub fn endpoint(&self, ifindex: u32) -> Result<Option<EndpointInfo>> {
+        match self.endpoints.get(&ifindex, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(format!("get endpoint {ifindex}"), MAP_ENDPOINTS)(e)),
+        }
+    }
+
+    /// Unregisters an endpoint and forgets its counters and conntrack entries (so a later
+    /// endpoint reusing the ifindex starts clean). Idempotent. Costs one pass over
+    /// `CONNTRACK`.
+    ///
+    /// # Errors
+    /// If a map operation fails.
+    pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        match self.endpoints.remove(&ifindex) {
+            Ok(()) => {}
+            Err(e) if is_not_found(&e) => {}
+            Err(e) => return Err(map_err(format!("remove endpoint {ifindex}"), MAP_ENDPOINTS)(e)),
+        }
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            for verdict in [VERDICT_ALLOW, VERDICT_DENY] {
+                match self
+                    .counters
+                    .remove(&CounterKey::new(ifindex, dir, verdict))
+                {
+                    Ok(()) => {}
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(map_err("remove counters", MAP_COUNTERS)(e)),
+                }
+            }
+        }
+        self.flush_conntrack(Some(ifindex))?;
+        Ok(())
+    }
+
+    /// Maps `net` (an endpoint address as /32 or /128, or a CIDR) to `info` in the ipcache.
+    ///
+    /// # Errors
+    /// If the map write fails.
+    pub fn set_ip(&mut self, net: IpNetwork, info: IpInfo) -> Result<()> {
+        let (prefix, key) = compile::ip_key(net);
+        self.ipcache
+            .insert(&Key::new(prefix, key), info, 0)
+            .map_err(map_err(format!("set ip {net}"), MAP_IPCACHE))
+    }
+
+    /// Removes `net` from the ipcache. Idempotent.
+    ///
+    /// # Errors
+    /// If the map operation fails.
+    pub fn remove_ip(&mut self, net: IpNetwork) -> Result<()> {
+        let (prefix, key) = compile::ip_key(net);
+        match self.ipcache.remove(&Key::new(prefix, key)) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(map_err(format!("remove ip {net}"), MAP_IPCACHE)(e)),
+        }
+    }
+
+    /// The ipcache entry the kernel would find for `addr` (longest prefix match).
+    ///
+    /// # Errors
+    /// If the map read fails.
+    pub fn lookup_ip(&self, addr: std::net::IpAddr) -> Result<Option<IpInfo>> {
+        let (prefix, key) = compile::ip_key(IpNetwork::from(addr));
+        match self.ipcache.get(&Key::new(prefix, key), 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(format!("lookup {addr}"), MAP_IPCACHE)(e)),
+        }
+    }
+
+    /// Makes `POLICY` and the ipcache's CIDR entries exactly `compiled`. Order: stale allow
+    /// entries are removed first, then every wanted entry is written, then stale deny entries
+    /// are removed, so a change never passes through a state with fewer denies than both the
+    /// old and the new policy have.
+    ///
+    /// # Errors
+    /// If a map operation fails (the maps may then hold a mix of old and new entries; apply
+    /// again).
+    pub fn apply_policy(&mut self, compiled: &CompiledPolicy) -> Result<PolicyUpdate> {
+        let mut update = PolicyUpdate::default();
+
+        // CIDRs first, so new policy entries never see a CIDR without its identity.
+        let want_ip = compiled.ipcache_entries();
+        for (&(prefix, key), info) in &want_ip {
+            self.ipcache
+                .insert(&Key::new(prefix, key), info, 0)
+                .map_err(map_err("write cidr", MAP_IPCACHE))?;
+            update.cidrs_written += 1;
+        }
+
+        let existing: Vec<(Key<PolicyKey>, PolicyValue)> = self
+            .policy
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err("read policy", MAP_POLICY))?;
+        let stale: Vec<(Key<PolicyKey>, PolicyValue)> = existing
+            .into_iter()
+            .filter(|(k, _)| {
+                !compiled.entries.contains_key(&compile::PolicyEntry {
+                    prefix_len: k.prefix_len(),
+                    key: k.data(),
+                })
+            })
+            .collect();
+        let allow = u32::from(VERDICT_ALLOW);
+        for (key, _) in stale.iter().filter(|(_, v)| v.verdict == allow) {
+            self.remove_policy_key(key)?;
+            update.removed += 1;
+        }
+        for (entry, value) in &compiled.entries {
+            self.policy
+                .insert(&Key::new(entry.prefix_len, entry.key), value, 0)
+                .map_err(map_err("write policy", MAP_POLICY))?;
+            update.written += 1;
+        }
+        for (key, _) in stale.iter().filter(|(_, v)| v.verdict != allow) {
+            self.remove_policy_key(key)?;
+            update.removed += 1;
+        }
+
+        // Then CIDRs nobody references any more.
+        let sentinel = compile::v4_mapped_range();
+        let existing_ip: Vec<(Key<IpKey>, IpInfo)> = self
+            .ipcache
+            .iter()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err("read ipcache", MAP_IPCACHE))?;
+        for (key, info) in existing_ip {
+            let k = (key.prefix_len(), key.data());
+            let policy_owned = (IDENTITY_FIRST_CIDR..=IDENTITY_LAST_CIDR).contains(&info.identity)
+                || k == sentinel;
+            if policy_owned && !want_ip.contains_key(&k) {
+                match self.ipcache.remove(&key) {
+                    Ok(()) => update.cidrs_removed += 1,
+                    Err(e) if is_not_found(&e) => {}
+                    Err(e) => return Err(map_err("remove cidr", MAP_IPCACHE)(e)),
+                }
+            }
+        }
+        info!(
+            written = update.written,
+            removed = update.removed,
+            cidrs = want_ip.len(),
+            "policy applied"
+        );
+        Ok(update)
+    }
+
+    fn remove_policy_key(&mut self, key: &Key<PolicyKey>) -> Result<()> {
+        match self.policy.remove(key) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(map_err("remove policy", MAP_POLICY)(e)),
+        }
+    }
+
+    /// Number of entries in `POLICY` (one pass over the map).
+    ///
+    /// # Errors
+    /// If the map read fails.
+    pub fn policy_len(&self) -> Result<usize> {
+        let mut n = 0;
+        for key in self.policy.keys() {
+            key.map_err(map_err("read policy", MAP_POLICY))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Removes conntrack entries: those of one endpoint, or all. Returns how many.
+    ///
+    /// # Errors
+    /// If the map operation fails.
+    pub fn flush_conntrack(&mut self, ifindex: Option<u32>) -> Result<usize> {
+        let keys: Vec<CtKey> = self
+            .conntrack
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| ifindex.is_none_or(|i| k.ifindex == i))
+            .collect();
+        let mut removed = 0;
+        for key in keys {
+            match self.conntrack.remove(&key) {
+                Ok(()) => removed += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("flush conntrack", MAP_CONNTRACK)(e)),
+            }
+        }
+        Ok(removed)
+    }
+
+    /// Conntrack entries of one endpoint (for status output and tests).
+    ///
+    /// # Errors
+    /// If the map read fails.
+    pub fn conntrack_entries(&self, ifindex: u32) -> Result<Vec<(CtKey, CtValue)>> {
+        let mut out = Vec::new();
+        for item in self.conntrack.iter() {
+            let (k, v) = item.map_err(map_err("read conntrack", MAP_CONNTRACK))?;
+            if k.ifindex == ifindex {
+                out.push((k, v));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The endpoint's counters, summed over CPUs (zeros if it never saw a packet).
+    ///
+    /// # Errors
+    /// If the map read fails.
+    pub fn read_counters(&self, ifindex: u32) -> Result<EndpointCounters> {
+        let read = |dir: u8, verdict: u8| -> Result<CounterValue> {
+            match self
+                .counters
+                .get(&CounterKey::new(ifindex, dir, verdict), 0)
+            {
+                Ok(per_cpu) => {
+                    Ok(per_cpu
+                        .iter()
+                        .fold(CounterValue::default(), |acc, v| CounterValue {
+                            packets: acc.packets + v.packets,
+                            bytes: acc.bytes + v.bytes,
+                        }))
+                }
+                Err(e) if is_not_found(&e) => Ok(CounterValue::default()),
+                Err(e) => Err(map_err(format!("read counters {ifindex}"), MAP_COUNTERS)(e)),
+            }
+        };
+        Ok(EndpointCounters {
+            ingress: DirectionCounters {
+                allowed: read(DIR_INGRESS, VERDICT_ALLOW)?,
+                denied: read(DIR_INGRESS, VERDICT_DENY)?,
+            },
+            egress: DirectionCounters {
+                allowed: read(DIR_EGRESS, VERDICT_ALLOW)?,
+                denied: read(DIR_EGRESS, VERDICT_DENY)?,
+            },
+        })
+    }
+
+    /// The drop-event reader. Needs a tokio runtime with I/O enabled; handed out once.
+    ///
+    /// # Errors
+    /// [`DatapathError::Events`] when called twice or outside a runtime.
+    pub fn drop_events(&mut self) -> Result<DropEvents> {
+        let ring = self
+            .events
+            .take()
+            .ok_or_else(|| DatapathError::Events("the reader was already taken".into()))?;
+        DropEvents::new(ring).map_err(|e| DatapathError::Events(e.to_string()))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // BPF_PROG_TEST_RUN
+
+    /// Runs one program on a crafted Ethernet frame through `BPF_PROG_TEST_RUN`, as if it
+    /// arrived on interface `ifindex` (which must exist in the calling thread's network
+    /// namespace; 1 is `lo`), `repeat` times. `Direction::Egress` runs `sluice_egress` (what
+    /// a container sends), `Direction::Ingress` runs `sluice_ingress`. Maps are shared with
+    /// the attached programs: counters, conntrack and events see these runs.
+    ///
+    /// # Errors
+    /// If the kernel rejects the run (e.g. a frame shorter than 14 bytes, unknown ifindex).
+    pub fn test_run(
+        &self,
+        direction: Direction,
+        frame: &[u8],
+        ifindex: u32,
+        repeat: u32,
+    ) -> Result<TestRunOutcome> {
+        let program = match direction {
+            Direction::Egress => PROG_EGRESS,
+            Direction::Ingress => PROG_INGRESS,
+        };
+        let prog: &SchedClassifier = self
+            .ebpf
+            .program(program)
+            .ok_or(DatapathError::Missing(program))?
+            .try_into()
+            .map_err(|source| DatapathError::Program {
+                op: "open".into(),
+                program,
+                source,
+            })?;
+        let mut ctx = [0u8; SKB_IFINDEX_OFFSET + 4];
+        ctx[SKB_IFINDEX_OFFSET..].copy_from_slice(&ifindex.to_ne_bytes());
+        let result = prog
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                ctx_in: Some(&ctx),
+                repeat: repeat.max(1),
+                ..TestRunOptions::default()
+            })
+            .map_err(|source| DatapathError::Program {
+                op: "test run".into(),
+                program,
+                source,
+            })?;
+        Ok(TestRunOutcome {
+            action: result.return_value,
+            duration: result.duration,
+        })
+    }
+}
+
+fn map_data(map: &Map) -> Option<&MapData> {
+    Some(match map {
+        Map::HashMap(m)
+        | Map::LruHashMap(m)
+        | Map::LpmTrie(m)
+        | Map::PerCpuHashMap(m)
+        | Map::RingBuf(m)
+        | Map::Array(m)
+        | Map::PerCpuArray(m) => m,
+        _ => return None,
+    })
+}
+
+fn classifier_mut<'a>(
+    ebpf: &'a mut Ebpf,
+    program: &'static str,
+) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(program)
+        .ok_or(DatapathError::Missing(program))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            op: "open".into(),
+            program,
+            source,
+        })
+}
+
+/// Names of the programs attached through TCX to interface `ifindex` (calling thread's
+/// network namespace), per hook: what `bpftool net` would show if it knew TCX. For
+/// reconciliation and tests; sluice's own are [`PROG_EGRESS`] on `ingress` and
+/// [`PROG_INGRESS`] on `egress`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TcxPrograms {
+    /// The device's TCX ingress hook (what the container sends, for a host veth).
+    pub ingress: Vec<String>,
+    /// The device's TCX egress hook (what the container receives).
+    pub egress: Vec<String>,
+}
+
+/// Queries the TCX hooks of `ifindex` (`BPF_PROG_QUERY`).
+///
+/// # Errors
+/// [`DatapathError::NoSuchInterface`] or a failed query.
+pub fn tcx_programs(ifindex: u32) -> Result<TcxPrograms> {
+    let ifname = interface_name(ifindex)?;
+    let query = |hook: TcAttachType| -> Result<Vec<String>> {
+        let (_revision, programs) =
+            SchedClassifier::query_tcx(&ifname, hook).map_err(|source| DatapathError::Program {
+                op: format!("query tcx {hook:?} of {ifname} for"),
+                program: "any",
+                source,
+            })?;
+        Ok(programs
+            .iter()
+            .map(|p| p.name_as_str().unwrap_or("?").to_owned())
+            .collect())
+    };
+    Ok(TcxPrograms {
+        ingress: query(TcAttachType::Ingress)?,
+        egress: query(TcAttachType::Egress)?,
+    })
+}
+
+/// The name of interface `ifindex` in the calling thread's network namespace.
+fn interface_name(ifindex: u32) -> Result<String> {
+    let interfaces = nix::net::if_::if_nameindex().map_err(|e| DatapathError::Pin {
+        op: "list interfaces",
+        path: PathBuf::from("if_nameindex"),
+        source: e.into(),
+    })?;
+    interfaces
+        .iter()
+        .find(|i| i.index() == ifindex)
+        .map(|i| i.name().to_string_lossy().into_owned())
+        .ok_or(DatapathError::NoSuchInterface(ifindex))
+}
