@@ -28,9 +28,9 @@ use sluice_driver::datapath::compile::{
 };
 use sluice_driver::datapath::layout::{
     DIR_EGRESS, DIR_INGRESS, DropEvent, EP_EGRESS_ENFORCED, EP_IDENTITY_PENDING,
-    EP_INGRESS_ENFORCED, EP_ISOLATE, EndpointInfo, IpInfo, REASON_DEFAULT_DENY,
+    EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK, EndpointInfo, IpInfo, REASON_DEFAULT_DENY,
     REASON_IDENTITY_PENDING, REASON_ISOLATION, REASON_MALFORMED, REASON_NOT_IP, REASON_POLICY_DENY,
-    Settings,
+    REASON_SPOOFED, Settings,
 };
 use sluice_driver::datapath::{
     Datapath, DatapathConfig, DatapathError, TC_ACT_OK, TC_ACT_SHOT, event_addr, tcx_programs,
@@ -571,7 +571,12 @@ fn run_arp_and_neighbour_discovery_always_pass() {
     }
     // MLD (behind a Hop-by-Hop header, as the kernel sends it) passes too.
     for ty in [130, 131, 132, 143] {
-        let mld = ipv6("fe80::1", "ff02::16", 0, &hop_by_hop(58, &icmp(ty, 0, 0, 0)));
+        let mld = ipv6(
+            "fe80::1",
+            "ff02::16",
+            0,
+            &hop_by_hop(58, &icmp(ty, 0, 0, 0)),
+        );
         assert_eq!(lab.receives(lab.a, &mld), TC_ACT_OK, "MLD type {ty}");
     }
     // ICMPv6 echo is not neighbour discovery.
@@ -635,6 +640,51 @@ fn run_isolation_and_pending_identity() {
     );
     assert!(got.iter().all(|e| e.rule_id == 0));
     assert_eq!(got[1].direction, DIR_INGRESS);
+}
+
+#[test]
+fn run_source_check_drops_spoofed_senders() {
+    let Some(mut lab) = Lab::new() else { return };
+    let v4: Ipv4Addr = A4.parse().unwrap();
+    let v6: Ipv6Addr = A6.parse().unwrap();
+    let spoof = ipv4(B4, C4, 17, &udp(1, 53, b"q"));
+    // Without the check, A can send as B.
+    assert_eq!(lab.sends(lab.a, &spoof), TC_ACT_OK);
+    lab.dp
+        .set_endpoint(
+            lab.a,
+            EndpointInfo::new(A_ID, NET1, EP_SOURCE_CHECK)
+                .with_addresses(Some(v4.octets()), Some(v6.octets())),
+        )
+        .unwrap();
+    let rt = current_thread_runtime();
+    let mut events = rt.block_on(async { lab.dp.drop_events() }).unwrap();
+    assert_eq!(lab.sends(lab.a, &spoof), TC_ACT_SHOT);
+    assert_eq!(
+        lab.sends(lab.a, &ipv6(B6, "2001:db8::1", 17, &udp(1, 53, b"q"))),
+        TC_ACT_SHOT
+    );
+    assert_eq!(
+        lab.sends(lab.a, &ipv4(A4, C4, 17, &udp(1, 53, b"q"))),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        lab.sends(lab.a, &ipv6(A6, "2001:db8::1", 17, &udp(1, 53, b"q"))),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        lab.sends(lab.a, &ipv6("fe80::1", "fe80::2", 17, &udp(1, 53, b"q"))),
+        TC_ACT_OK
+    );
+    assert_eq!(lab.sends(lab.a, &arp_request()), TC_ACT_OK);
+    // It checks what A sends, not what it receives.
+    assert_eq!(lab.receives(lab.a, &spoof), TC_ACT_OK);
+    let got = rt.block_on(async { drain(&mut events) });
+    assert_eq!(got.len(), 2);
+    assert!(
+        got.iter()
+            .all(|e| e.reason == REASON_SPOOFED && e.direction == DIR_EGRESS)
+    );
 }
 
 #[test]
@@ -972,28 +1022,25 @@ fn tcp_hello(client: &PeerNs, server: &PeerNs, to: &str, port: u16) -> bool {
     sent && String::from_utf8_lossy(&out.stdout).contains("hi")
 }
 
+/// The entry of container c1 (identity A_ID) or c2 (B_ID) on network 1, with its address and
+/// the anti-spoofing check on, plus `flags`.
+fn endpoint_info(identity: u32, flags: u32) -> EndpointInfo {
+    let addr: Ipv4Addr = if identity == A_ID { C1 } else { C2 }.parse().unwrap();
+    EndpointInfo::new(identity, NET1, EP_SOURCE_CHECK | flags)
+        .with_addresses(Some(addr.octets()), None)
+}
+
 /// Endpoints c1 (identity A_ID) and c2 (B_ID) on network 1.
 fn register(dp: &mut Datapath, t: &Topology) {
-    dp.set_ip(
-        host(C1),
-        IpInfo {
-            identity: A_ID,
+    for (addr, identity) in [(C1, A_ID), (C2, B_ID)] {
+        let info = IpInfo {
+            identity,
             network: NET1,
-        },
-    )
-    .unwrap();
-    dp.set_ip(
-        host(C2),
-        IpInfo {
-            identity: B_ID,
-            network: NET1,
-        },
-    )
-    .unwrap();
-    dp.set_endpoint(t.h1, EndpointInfo::new(A_ID, NET1, 0))
-        .unwrap();
-    dp.set_endpoint(t.h2, EndpointInfo::new(B_ID, NET1, 0))
-        .unwrap();
+        };
+        dp.set_ip(host(addr), info).unwrap();
+    }
+    dp.set_endpoint(t.h1, endpoint_info(A_ID, 0)).unwrap();
+    dp.set_endpoint(t.h2, endpoint_info(B_ID, 0)).unwrap();
 }
 
 #[test]
@@ -1043,9 +1090,9 @@ fn traffic_policy_counters_events_and_detach() {
     )];
     dp.apply_policy(&compile(&rules, &mut CidrIdentities::default()).unwrap())
         .unwrap();
-    dp.set_endpoint(t.h1, EndpointInfo::new(A_ID, NET1, EP_INGRESS_ENFORCED))
+    dp.set_endpoint(t.h1, endpoint_info(A_ID, EP_INGRESS_ENFORCED))
         .unwrap();
-    dp.set_endpoint(t.h2, EndpointInfo::new(B_ID, NET1, EP_INGRESS_ENFORCED))
+    dp.set_endpoint(t.h2, endpoint_info(B_ID, EP_INGRESS_ENFORCED))
         .unwrap();
     rt.block_on(async { drain(&mut events) });
 
@@ -1152,7 +1199,7 @@ fn traffic_pinned_state_survives_a_daemon_restart() {
     {
         let mut dp = Datapath::load(&config).unwrap();
         register(&mut dp, &t);
-        dp.set_endpoint(t.h2, EndpointInfo::new(B_ID, NET1, EP_INGRESS_ENFORCED))
+        dp.set_endpoint(t.h2, endpoint_info(B_ID, EP_INGRESS_ENFORCED))
             .unwrap();
         dp.attach(t.h1).unwrap();
         dp.attach(t.h2).unwrap();
@@ -1169,8 +1216,8 @@ fn traffic_pinned_state_survives_a_daemon_restart() {
     // programs into the existing links.
     let mut dp = Datapath::load(&config).unwrap();
     assert_eq!(
-        dp.endpoint(t.h2).unwrap().unwrap().flags,
-        EP_INGRESS_ENFORCED
+        dp.endpoint(t.h2).unwrap().unwrap(),
+        endpoint_info(B_ID, EP_INGRESS_ENFORCED)
     );
     let denied_before = dp.read_counters(t.h2).unwrap().ingress.denied.packets;
     assert!(denied_before >= 2);
@@ -1235,94 +1282,141 @@ fn big_policy(n: u32) -> Vec<Rule> {
 #[test]
 #[ignore = "benchmark: run with --ignored --nocapture"]
 fn bench_ns_per_packet_by_policy_size() {
-    let Some(mut lab) = Lab::new() else { return };
-    const REPEAT: u32 = 200_000;
-    let cases: [(&str, u32, Vec<u8>, Direction); 5] = [
+    if !require_root() {
+        return;
+    }
+    let _ns = NetNs::enter().unwrap();
+    run(
+        "ip",
+        &["link", "add", "tb", "type", "veth", "peer", "name", "tbp"],
+    )
+    .unwrap();
+    let (ep, other) = (ifindex("tb"), ifindex("tbp"));
+    const REPEAT: u32 = 100_000;
+    const ROUNDS: usize = 7;
+    let sizes = [1_000u32, 10_000, 100_000];
+    // One datapath (own programs, own maps) per policy size, measured interleaved so that the
+    // machine's slow and fast stretches hit every size alike.
+    let mut labs: Vec<(usize, Datapath)> = sizes
+        .iter()
+        .map(|&n| {
+            let mut dp = Datapath::load(&DatapathConfig::unpinned()).unwrap();
+            dp.set_ip(
+                host(A4),
+                IpInfo {
+                    identity: A_ID,
+                    network: NET1,
+                },
+            )
+            .unwrap();
+            dp.set_ip(
+                host(B4),
+                IpInfo {
+                    identity: B_ID,
+                    network: NET1,
+                },
+            )
+            .unwrap();
+            let mut rules = big_policy(n);
+            rules.push(ports(
+                rule(
+                    n + 1,
+                    B_ID,
+                    Direction::Ingress,
+                    Peer::Identity(A_ID),
+                    Protocol::Tcp,
+                ),
+                80,
+                80,
+            ));
+            rules.push(deny(ports(
+                rule(
+                    n + 2,
+                    B_ID,
+                    Direction::Ingress,
+                    Peer::Identity(A_ID),
+                    Protocol::Tcp,
+                ),
+                22,
+                22,
+            )));
+            dp.apply_policy(&compile(&rules, &mut CidrIdentities::default()).unwrap())
+                .unwrap();
+            dp.set_endpoint(ep, EndpointInfo::new(B_ID, NET1, EP_INGRESS_ENFORCED))
+                .unwrap();
+            // Open the established flow once.
+            let syn = ipv4(A4, B4, 6, &tcp(40000, 80, TCP_SYN));
+            assert_eq!(
+                dp.test_run(Direction::Ingress, &syn, ep, 1).unwrap().action,
+                TC_ACT_OK
+            );
+            (dp.policy_len().unwrap(), dp)
+        })
+        .collect();
+    let cases: [(&str, u32, Vec<u8>); 5] = [
         (
             "not an endpoint",
-            0,
+            other,
             ipv4(A4, B4, 6, &tcp(1, 2, TCP_SYN)),
-            Direction::Egress,
-        ),
-        (
-            "no policy on endpoint",
-            0,
-            ipv4(A4, B4, 6, &tcp(1, 2, TCP_SYN)),
-            Direction::Egress,
         ),
         (
             "established (conntrack hit)",
-            EP_INGRESS_ENFORCED,
+            ep,
             ipv4(A4, B4, 6, &tcp(40000, 80, TCP_ACK)),
-            Direction::Ingress,
         ),
         (
-            "denied by rule (1 LPM)",
-            EP_INGRESS_ENFORCED,
+            "denied by rule (1 POLICY lookup)",
+            ep,
             ipv4(A4, B4, 6, &tcp(40001, 22, TCP_SYN)),
-            Direction::Ingress,
         ),
         (
-            "default deny (2 LPM)",
-            EP_INGRESS_ENFORCED,
+            "default deny (2 POLICY lookups)",
+            ep,
             ipv4(A4, B4, 6, &tcp(40002, 443, TCP_SYN)),
-            Direction::Ingress,
+        ),
+        (
+            "no policy (flags 0)",
+            ep,
+            ipv4(A4, B4, 6, &tcp(40003, 443, TCP_SYN)),
         ),
     ];
-    println!("policy entries | case | ns/packet (median of 5 × {REPEAT} runs)");
-    for n in [1_000u32, 10_000, 100_000] {
-        let mut rules = big_policy(n);
-        rules.push(ports(
-            rule(
-                n + 1,
-                B_ID,
-                Direction::Ingress,
-                Peer::Identity(A_ID),
-                Protocol::Tcp,
-            ),
-            80,
-            80,
-        ));
-        rules.push(deny(ports(
-            rule(
-                n + 2,
-                B_ID,
-                Direction::Ingress,
-                Peer::Identity(A_ID),
-                Protocol::Tcp,
-            ),
-            22,
-            22,
-        )));
-        let compiled = compile(&rules, &mut CidrIdentities::default()).unwrap();
-        lab.dp.apply_policy(&compiled).unwrap();
-        let entries = lab.dp.policy_len().unwrap();
-        // Open the established flow once.
-        lab.flags(lab.b, EP_INGRESS_ENFORCED);
-        assert_eq!(
-            lab.receives(lab.b, &ipv4(A4, B4, 6, &tcp(40000, 80, TCP_SYN))),
-            TC_ACT_OK
-        );
-        for (name, flags, frame, dir) in &cases {
-            let ifindex = if *name == "not an endpoint" {
-                ifindex("tbp")
-            } else {
-                lab.b
-            };
-            if ifindex == lab.b {
-                lab.flags(lab.b, *flags);
+    let mut samples = vec![vec![Vec::with_capacity(ROUNDS); cases.len()]; labs.len()];
+    for _ in 0..ROUNDS {
+        for (l, (_, dp)) in labs.iter_mut().enumerate() {
+            for (c, (name, ifindex, frame)) in cases.iter().enumerate() {
+                let flags = if name.starts_with("no policy") {
+                    0
+                } else {
+                    EP_INGRESS_ENFORCED
+                };
+                dp.set_endpoint(ep, EndpointInfo::new(B_ID, NET1, flags))
+                    .unwrap();
+                let run = dp
+                    .test_run(Direction::Ingress, frame, *ifindex, REPEAT)
+                    .unwrap();
+                samples[l][c].push(run.duration.as_nanos());
             }
-            let mut samples: Vec<u128> = (0..5)
-                .map(|_| {
-                    lab.dp
-                        .test_run(*dir, frame, ifindex, REPEAT)
-                        .unwrap()
-                        .duration
-                        .as_nanos()
-                })
-                .collect();
-            samples.sort_unstable();
-            println!("{entries:>7} | {name:<28} | {}", samples[2]);
         }
     }
+    println!(
+        "ns/packet under BPF_PROG_TEST_RUN, median of {ROUNDS} interleaved rounds × {REPEAT} runs"
+    );
+    print!("{:<34}", "case \\ POLICY entries");
+    for (entries, _) in &labs {
+        print!("{entries:>10}");
+    }
+    println!();
+    for (c, (name, _, _)) in cases.iter().enumerate() {
+        print!("{name:<34}");
+        for per_lab in &samples {
+            let mut v = per_lab[c].clone();
+            v.sort_unstable();
+            print!("{:>10}", v[ROUNDS / 2]);
+        }
+        println!();
+    }
+    println!(
+        "loadavg: {}",
+        std::fs::read_to_string("/proc/loadavg").unwrap().trim()
+    );
 }

@@ -24,7 +24,8 @@
 //! Pinned links keep an endpoint enforced while the daemon is down; a restarted daemon loads
 //! the object again (new program instances sharing the pinned maps, so policy is not reset)
 //! and [`Datapath::attach`] swaps the new program into an existing link atomically
-//! (`BPF_LINK_UPDATE`). A link whose device is gone is replaced. The map layout version is
+//! (`BPF_LINK_UPDATE`). A link whose device is gone is replaced. Link names carry ifindexes
+//! of the daemon's (host) network namespace. The map layout version is
 //! part of the path, so a build with different layouts starts from empty maps instead of
 //! misreading old ones (the driver re-applies state from its store).
 
@@ -709,12 +710,13 @@ impl Datapath {
     // -----------------------------------------------------------------------------------------
     // Maps
 
-    /// Registers (or updates) the endpoint whose host-side veth is `ifindex`.
+    /// Registers (or updates) the endpoint whose host-side veth is `ifindex`. Give it its
+    /// addresses ([`EndpointInfo::with_addresses`]) and `EP_SOURCE_CHECK` so that it cannot
+    /// send from another endpoint's address.
     ///
     /// # Errors
     /// If the map write fails (e.g. full).
     pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
-        let info = EndpointInfo::new(info.identity, info.network, info.flags);
         self.endpoints
             .insert(ifindex, info, 0)
             .map_err(map_err(format!("set endpoint {ifindex}"), MAP_ENDPOINTS))

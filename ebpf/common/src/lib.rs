@@ -103,6 +103,11 @@ pub const EP_ISOLATE: u32 = 1 << 2;
 /// its network; every IP packet is dropped both ways (fail closed). ARP, IPv6 neighbour
 /// discovery and MLD still pass.
 pub const EP_IDENTITY_PENDING: u32 = 1 << 3;
+/// [`EndpointInfo::flags`]: anti-spoofing. An IP packet the container *sends* must come from
+/// [`EndpointInfo::ipv4`] / [`EndpointInfo::ipv6`] (IPv6 link-local `fe80::/10` too);
+/// anything else is dropped, so no container can borrow another's identity at a receiver's
+/// ingress policy. Set it on every endpoint once its addresses are known.
+pub const EP_SOURCE_CHECK: u32 = 1 << 4;
 
 /// [`DropEvent::reason`]: a deny rule matched ([`DropEvent::rule_id`] names it).
 pub const REASON_POLICY_DENY: u8 = 1;
@@ -117,6 +122,9 @@ pub const REASON_MALFORMED: u8 = 5;
 /// [`DropEvent::reason`]: neither IP nor ARP (e.g. a VLAN-tagged frame) in a direction that
 /// is enforced, or from/to an endpoint whose identity is pending.
 pub const REASON_NOT_IP: u8 = 6;
+/// [`DropEvent::reason`]: sent from an address that is not the endpoint's
+/// ([`EP_SOURCE_CHECK`]).
+pub const REASON_SPOOFED: u8 = 7;
 
 /// IP protocol numbers the datapath knows.
 pub const PROTO_ICMP: u8 = 1;
@@ -145,21 +153,38 @@ pub struct EndpointInfo {
     pub network: u32,
     /// `EP_*` flags.
     pub flags: u32,
-    /// Zero.
-    pub _pad: u32,
+    /// The endpoint's IPv4 address (network order), all zero if it has none; checked with
+    /// [`EP_SOURCE_CHECK`].
+    pub ipv4: [u8; 4],
+    /// The endpoint's IPv6 address, all zero if it has none; checked with
+    /// [`EP_SOURCE_CHECK`].
+    pub ipv6: [u8; 16],
 }
-const _: () = assert!(size_of::<EndpointInfo>() == 16);
+const _: () = assert!(size_of::<EndpointInfo>() == 32);
 
 impl EndpointInfo {
-    /// An entry with zeroed padding.
+    /// An entry without addresses.
     #[must_use]
     pub const fn new(identity: u32, network: u32, flags: u32) -> Self {
         Self {
             identity,
             network,
             flags,
-            _pad: 0,
+            ipv4: [0; 4],
+            ipv6: [0; 16],
         }
+    }
+
+    /// The same entry with the endpoint's addresses (for [`EP_SOURCE_CHECK`]).
+    #[must_use]
+    pub const fn with_addresses(mut self, ipv4: Option<[u8; 4]>, ipv6: Option<[u8; 16]>) -> Self {
+        if let Some(a) = ipv4 {
+            self.ipv4 = a;
+        }
+        if let Some(a) = ipv6 {
+            self.ipv6 = a;
+        }
+        self
     }
 }
 
@@ -439,9 +464,10 @@ mod pod {
     // SAFETY: `aya::Pod` requires a `Copy + 'static` type that is valid for every bit pattern
     // and has no uninitialised bytes. Each type below is `#[repr(C)]`, holds only integers
     // and integer arrays (valid for any bits), and has a compile-time assertion in this crate
-    // that its size equals the sum of its fields, so it has no implicit padding.
+    // that its size equals the sum of its fields, so it has no implicit padding. Here:
+    // EndpointInfo = three u32s + [u8; 4] + [u8; 16] = 32 bytes.
     unsafe impl aya::Pod for EndpointInfo {}
-    // SAFETY: as above (16 bytes of u32s and u8 arrays; asserted).
+    // SAFETY: as above (16 bytes of u8s; asserted).
     unsafe impl aya::Pod for IpKey {}
     // SAFETY: as above (two u32s; asserted).
     unsafe impl aya::Pod for IpInfo {}
@@ -485,6 +511,16 @@ mod tests {
         assert_eq!(POLICY_PREFIX_ANY_PROTO, 8 * 9);
         assert_eq!(POLICY_PREFIX_PROTO, 8 * 10);
         assert_eq!(POLICY_PREFIX_FULL as usize, 8 * size_of::<PolicyKey>());
+    }
+
+    #[test]
+    fn endpoint_addresses_follow_the_u32s() {
+        assert_eq!(offset_of!(EndpointInfo, ipv4), 12);
+        assert_eq!(offset_of!(EndpointInfo, ipv6), 16);
+        let e =
+            EndpointInfo::new(300, 1, EP_SOURCE_CHECK).with_addresses(Some([10, 0, 0, 1]), None);
+        assert_eq!(e.ipv4, [10, 0, 0, 1]);
+        assert_eq!(e.ipv6, [0; 16]);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! - TCP/UDP: source and destination port. ICMP/ICMPv6: type and code (as the "port"
 //!   `type << 8 | code`), plus the echo identifier for echo request/reply.
 
+use aya_ebpf::bindings::__sk_buff;
 use aya_ebpf::programs::TcContext;
 use sluice_common::{FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
@@ -41,10 +42,22 @@ pub(crate) struct Packet {
     pub(crate) echo_id: u16,
 }
 
+impl Packet {
+    pub(crate) const EMPTY: Self = Self {
+        family: 0,
+        proto: 0,
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        echo_id: 0,
+    };
+}
+
 /// What the frame is.
 pub(crate) enum Frame {
-    /// IPv4 or IPv6 to classify.
-    Ip(Packet),
+    /// IPv4 or IPv6, parsed into the caller's [`Packet`].
+    Ip,
     /// ARP, IPv6 neighbour discovery (ICMPv6 133–136) or MLD (ICMPv6 130–132, 143):
     /// link-local control traffic that always passes.
     Neighbour,
@@ -60,24 +73,22 @@ fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
     ctx.load::<T>(offset).map_err(|_| Malformed)
 }
 
-#[inline(always)]
-const fn v4_mapped(a: u8, b: u8, c: u8, d: u8) -> [u8; 16] {
-    [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, a, b, c, d]
-}
-
-#[inline(always)]
-pub(crate) fn parse(ctx: &TcContext) -> Result<Frame, Malformed> {
-    let ethertype: [u8; 2] = load(ctx, 12)?;
+/// Parses the frame of `skb` into `pkt`. Not inlined: a BPF function of its own keeps the
+/// header buffers in their own stack frame (the verifier allows 512 bytes per call chain).
+#[inline(never)]
+pub(crate) fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Result<Frame, Malformed> {
+    let ctx = TcContext::new(skb);
+    let ethertype: [u8; 2] = load(&ctx, 12)?;
     match u16::from_be_bytes(ethertype) {
-        ETH_P_IP => parse_v4(ctx),
-        ETH_P_IPV6 => parse_v6(ctx),
+        ETH_P_IP => parse_v4(&ctx, pkt),
+        ETH_P_IPV6 => parse_v6(&ctx, pkt),
         ETH_P_ARP => Ok(Frame::Neighbour),
         _ => Ok(Frame::NotIp),
     }
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext) -> Result<Frame, Malformed> {
+fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<Frame, Malformed> {
     let h: [u8; 20] = load(ctx, ETH_HLEN)?;
     if h[0] >> 4 != 4 {
         return Err(Malformed);
@@ -86,32 +97,31 @@ fn parse_v4(ctx: &TcContext) -> Result<Frame, Malformed> {
     if ihl < 20 {
         return Err(Malformed);
     }
-    let pkt = Packet {
-        family: FAMILY_V4,
-        proto: h[9],
-        src: v4_mapped(h[12], h[13], h[14], h[15]),
-        dst: v4_mapped(h[16], h[17], h[18], h[19]),
-        sport: 0,
-        dport: 0,
-        echo_id: 0,
-    };
+    pkt.family = FAMILY_V4;
+    pkt.proto = h[9];
+    pkt.src[10] = 0xff;
+    pkt.src[11] = 0xff;
+    pkt.src[12..16].copy_from_slice(&h[12..16]);
+    pkt.dst[10] = 0xff;
+    pkt.dst[11] = 0xff;
+    pkt.dst[12..16].copy_from_slice(&h[16..20]);
     let fragment_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
     if fragment_offset != 0 {
-        return Ok(Frame::Ip(pkt));
+        return Ok(Frame::Ip);
     }
     parse_l4(ctx, ETH_HLEN + ihl, pkt)
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext) -> Result<Frame, Malformed> {
-    let h: [u8; 40] = load(ctx, ETH_HLEN)?;
+fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<Frame, Malformed> {
+    // Version/class/flow (4), payload length (2), next header, hop limit; then the addresses.
+    let h: [u8; 8] = load(ctx, ETH_HLEN)?;
     if h[0] >> 4 != 6 {
         return Err(Malformed);
     }
-    let mut src = [0u8; 16];
-    let mut dst = [0u8; 16];
-    src.copy_from_slice(&h[8..24]);
-    dst.copy_from_slice(&h[24..40]);
+    pkt.family = FAMILY_V6;
+    pkt.src = load(ctx, ETH_HLEN + 8)?;
+    pkt.dst = load(ctx, ETH_HLEN + 24)?;
     let mut proto = h[6];
     let mut offset = ETH_HLEN + 40;
     if proto == IPPROTO_HOPOPTS {
@@ -120,20 +130,12 @@ fn parse_v6(ctx: &TcContext) -> Result<Frame, Malformed> {
         proto = ext[0];
         offset += (usize::from(ext[1]) + 1) * 8;
     }
-    let pkt = Packet {
-        family: FAMILY_V6,
-        proto,
-        src,
-        dst,
-        sport: 0,
-        dport: 0,
-        echo_id: 0,
-    };
+    pkt.proto = proto;
     parse_l4(ctx, offset, pkt)
 }
 
 #[inline(always)]
-fn parse_l4(ctx: &TcContext, offset: usize, mut pkt: Packet) -> Result<Frame, Malformed> {
+fn parse_l4(ctx: &TcContext, offset: usize, pkt: &mut Packet) -> Result<Frame, Malformed> {
     match pkt.proto {
         PROTO_TCP | PROTO_UDP => {
             let ports: [u8; 4] = load(ctx, offset)?;
@@ -160,5 +162,5 @@ fn parse_l4(ctx: &TcContext, offset: usize, mut pkt: Packet) -> Result<Frame, Ma
         }
         _ => {}
     }
-    Ok(Frame::Ip(pkt))
+    Ok(Frame::Ip)
 }
