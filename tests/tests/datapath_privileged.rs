@@ -1240,12 +1240,27 @@ fn traffic_pinned_state_survives_a_daemon_restart() {
         .unwrap();
     assert!(pings(&t.c1, C2, 2));
 
-    // A link whose device went away is replaced on the next attach of that ifindex.
+    // A link whose device went away stays pinned (defunct) until detach; a new device that
+    // reuses the ifindex gets a fresh link instead of the dead one.
     run("ip", &["link", "del", "slvhdp1"]).unwrap();
     assert!(matches!(
         dp.attach(t.h1),
         Err(DatapathError::NoSuchInterface(_))
     ));
+    let index = t.h1.to_string();
+    run(
+        "ip",
+        &[
+            "link", "add", "slvhdp9", "index", &index, "type", "veth", "peer", "name", "slvcdp9",
+        ],
+    )
+    .unwrap();
+    assert_eq!(ifindex("slvhdp9"), t.h1);
+    assert_eq!(tcx_programs(t.h1).unwrap(), Default::default());
+    dp.attach(t.h1).unwrap();
+    let attached = tcx_programs(t.h1).unwrap();
+    assert_eq!(attached.ingress, vec!["sluice_egress".to_owned()]);
+    assert_eq!(attached.egress, vec!["sluice_ingress".to_owned()]);
     dp.detach(t.h1).unwrap();
     dp.detach(t.h2).unwrap();
     assert_eq!(tcx_programs(t.h2).unwrap(), Default::default());
