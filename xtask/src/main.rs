@@ -141,14 +141,86 @@ fn install_system_packages() -> Result<()> {
     Ok(())
 }
 
-/// The eBPF toolchain: the pinned nightly (with `rust-src`) and `bpf-linker`.
-///
-/// ---- EBPF TOOLCHAIN: installed here by the datapath issue ----------------------------------
-/// Recipe: `shared/reference/ebpf-build.md` (beside the repository). Keep it idempotent like the rest of `setup`:
-/// check first (`rustup toolchain list`, `bpf-linker --version`), install only what is missing.
-/// ---------------------------------------------------------------------------------------------
+/// The nightly whose LLVM (22) matches bpf-linker's; `driver/build.rs` names the same one.
+const EBPF_NIGHTLY: &str = "nightly-2026-05-20";
+/// bpf-linker release built against Debian's LLVM 22.
+const BPF_LINKER_VERSION: &str = "0.13.0";
+/// Debian's LLVM 22, which bpf-linker links against.
+const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
+
+/// The eBPF toolchain: the pinned nightly (with `rust-src`) and `bpf-linker` (built against
+/// Debian's `llvm-22-dev`). Idempotent: checks first, installs only what is missing. Recipe
+/// and pitfalls: `ebpf/README.md`.
 fn install_ebpf_toolchain() -> Result<()> {
-    Ok(())
+    let toolchains = Command::new("rustup")
+        .args(["toolchain", "list"])
+        .output()
+        .context("run rustup (needed for the eBPF nightly)")?;
+    let listed = String::from_utf8_lossy(&toolchains.stdout);
+    if listed.lines().any(|l| l.starts_with(EBPF_NIGHTLY)) {
+        println!("setup: {EBPF_NIGHTLY} present");
+    } else {
+        println!("setup: installing {EBPF_NIGHTLY} (eBPF programs)");
+        run_checked(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            EBPF_NIGHTLY,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
+    }
+    // A nightly installed without rust-src (by hand, say) gets it here; a no-op otherwise.
+    run_checked(Command::new("rustup").args([
+        "component",
+        "add",
+        "rust-src",
+        "--toolchain",
+        EBPF_NIGHTLY,
+    ]))?;
+
+    let linker_ok = find_tool("bpf-linker").is_some_and(|path| {
+        Command::new(path)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(BPF_LINKER_VERSION))
+    });
+    if linker_ok {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+        return Ok(());
+    }
+    if !Path::new(LLVM_PREFIX).join("lib").is_dir() {
+        if !is_root() {
+            bail!(
+                "bpf-linker needs Debian's llvm-22-dev; run as root or `apt-get install llvm-22-dev`"
+            );
+        }
+        println!("setup: installing llvm-22-dev (for bpf-linker)");
+        run_checked(Command::new("apt-get").arg("update"))?;
+        run_checked(
+            Command::new("apt-get")
+                .args(["install", "-y", "llvm-22-dev"])
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    println!("setup: building bpf-linker {BPF_LINKER_VERSION} against LLVM 22 (about a minute)");
+    run_checked(
+        Command::new(cargo())
+            .args([
+                "install",
+                "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
+                "--locked",
+                "--no-default-features",
+                "--features",
+                "llvm-22",
+            ])
+            // bpf-linker's build script takes the first llvm-config on PATH (LLVM 14 on
+            // bookworm) unless told where LLVM 22 is.
+            .env("LLVM_PREFIX", LLVM_PREFIX),
+    )
 }
 
 /// Required tools that are not installed. A dynamically linked busybox (Debian's `busybox`)
@@ -214,13 +286,14 @@ fn run(args: &[OsString]) -> Result<()> {
         bail!("`cargo xtask run` needs root: sluice creates bridges and veths, and serves Docker");
     }
     install_system_packages()?;
+    install_ebpf_toolchain()?;
     let root = workspace_root();
-    run_checked(Command::new(cargo()).current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "sluice-plugin",
-    ]))?;
+    run_checked(
+        Command::new(cargo())
+            .current_dir(&root)
+            .args(["build", "--release", "-p", "sluice-plugin"])
+            .env("SLUICE_EBPF_REQUIRED", "1"),
+    )?;
     ensure_docker_engine()?;
 
     let sluice = target_dir(&root)?.join("release").join("sluice");
@@ -305,17 +378,19 @@ fn test(unprivileged: bool, args: &[OsString]) -> Result<ExitCode> {
         }
         install_system_packages()?;
         install_ebpf_toolchain()?;
-        run_checked(Command::new(cargo()).current_dir(&root).args([
-            "build",
-            "-p",
-            "sluice-plugin",
-        ]))?;
+        run_checked(
+            Command::new(cargo())
+                .current_dir(&root)
+                .args(["build", "-p", "sluice-plugin"])
+                .env("SLUICE_EBPF_REQUIRED", "1"),
+        )?;
         let sluice = target_dir(&root)?.join("debug").join("sluice");
         if !sluice.is_file() {
             bail!("{} was not built", sluice.display());
         }
         println!("test: SLUICE_BIN={}", sluice.display());
-        cmd.env("SLUICE_BIN", &sluice);
+        cmd.env("SLUICE_BIN", &sluice)
+            .env("SLUICE_EBPF_REQUIRED", "1");
     }
     cmd.args(args);
     println!("test: {}", describe(&cmd));
