@@ -25,12 +25,13 @@
 //!
 //! Every verdict bumps `COUNTERS[ifindex, dir, verdict]` (per-CPU hash); every drop emits a
 //! `DropEvent` to `EVENTS` if the per-CPU token bucket (`EVENT_RATE`, `SETTINGS`) allows.
-//! So a packet costs at most: `ENDPOINTS` (hash) + `IPCACHE` (LPM) + `CONNTRACK` (LRU hash)
-//! + 2 × `POLICY` (LPM) + 1 `CONNTRACK` insert + 1 `COUNTERS` update (+ `SETTINGS`,
-//! `EVENT_RATE` and a ring-buffer reserve on drops), whatever the number of rules: rules are
-//! never iterated here. Under `BPF_PROG_TEST_RUN` that is ~30 ns for a non-endpoint, ~110 ns
-//! without policy, ~170 ns for an established flow and ~270–330 ns for a policy drop, the same
-//! with 1k, 10k or 100k `POLICY` entries (tests/tests/datapath_privileged.rs, bench).
+//! So a packet costs at most: `ENDPOINTS` (hash), `IPCACHE` (LPM), `CONNTRACK` (LRU hash),
+//! two `POLICY` lookups (LPM), one `CONNTRACK` insert and one `COUNTERS` update, plus
+//! `SETTINGS`, `EVENT_RATE` and a ring-buffer reserve on drops, whatever the number of rules:
+//! rules are never iterated here. Under `BPF_PROG_TEST_RUN` that is ~30 ns for a
+//! non-endpoint, ~110 ns without policy, ~170 ns for an established flow and ~270–330 ns for a
+//! policy drop, the same with 1k, 10k or 100k `POLICY` entries
+//! (tests/tests/datapath_privileged.rs, bench).
 //!
 //! Stack: the verifier allows 512 bytes per call chain and LLVM's BPF backend reuses stack
 //! slots poorly, so parsing, deciding and event reporting are separate BPF functions
