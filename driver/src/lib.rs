@@ -14,6 +14,7 @@ pub mod kernel;
 pub mod link;
 pub mod model;
 pub mod names;
+pub mod policy;
 pub mod store;
 
 pub use driver::{Driver, DriverError};

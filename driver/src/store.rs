@@ -5,12 +5,15 @@
 //! - `networks`: network ID → JSON of [`Network`]
 //! - `endpoints`: endpoint ID → JSON of [`Endpoint`]
 //! - `pools`: pool ID → JSON of [`Pool`] (with its leases)
+//! - `policies`: policy name → JSON of [`StoredPolicy`] (added without a version bump: an
+//!   older file simply has no policies yet)
 //!
 //! Values are JSON so that a field added later (with `#[serde(default)]`) reads old records.
 //! Every protocol call that changes state writes its [`Change`]s in ONE transaction, so a
 //! crash (`kill -9`) leaves either the old state or the new, never half of a call.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::Serialize;
@@ -18,6 +21,7 @@ use serde::de::DeserializeOwned;
 
 use crate::ipam::Pool;
 use crate::model::{Endpoint, Network};
+use crate::policy::StoredPolicy;
 
 /// Version of the layout above; bumped with a migration when it changes.
 pub const SCHEMA_VERSION: u64 = 1;
@@ -26,6 +30,7 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
 const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
 const POOLS: TableDefinition<&str, &[u8]> = TableDefinition::new("pools");
+const POLICIES: TableDefinition<&str, &[u8]> = TableDefinition::new("policies");
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +93,10 @@ pub enum Change {
     PutPool(Pool),
     /// Remove a pool.
     DeletePool(String),
+    /// Insert or replace a policy (keyed by its name).
+    PutPolicy(StoredPolicy),
+    /// Remove a policy.
+    DeletePolicy(String),
 }
 
 /// Everything the store holds, read at start-up.
@@ -99,12 +108,15 @@ pub struct Snapshot {
     pub endpoints: Vec<Endpoint>,
     /// IPAM pools.
     pub pools: Vec<Pool>,
+    /// Policies, by name.
+    pub policies: Vec<StoredPolicy>,
 }
 
-/// The embedded store.
-#[derive(Debug)]
+/// The embedded store. Clones are handles to the same database (redb serialises write
+/// transactions), so the policy layer and the driver can share one file.
+#[derive(Debug, Clone)]
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
     path: PathBuf,
 }
 
@@ -125,7 +137,10 @@ impl Store {
             })?;
         let path = dir.join("sluice.redb");
         let db = Database::create(&path).map_err(|e| db_err(&path, e))?;
-        let store = Self { db, path };
+        let store = Self {
+            db: Arc::new(db),
+            path,
+        };
         store.init_schema()?;
         Ok(store)
     }
@@ -161,6 +176,7 @@ impl Store {
             txn.open_table(NETWORKS).map_err(|e| self.err(e))?;
             txn.open_table(ENDPOINTS).map_err(|e| self.err(e))?;
             txn.open_table(POOLS).map_err(|e| self.err(e))?;
+            txn.open_table(POLICIES).map_err(|e| self.err(e))?;
         }
         txn.commit().map_err(|e| self.err(e))
     }
@@ -175,6 +191,7 @@ impl Store {
             networks: self.read_all(&txn, NETWORKS, "networks")?,
             endpoints: self.read_all(&txn, ENDPOINTS, "endpoints")?,
             pools: self.read_all(&txn, POOLS, "pools")?,
+            policies: self.read_all(&txn, POLICIES, "policies")?,
         })
     }
 
@@ -213,6 +230,7 @@ impl Store {
             let mut networks = txn.open_table(NETWORKS).map_err(|e| self.err(e))?;
             let mut endpoints = txn.open_table(ENDPOINTS).map_err(|e| self.err(e))?;
             let mut pools = txn.open_table(POOLS).map_err(|e| self.err(e))?;
+            let mut policies = txn.open_table(POLICIES).map_err(|e| self.err(e))?;
             for change in changes {
                 match change {
                     Change::PutNetwork(n) => {
@@ -241,6 +259,15 @@ impl Store {
                     }
                     Change::DeletePool(id) => {
                         pools.remove(id.as_str()).map_err(|e| self.err(e))?;
+                    }
+                    Change::PutPolicy(p) => {
+                        let v = self.encode("policies", &p.doc.name, p)?;
+                        policies
+                            .insert(p.doc.name.as_str(), v.as_slice())
+                            .map_err(|e| self.err(e))?;
+                    }
+                    Change::DeletePolicy(name) => {
+                        policies.remove(name.as_str()).map_err(|e| self.err(e))?;
                     }
                 }
             }

@@ -1,5 +1,6 @@
 //! `sluice daemon`: opens the state, reconciles the kernel with it, serves the plugin
-//! socket until SIGTERM/SIGINT, and removes the socket on the way out.
+//! socket and the admin API (policies) until SIGTERM/SIGINT, and removes both sockets on the
+//! way out.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -11,6 +12,8 @@ use sluice_driver::bridge::LinuxKernel;
 use sluice_driver::ipam::IpamConfig;
 use sluice_driver::store::Store;
 use tracing::{error, info, warn};
+
+use crate::admin::{self, EngineAdmin};
 
 /// Settings of the daemon (the CLI flags).
 #[derive(Debug, Clone, clap::Args)]
@@ -46,6 +49,10 @@ pub struct DaemonArgs {
     /// Prefix length of each automatic IPv6 subnet.
     #[arg(long, env = "SLUICE_DEFAULT_IPV6_POOL_SIZE", default_value_t = 64)]
     pub default_ipv6_pool_size: u8,
+    /// The admin API's socket (the CLI's global `--admin-socket`); `None`:
+    /// `/run/sluice/<plugin name>.sock`.
+    #[arg(skip)]
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// Runs the daemon until a signal arrives.
@@ -65,6 +72,12 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let kernel = LinuxKernel::new()
         .context("connecting to the kernel (netlink)")?
         .owned_by(&name);
+    // The admin API shares the store (one database, serialised write transactions).
+    // TODO(driver): route policy changes through the Driver so the datapath follows them.
+    let policies = Arc::new(
+        EngineAdmin::open(store.clone())
+            .map_err(|e| anyhow::anyhow!("loading the policies: {}", e.message))?,
+    );
     let driver = Arc::new(Driver::open(kernel, store, ipam)?);
 
     let report = driver.reconcile().await;
@@ -78,18 +91,49 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         warn!(error = %e, "reconciliation");
     }
 
-    let listener = crate::server::bind(&args.plugin_socket).await?;
+    let admin_socket = args
+        .admin_socket
+        .clone()
+        .unwrap_or_else(|| admin::default_socket_for(&name));
+    let admin_listener = admin::bind(&admin_socket)
+        .await
+        .context("binding the admin socket (--admin-socket)")?;
+    let listener = match crate::server::bind(&args.plugin_socket).await {
+        Ok(l) => l,
+        Err(e) => {
+            remove_socket(&admin_socket).await;
+            return Err(e.into());
+        }
+    };
     info!(socket = %args.plugin_socket.display(), "serving Docker plugin API");
-    let app = crate::server::router(driver);
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
-    if let Err(e) = tokio::fs::remove_file(&args.plugin_socket).await {
-        warn!(error = %e, socket = %args.plugin_socket.display(), "removing socket");
-    }
+    info!(socket = %admin_socket.display(), "serving admin API");
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let signals = tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let plugin = axum::serve(listener, crate::server::router(driver))
+        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let admin_api = axum::serve(admin_listener, admin::router(policies))
+        .with_graceful_shutdown(stopped(stop_rx));
+    let (served, admin_served) = tokio::join!(plugin.into_future(), admin_api.into_future());
+    signals.abort();
+    remove_socket(&args.plugin_socket).await;
+    remove_socket(&admin_socket).await;
     served.context("serving the plugin socket")?;
+    admin_served.context("serving the admin socket")?;
     info!("stopped");
     Ok(())
+}
+
+async fn remove_socket(path: &std::path::Path) {
+    if let Err(e) = tokio::fs::remove_file(path).await {
+        warn!(error = %e, socket = %path.display(), "removing socket");
+    }
 }
 
 /// The driver name Docker knows the plugin by: the socket's file name without `.sock`.

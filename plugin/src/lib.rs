@@ -3,6 +3,7 @@
 //! start-up and shutdown ([`daemon`]). Everything past decoding is the driver crate's.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod daemon;
 pub mod server;
 pub mod wire;

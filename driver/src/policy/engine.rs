@@ -1,0 +1,626 @@
+//! The [`PolicyEngine`]: the set of applied policies, their persistence as store
+//! [`Change`]s, rule-ID and CIDR-identity allocation, and resolution against endpoints.
+//!
+//! Changes go in two steps so that the owner can do its own work in between (program the
+//! datapath, write the store in its own transaction): [`PolicyEngine::plan_apply`] /
+//! [`PolicyEngine::plan_remove`] validate and compute the next state without touching
+//! anything; [`PolicyEngine::commit`] adopts it. [`PolicyEngine::apply`] and
+//! [`PolicyEngine::remove`] do both around one [`Store::apply`].
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+use super::document::PolicyDoc;
+use super::document::Protocol;
+use super::resolve::{
+    Direction, EndpointView, Enforcement, NetworkView, Resolution, ResolvedPeer, ResolvedRule,
+    cidr_endpoints,
+};
+use super::selector::{BoundSelector, NetworkIndex};
+use super::validate::{CompiledPeer, CompiledPolicy, CompiledRule, PortMatch, compile};
+use super::{IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, PolicyError};
+use crate::store::{Change, Store};
+
+/// Bits of a rule ID that hold the rule index.
+const RULE_INDEX_BITS: u32 = 11;
+/// Largest policy number: rule IDs are `number << 12 | direction << 11 | index`.
+pub const MAX_POLICY_NUMBER: u32 = (1 << 20) - 1;
+
+/// A policy as the store keeps it (table `policies`, key = name, value = this as JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredPolicy {
+    /// The document as applied.
+    pub doc: PolicyDoc,
+    /// Stable number of the policy (1..=[`MAX_POLICY_NUMBER`]); kept when the policy is
+    /// replaced, so its rule IDs stay the same.
+    pub number: u32,
+    /// Identity of every CIDR the document mentions (canonical text → identity). A CIDR
+    /// mentioned by several policies has the same identity in each.
+    #[serde(default)]
+    pub cidr_identities: BTreeMap<String, u32>,
+}
+
+/// Where a rule ID points.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleRef {
+    /// Policy name.
+    pub policy: String,
+    /// Direction.
+    pub direction: Direction,
+    /// Index in the direction's list.
+    pub index: usize,
+}
+
+impl std::fmt::Display for RuleRef {
+    /// `web-to-db ingress[0]`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}[{}]", self.policy, self.direction, self.index)
+    }
+}
+
+/// The rule ID of rule `index` of `direction` in the policy numbered `number`. Never 0.
+#[must_use]
+pub fn rule_id(number: u32, direction: Direction, index: usize) -> u32 {
+    let dir = match direction {
+        Direction::Ingress => 0,
+        Direction::Egress => 1,
+    };
+    #[expect(
+        clippy::cast_possible_truncation,
+        reason = "validation keeps index below 2^11"
+    )]
+    let index = index as u32 & ((1 << RULE_INDEX_BITS) - 1);
+    (number << (RULE_INDEX_BITS + 1)) | (dir << RULE_INDEX_BITS) | index
+}
+
+/// What applying one document did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ApplyOutcome {
+    /// A new policy.
+    Created,
+    /// Replaced a policy of the same name.
+    Updated,
+    /// Identical to the policy already applied.
+    Unchanged,
+}
+
+/// One document of an apply, and what happened to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Applied {
+    /// Policy name.
+    pub name: String,
+    /// Created, updated or unchanged.
+    pub outcome: ApplyOutcome,
+}
+
+/// A validated change, not yet adopted: see [`PolicyEngine::plan_apply`].
+#[derive(Debug, Clone)]
+#[must_use = "a plan does nothing until committed"]
+pub struct Plan {
+    next: PolicyEngine,
+    changes: Vec<Change>,
+    applied: Vec<Applied>,
+}
+
+impl Plan {
+    /// The store changes to write (in the owner's transaction).
+    #[must_use]
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+
+    /// The engine as it will be after [`PolicyEngine::commit`]: resolve it to compute the
+    /// datapath's next state before committing.
+    #[must_use]
+    pub fn next(&self) -> &PolicyEngine {
+        &self.next
+    }
+
+    /// Per document, what the apply does (empty for a remove).
+    #[must_use]
+    pub fn applied(&self) -> &[Applied] {
+        &self.applied
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    stored: StoredPolicy,
+    compiled: CompiledPolicy,
+}
+
+/// The applied policies. Plain data: the owner (the Driver) serialises access.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyEngine {
+    policies: BTreeMap<String, Entry>,
+    /// Union of the policies' CIDR identities.
+    cidrs: BTreeMap<IpNetwork, u32>,
+}
+
+impl PolicyEngine {
+    /// No policies.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The engine for what the store holds ([`crate::store::Snapshot::policies`]).
+    ///
+    /// # Errors
+    /// A stored policy that no longer validates, or inconsistent numbers or identities.
+    /// This is deliberately fatal: starting without a policy would silently open traffic.
+    pub fn load(stored: Vec<StoredPolicy>) -> Result<Self, PolicyError> {
+        let mut engine = Self::default();
+        let mut numbers = BTreeSet::new();
+        let mut problems = Vec::new();
+        for s in stored {
+            let name = s.doc.name.clone();
+            let compiled = match compile(&s.doc) {
+                Ok(c) => c,
+                Err(errors) => {
+                    problems.extend(errors.into_iter().map(|e| format!("stored {e}")));
+                    continue;
+                }
+            };
+            if s.number == 0 || s.number > MAX_POLICY_NUMBER || !numbers.insert(s.number) {
+                problems.push(format!(
+                    "stored policy {name:?}: number {} is invalid or used twice",
+                    s.number
+                ));
+            }
+            for net in &compiled.cidrs {
+                match s.cidr_identities.get(&net.to_string()) {
+                    Some(id) if (IDENTITY_FIRST_CIDR..=IDENTITY_LAST_CIDR).contains(id) => {
+                        match engine.cidrs.insert(*net, *id) {
+                            Some(other) if other != *id => problems.push(format!(
+                                "stored policy {name:?}: CIDR {net} has identity {id}, another policy has {other}"
+                            )),
+                            _ => {}
+                        }
+                    }
+                    _ => problems.push(format!(
+                        "stored policy {name:?}: CIDR {net} has no valid identity"
+                    )),
+                }
+            }
+            engine.policies.insert(
+                name,
+                Entry {
+                    stored: s,
+                    compiled,
+                },
+            );
+        }
+        let mut seen = BTreeMap::new();
+        for (net, id) in &engine.cidrs {
+            if let Some(other) = seen.insert(*id, *net) {
+                problems.push(format!(
+                    "stored policies: identity {id} is used by {other} and {net}"
+                ));
+            }
+        }
+        if problems.is_empty() {
+            Ok(engine)
+        } else {
+            Err(PolicyError::Corrupt(problems))
+        }
+    }
+
+    /// Validates `docs` (all of them, before anything changes) and plans applying them: a
+    /// document replaces the policy of the same name.
+    ///
+    /// # Errors
+    /// [`PolicyError::Invalid`] with every problem of every document, or when two documents
+    /// share a name, or when numbers run out.
+    pub fn plan_apply(&self, docs: Vec<PolicyDoc>) -> Result<Plan, PolicyError> {
+        let mut errors = Vec::new();
+        let mut compiled = Vec::new();
+        let mut names = BTreeSet::new();
+        for doc in docs {
+            if !names.insert(doc.name.clone()) {
+                errors.push(format!(
+                    "policy {:?}: appears more than once in this input",
+                    doc.name
+                ));
+                continue;
+            }
+            match compile(&doc) {
+                Ok(c) => compiled.push((doc, c)),
+                Err(e) => errors.extend(e),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(PolicyError::Invalid(errors));
+        }
+        let mut next = self.clone();
+        let mut changes = Vec::new();
+        let mut applied = Vec::new();
+        let mut used_numbers: BTreeSet<u32> =
+            self.policies.values().map(|e| e.stored.number).collect();
+        // Identities in use now or handed out by this plan: never reused within a plan.
+        let mut used_ids: BTreeSet<u32> = self.cidrs.values().copied().collect();
+        for (doc, c) in compiled {
+            let existing = self.policies.get(&doc.name);
+            if existing.is_some_and(|e| e.stored.doc == doc) {
+                applied.push(Applied {
+                    name: doc.name,
+                    outcome: ApplyOutcome::Unchanged,
+                });
+                continue;
+            }
+            let number = match existing {
+                Some(e) => e.stored.number,
+                None => allocate(&used_numbers, 1, MAX_POLICY_NUMBER).ok_or_else(|| {
+                    PolicyError::Invalid(vec![format!(
+                        "policy {:?}: too many policies (at most {MAX_POLICY_NUMBER})",
+                        doc.name
+                    )])
+                })?,
+            };
+            used_numbers.insert(number);
+            let mut cidr_identities = BTreeMap::new();
+            for net in &c.cidrs {
+                let id = match self.cidrs.get(net).or_else(|| next.cidrs.get(net)) {
+                    Some(id) => *id,
+                    None => {
+                        let id = allocate(&used_ids, IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR)
+                            .ok_or_else(|| {
+                                PolicyError::Invalid(vec![format!(
+                                    "policy {:?}: too many distinct CIDRs across all policies",
+                                    doc.name
+                                )])
+                            })?;
+                        used_ids.insert(id);
+                        id
+                    }
+                };
+                next.cidrs.insert(*net, id);
+                cidr_identities.insert(net.to_string(), id);
+            }
+            let stored = StoredPolicy {
+                doc,
+                number,
+                cidr_identities,
+            };
+            applied.push(Applied {
+                name: stored.doc.name.clone(),
+                outcome: if existing.is_some() {
+                    ApplyOutcome::Updated
+                } else {
+                    ApplyOutcome::Created
+                },
+            });
+            changes.push(Change::PutPolicy(stored.clone()));
+            next.policies.insert(
+                stored.doc.name.clone(),
+                Entry {
+                    stored,
+                    compiled: c,
+                },
+            );
+        }
+        next.recompute_cidrs();
+        Ok(Plan {
+            next,
+            changes,
+            applied,
+        })
+    }
+
+    /// Plans removing the policy `name`.
+    ///
+    /// # Errors
+    /// [`PolicyError::NotFound`].
+    pub fn plan_remove(&self, name: &str) -> Result<Plan, PolicyError> {
+        if !self.policies.contains_key(name) {
+            return Err(PolicyError::NotFound(name.to_owned()));
+        }
+        let mut next = self.clone();
+        next.policies.remove(name);
+        next.recompute_cidrs();
+        Ok(Plan {
+            next,
+            changes: vec![Change::DeletePolicy(name.to_owned())],
+            applied: Vec::new(),
+        })
+    }
+
+    /// Adopts a plan made from this engine (after its changes were written).
+    pub fn commit(&mut self, plan: Plan) -> Vec<Applied> {
+        *self = plan.next;
+        plan.applied
+    }
+
+    /// Validates, persists in one store transaction and adopts `docs`: all or nothing.
+    ///
+    /// # Errors
+    /// Validation errors (nothing changed) and store failures (nothing changed).
+    pub fn apply(
+        &mut self,
+        store: &Store,
+        docs: Vec<PolicyDoc>,
+    ) -> Result<Vec<Applied>, PolicyError> {
+        let plan = self.plan_apply(docs)?;
+        store.apply(plan.changes())?;
+        Ok(self.commit(plan))
+    }
+
+    /// Removes the policy `name` from the store and the engine.
+    ///
+    /// # Errors
+    /// [`PolicyError::NotFound`] and store failures (nothing changed).
+    pub fn remove(&mut self, store: &Store, name: &str) -> Result<(), PolicyError> {
+        let plan = self.plan_remove(name)?;
+        store.apply(plan.changes())?;
+        self.commit(plan);
+        Ok(())
+    }
+
+    /// The applied policies, by name.
+    pub fn list(&self) -> impl Iterator<Item = &StoredPolicy> {
+        self.policies.values().map(|e| &e.stored)
+    }
+
+    /// One policy.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&StoredPolicy> {
+        self.policies.get(name).map(|e| &e.stored)
+    }
+
+    /// Number of policies.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// True without policies.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+
+    /// Every CIDR the policies mention, with its identity.
+    pub fn cidr_identities(&self) -> impl Iterator<Item = (IpNetwork, u32)> + '_ {
+        self.cidrs.iter().map(|(n, id)| (*n, *id))
+    }
+
+    /// Which policy rule a rule ID (from a drop event) names.
+    #[must_use]
+    pub fn rule_ref(&self, id: u32) -> Option<RuleRef> {
+        let number = id >> (RULE_INDEX_BITS + 1);
+        let direction = if id & (1 << RULE_INDEX_BITS) == 0 {
+            Direction::Ingress
+        } else {
+            Direction::Egress
+        };
+        let index = (id & ((1 << RULE_INDEX_BITS) - 1)) as usize;
+        let entry = self.policies.values().find(|e| e.stored.number == number)?;
+        let count = match direction {
+            Direction::Ingress => entry.compiled.ingress.as_ref(),
+            Direction::Egress => entry.compiled.egress.as_ref(),
+        }
+        .map_or(0, Vec::len);
+        (index < count).then(|| RuleRef {
+            policy: entry.stored.doc.name.clone(),
+            direction,
+            index,
+        })
+    }
+
+    /// Enforced directions of one endpoint, without resolving everything.
+    #[must_use]
+    pub fn enforced(&self, endpoint: &EndpointView, networks: &[NetworkView]) -> Enforcement {
+        let index = NetworkIndex::new(networks, std::slice::from_ref(endpoint));
+        let mut warnings = Vec::new();
+        let mut out = Enforcement::default();
+        for e in self.policies.values() {
+            let sel = BoundSelector::bind(&e.stored.doc.selector, &index, &mut warnings, &|| {
+                String::new()
+            });
+            if sel.matches(endpoint) {
+                out.ingress |= e.compiled.ingress.is_some();
+                out.egress |= e.compiled.egress.is_some();
+            }
+        }
+        out
+    }
+
+    /// Resolves the policies against the endpoints that exist now (all networks) and the
+    /// networks' names. Pure: call it again whenever policies, endpoints, their identities,
+    /// names, labels or addresses, or network names change.
+    #[must_use]
+    pub fn resolve(&self, endpoints: &[EndpointView], networks: &[NetworkView]) -> Resolution {
+        let index = NetworkIndex::new(networks, endpoints);
+        let mut res = Resolution::default();
+        for ep in endpoints {
+            for addr in &ep.addresses {
+                res.endpoint_addresses.insert(*addr, ep.identity);
+            }
+        }
+        let mut rules = BTreeSet::new();
+        // Networks some selector could pick endpoints on (for pending identities).
+        let mut selectors_cover = Vec::new();
+        for e in self.policies.values() {
+            let name = &e.stored.doc.name;
+            let subject_sel =
+                BoundSelector::bind(&e.stored.doc.selector, &index, &mut res.warnings, &|| {
+                    format!("policy {name:?}: selector")
+                });
+            let subjects: Vec<u32> = endpoints
+                .iter()
+                .filter(|ep| subject_sel.matches(ep))
+                .map(|ep| ep.identity)
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            for id in &subjects {
+                let enf = res.enforced.entry(*id).or_default();
+                enf.ingress |= e.compiled.ingress.is_some();
+                enf.egress |= e.compiled.egress.is_some();
+            }
+            let dirs = [
+                (Direction::Ingress, "from", &e.compiled.ingress),
+                (Direction::Egress, "to", &e.compiled.egress),
+            ];
+            let mut peer_selectors = Vec::new();
+            for (direction, field, list) in dirs {
+                for (i, rule) in list.iter().flatten().enumerate() {
+                    let id = rule_id(e.stored.number, direction, i);
+                    let peers = self.peer_identities(
+                        rule,
+                        endpoints,
+                        &index,
+                        &res.endpoint_addresses,
+                        &mut res.warnings,
+                        &mut peer_selectors,
+                        &|j| format!("policy {name:?}: {direction}[{i}].{field}[{j}].selector"),
+                    );
+                    let ports = rule.ports.clone().unwrap_or_else(|| {
+                        vec![PortMatch {
+                            protocol: Protocol::Any,
+                            ports: None,
+                        }]
+                    });
+                    if subjects.is_empty() {
+                        continue;
+                    }
+                    for peer in &peers {
+                        if let ResolvedPeer::Cidr(net) = peer
+                            && let Some(cidr_id) = self.cidrs.get(net)
+                        {
+                            res.cidr_identities.insert(*net, *cidr_id);
+                        }
+                        for p in &ports {
+                            rules.insert(ResolvedRule {
+                                rule_id: id,
+                                direction,
+                                subjects: subjects.clone(),
+                                peer: *peer,
+                                protocol: p.protocol,
+                                ports: p.ports,
+                                action: rule.action,
+                            });
+                        }
+                    }
+                }
+            }
+            selectors_cover.push(subject_sel);
+            selectors_cover.extend(peer_selectors);
+        }
+        res.pending = endpoints
+            .iter()
+            .filter(|ep| ep.name.is_none())
+            .filter(|ep| {
+                selectors_cover
+                    .iter()
+                    .any(|s| s.network_matches(&ep.network_id))
+            })
+            .map(|ep| ep.identity)
+            .collect();
+        res.rules = rules.into_iter().collect();
+        res
+    }
+
+    #[expect(clippy::too_many_arguments, reason = "internal helper of resolve")]
+    fn peer_identities<'a>(
+        &self,
+        rule: &'a CompiledRule,
+        endpoints: &[EndpointView],
+        index: &NetworkIndex,
+        endpoint_addresses: &BTreeMap<std::net::IpAddr, u32>,
+        warnings: &mut Vec<String>,
+        bound: &mut Vec<BoundSelector<'a>>,
+        context: &dyn Fn(usize) -> String,
+    ) -> BTreeSet<ResolvedPeer> {
+        let Some(peers) = &rule.peers else {
+            return BTreeSet::from([ResolvedPeer::Any]);
+        };
+        let mut out = BTreeSet::new();
+        for (j, peer) in peers.iter().enumerate() {
+            match peer {
+                CompiledPeer::Selector(s) => {
+                    let sel = BoundSelector::bind(s, index, warnings, &|| context(j));
+                    out.extend(
+                        endpoints
+                            .iter()
+                            .filter(|ep| sel.matches(ep))
+                            .map(|ep| ResolvedPeer::Identity(ep.identity)),
+                    );
+                    bound.push(sel);
+                }
+                CompiledPeer::Cidr {
+                    net,
+                    except,
+                    pieces,
+                } => {
+                    out.extend(pieces.iter().map(|p| ResolvedPeer::Cidr(*p)));
+                    out.extend(
+                        cidr_endpoints(*net, except, endpoint_addresses)
+                            .into_iter()
+                            .map(ResolvedPeer::Identity),
+                    );
+                }
+            }
+        }
+        out
+    }
+
+    fn recompute_cidrs(&mut self) {
+        self.cidrs = self
+            .policies
+            .values()
+            .flat_map(|e| {
+                e.compiled
+                    .cidrs
+                    .iter()
+                    .filter_map(|net| {
+                        e.stored
+                            .cidr_identities
+                            .get(&net.to_string())
+                            .map(|id| (*net, *id))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+    }
+}
+
+/// The lowest free number in `lo..=hi` above every used one; when the top is reached, the
+/// lowest free one. Handing out numbers upwards keeps a just-freed number (whose rule IDs or
+/// identity may still sit in the datapath or in a drop event) out of use for a while.
+fn allocate(used: &BTreeSet<u32>, lo: u32, hi: u32) -> Option<u32> {
+    let above = used.range(lo..=hi).next_back().map_or(lo, |m| m + 1);
+    if above <= hi {
+        return Some(above);
+    }
+    (lo..=hi).find(|n| !used.contains(n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rule_ids_round_trip_and_are_never_zero() {
+        assert_eq!(rule_id(1, Direction::Ingress, 0), 4096);
+        assert_eq!(rule_id(1, Direction::Egress, 2), 4096 + 2048 + 2);
+        assert_eq!(
+            rule_id(MAX_POLICY_NUMBER, Direction::Egress, 2047),
+            u32::MAX
+        );
+    }
+
+    #[test]
+    fn allocation_goes_up_then_wraps() {
+        let used = BTreeSet::from([1, 2, 5]);
+        assert_eq!(allocate(&used, 1, 10), Some(6));
+        assert_eq!(allocate(&BTreeSet::new(), 1, 10), Some(1));
+        let used = BTreeSet::from([2, 10]);
+        assert_eq!(allocate(&used, 1, 10), Some(1));
+        let full: BTreeSet<u32> = (1..=3).collect();
+        assert_eq!(allocate(&full, 1, 3), None);
+    }
+}
