@@ -923,6 +923,40 @@ impl Drop for Bpffs {
     }
 }
 
+/// Unmounts whatever got mounted on the path, on drop (errors ignored: maybe nothing was).
+struct UnmountOnDrop(PathBuf);
+
+impl Drop for UnmountOnDrop {
+    fn drop(&mut self) {
+        let _unmounted = run("umount", &[self.0.to_str().unwrap()]);
+    }
+}
+
+#[test]
+fn pins_without_a_bpffs_mount_one_or_are_refused() {
+    if !require_root() {
+        return;
+    }
+    let _ns = NetNs::enter().unwrap();
+    // A temp dir is not on a bpffs, like /sys/fs/bpf on a host where nobody mounted it.
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("sluice");
+    let mut refuse = DatapathConfig::pinned(&root);
+    refuse.mount_bpffs = false;
+    assert!(matches!(
+        Datapath::load(&refuse),
+        Err(DatapathError::NotBpffs(p)) if p == dir.path()
+    ));
+    let _unmount = UnmountOnDrop(dir.path().to_owned());
+    let dp = Datapath::load(&DatapathConfig::pinned(&root)).unwrap();
+    assert!(root.join("maps/v1/POLICY").exists());
+    assert!(root.join("progs/sluice_ingress").exists());
+    drop(dp);
+    // Loading again adopts the mount and the pins.
+    let dp = Datapath::load(&DatapathConfig::pinned(&root)).unwrap();
+    assert_eq!(dp.pin_dir(), Some(root.as_path()));
+}
+
 /// The bridge layout sluice builds: `brdp` in this namespace; per container a veth pair,
 /// host end on the bridge, the other end moved into a [`PeerNs`] as `eth0`.
 struct Topology {

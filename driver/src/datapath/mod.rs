@@ -13,7 +13,9 @@
 //! flow → one per-CPU counter update. See `ebpf/tc/src/main.rs` for the order.
 //!
 //! # Pins
-//! Under the pin directory (default [`DEFAULT_PIN_DIR`], which must be on a bpffs):
+//! Under the pin directory (default [`DEFAULT_PIN_DIR`], which must be on a bpffs; when it
+//! does not exist and `/sys/fs/bpf` is not a bpffs, loading mounts one there, see
+//! [`DatapathConfig::mount_bpffs`]):
 //! ```text
 //! maps/v<LAYOUT_VERSION>/<MAP>       every map; an existing pin is adopted at load
 //! progs/sluice_egress, progs/sluice_ingress
@@ -134,7 +136,7 @@ pub enum DatapathError {
         #[source]
         source: io::Error,
     },
-    /// The pin directory is not on a bpffs.
+    /// The pin directory is not on a bpffs (and mounting one was not asked for).
     #[error("{} is not on a bpffs (mount -t bpf bpf <dir>)", .0.display())]
     NotBpffs(PathBuf),
     /// No interface has that index (in the calling thread's network namespace).
@@ -158,6 +160,9 @@ pub struct DatapathConfig {
     pub max_entries: Vec<(&'static str, u32)>,
     /// Drop-event rate limit (per CPU); zeros mean the kernel-side defaults.
     pub settings: Settings,
+    /// When the pin directory does not exist and its parent is not on a bpffs, mount one on
+    /// the parent (for the default, on `/sys/fs/bpf`) instead of failing.
+    pub mount_bpffs: bool,
 }
 
 impl Default for DatapathConfig {
@@ -174,6 +179,7 @@ impl DatapathConfig {
             pin_dir: Some(dir.into()),
             max_entries: Vec::new(),
             settings: Settings::default(),
+            mount_bpffs: true,
         }
     }
 
@@ -184,6 +190,7 @@ impl DatapathConfig {
             pin_dir: None,
             max_entries: Vec::new(),
             settings: Settings::default(),
+            mount_bpffs: false,
         }
     }
 }
@@ -263,17 +270,49 @@ fn mkdir(path: &Path) -> Result<()> {
     })
 }
 
-fn require_bpffs(path: &Path) -> Result<()> {
+fn is_bpffs(path: &Path) -> Result<bool> {
     let stat = nix::sys::statfs::statfs(path).map_err(|e| DatapathError::Pin {
         op: "statfs",
         path: path.to_owned(),
         source: e.into(),
     })?;
-    if stat.filesystem_type().0 == BPF_FS_MAGIC {
-        Ok(())
-    } else {
-        Err(DatapathError::NotBpffs(path.to_owned()))
+    Ok(stat.filesystem_type().0 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `root` is a directory on a bpffs. If it does not exist and its parent is not on
+/// a bpffs (e.g. `/sys/fs/bpf` never got mounted, as on hosts without systemd's mount), mounts
+/// one on the parent when `mount` is set: `mount -t bpf bpf <parent>`.
+fn prepare_pin_root(root: &Path, mount: bool) -> Result<()> {
+    if root.exists() {
+        return if is_bpffs(root)? {
+            Ok(())
+        } else {
+            Err(DatapathError::NotBpffs(root.to_owned()))
+        };
     }
+    let parent = root
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if !is_bpffs(parent)? {
+        if !mount {
+            return Err(DatapathError::NotBpffs(parent.to_owned()));
+        }
+        nix::mount::mount(
+            Some("bpf"),
+            parent,
+            Some("bpf"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| DatapathError::Pin {
+            op: "mount bpffs on",
+            path: parent.to_owned(),
+            source: e.into(),
+        })?;
+        info!(path = %parent.display(), "mounted bpffs (mount -t bpf bpf {})", parent.display());
+    }
+    mkdir(root)
 }
 
 fn remove_if_present(path: &Path) -> Result<()> {
@@ -400,8 +439,7 @@ impl Datapath {
             .map(|root| Pins { root: root.clone() });
         let mut loader = EbpfLoader::new();
         if let Some(p) = &pins {
-            mkdir(&p.root)?;
-            require_bpffs(&p.root)?;
+            prepare_pin_root(&p.root, config.mount_bpffs)?;
             for dir in [p.maps(), p.progs(), p.links()] {
                 mkdir(&dir)?;
             }
