@@ -5,5 +5,6 @@
 
 pub mod admin;
 pub mod daemon;
+pub mod engine;
 pub mod server;
 pub mod wire;
