@@ -8,8 +8,12 @@
 use ipnetwork::IpNetwork;
 use tracing::{debug, info, warn};
 
+use std::sync::{Arc, Mutex};
+
+use crate::datapath::layout::{EndpointInfo, IpInfo};
+use crate::datapath::{CompiledPolicy, Datapath, DatapathError, EndpointCounters};
 use crate::firewall::Firewall;
-use crate::kernel::{BridgeSpec, Kernel, KernelError, VethSpec};
+use crate::kernel::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
 use crate::link::{self, Netlink, format_mac, write_sysctl};
 use crate::names;
 
@@ -22,6 +26,8 @@ pub struct LinuxKernel {
     /// listed by [`Kernel::sluice_links`], so two sluice daemons (with different plugin
     /// names) on one host never remove each other's links.
     owner: String,
+    /// The loaded eBPF programs and maps; `None` until [`LinuxKernel::with_datapath`].
+    datapath: Option<Arc<Mutex<Datapath>>>,
 }
 
 /// Alias of links owned by the daemon serving plugin `name`.
@@ -60,6 +66,13 @@ fn collect(results: impl IntoIterator<Item = Result<(), KernelError>>) -> Result
     }
 }
 
+/// The host route (`/32`, `/128`) of an endpoint address, for the ipcache.
+fn host_route(address: IpNetwork) -> IpNetwork {
+    let ip = address.ip();
+    let prefix = if ip.is_ipv4() { 32 } else { 128 };
+    IpNetwork::new(ip, prefix).unwrap_or(address)
+}
+
 fn missing(op: String, what: &str) -> KernelError {
     KernelError::Os {
         op,
@@ -84,7 +97,37 @@ impl LinuxKernel {
             nl,
             firewall,
             owner: owner_alias("sluice"),
+            datapath: None,
         }
+    }
+
+    /// Gives the kernel its eBPF datapath; without one, attaching an endpoint fails (an
+    /// endpoint never runs without its programs).
+    #[must_use]
+    pub fn with_datapath(mut self, datapath: Datapath) -> Self {
+        self.datapath = Some(Arc::new(Mutex::new(datapath)));
+        self
+    }
+
+    /// Runs `f` on the datapath. Map and attach operations are short syscalls, so a
+    /// blocking mutex is fine; it is never held across an `.await`.
+    fn with_dp<T>(
+        &self,
+        op: &str,
+        f: impl FnOnce(&mut Datapath) -> Result<T, DatapathError>,
+    ) -> Result<T, KernelError> {
+        let dp = self.datapath.as_ref().ok_or_else(|| KernelError::Os {
+            op: op.to_owned(),
+            message: "the eBPF datapath is not loaded".into(),
+        })?;
+        let mut guard = dp.lock().map_err(|_| KernelError::Os {
+            op: op.to_owned(),
+            message: "datapath lock poisoned by an earlier panic".into(),
+        })?;
+        f(&mut guard).map_err(|source| KernelError::Datapath {
+            op: op.to_owned(),
+            source: Box::new(source),
+        })
     }
 
     /// Marks links as owned by the daemon serving plugin `name` (default `sluice`).
@@ -285,6 +328,73 @@ impl Kernel for LinuxKernel {
             debug!(link = name, "link already gone");
         }
         Ok(())
+    }
+
+    async fn attach_endpoint(&self, ep: &EndpointDatapath) -> Result<u32, KernelError> {
+        let op = format!("attach datapath to {}", ep.host_veth);
+        let ifindex = self.require_index(&ep.host_veth, &op).await?;
+        let v4 = ep.addresses.iter().find_map(|a| match a.ip() {
+            std::net::IpAddr::V4(v4) => Some(v4.octets()),
+            std::net::IpAddr::V6(_) => None,
+        });
+        let v6 = ep.addresses.iter().find_map(|a| match a.ip() {
+            std::net::IpAddr::V6(v6) => Some(v6.octets()),
+            std::net::IpAddr::V4(_) => None,
+        });
+        let info = EndpointInfo::new(ep.identity, ep.network, ep.flags).with_addresses(v4, v6);
+        self.with_dp(&op, |dp| {
+            // Map entries first: the programs must find the endpoint from their first packet.
+            dp.set_endpoint(ifindex, info)?;
+            for address in &ep.addresses {
+                dp.set_ip(
+                    host_route(*address),
+                    IpInfo {
+                        identity: ep.identity,
+                        network: ep.network,
+                    },
+                )?;
+            }
+            dp.attach(ifindex)
+        })?;
+        debug!(veth = %ep.host_veth, ifindex, identity = ep.identity, flags = ep.flags, "datapath attached");
+        Ok(ifindex)
+    }
+
+    async fn detach_endpoint(&self, ep: &EndpointDatapath) -> Result<(), KernelError> {
+        let op = format!("detach datapath from {}", ep.host_veth);
+        let ifindex = match ep.ifindex {
+            0 => self.nl.link_index(&ep.host_veth).await?.unwrap_or(0),
+            i => i,
+        };
+        self.with_dp(&op, |dp| {
+            let mut first_error = None;
+            for address in &ep.addresses {
+                if let Err(e) = dp.remove_ip(host_route(*address)) {
+                    first_error.get_or_insert(e);
+                }
+            }
+            if ifindex != 0 {
+                if let Err(e) = dp.detach(ifindex) {
+                    first_error.get_or_insert(e);
+                }
+                if let Err(e) = dp.remove_endpoint(ifindex) {
+                    first_error.get_or_insert(e);
+                }
+            }
+            first_error.map_or(Ok(()), Err)
+        })
+    }
+
+    async fn apply_policy(&self, compiled: &CompiledPolicy) -> Result<(), KernelError> {
+        let update = self.with_dp("apply policy", |dp| dp.apply_policy(compiled))?;
+        debug!(?update, "policy applied");
+        Ok(())
+    }
+
+    async fn endpoint_counters(&self, host_veth: &str) -> Result<EndpointCounters, KernelError> {
+        let op = format!("read counters of {host_veth}");
+        let ifindex = self.require_index(host_veth, &op).await?;
+        self.with_dp(&op, |dp| dp.read_counters(ifindex))
     }
 
     async fn sluice_links(&self) -> Result<Vec<String>, KernelError> {

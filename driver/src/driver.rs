@@ -9,17 +9,24 @@ use ipnetwork::IpNetwork;
 use tokio::sync::Mutex;
 use tracing::{debug, info, warn};
 
+use crate::datapath::layout::{
+    EP_EGRESS_ENFORCED, EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK,
+    IDENTITY_FIRST_ENDPOINT,
+};
 use crate::ipam::{Ipam, IpamConfig, IpamError, LeaseKind, Pool, PoolRequest};
-use crate::kernel::{BridgeSpec, Kernel, KernelError, VethSpec};
+use crate::kernel::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
 use crate::model::{
-    Endpoint, EndpointCreated, EndpointRequest, JoinInfo, Mode, Network, NetworkRequest, OPT_MODE,
-    OPT_MTU, derive_mac,
+    ContainerIdentity, Endpoint, EndpointCreated, EndpointRequest, JoinInfo, Mode, Network,
+    NetworkRequest, OPT_INGRESS, OPT_ISOLATE, OPT_MODE, OPT_MTU, derive_mac,
 };
 use crate::names;
+use crate::policy::{
+    Applied, EndpointView, NetworkView, PolicyDoc, PolicyEngine, PolicyError, Resolution,
+};
 use crate::store::{Change, Store, StoreError};
 
 /// Options sluice understands in `docker network create -o`.
-pub const SUPPORTED_OPTIONS: &[&str] = &[OPT_MODE, OPT_MTU];
+pub const SUPPORTED_OPTIONS: &[&str] = &[OPT_MODE, OPT_MTU, OPT_ISOLATE, OPT_INGRESS];
 
 /// Errors of the driver. [`DriverError::is_client_error`] tells the plugin which are the
 /// caller's fault (HTTP 400) and which are sluice's or the kernel's (HTTP 500).
@@ -46,6 +53,9 @@ pub enum DriverError {
     /// The same ID with different settings.
     #[error("{0}")]
     Conflict(String),
+    /// A policy was refused, or the stored ones are inconsistent.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 impl DriverError {
@@ -58,6 +68,7 @@ impl DriverError {
             | Self::UnknownEndpoint(_)
             | Self::InvalidOption(_)
             | Self::Conflict(_) => true,
+            Self::Policy(e) => e.is_client_error(),
             Self::Store(_) | Self::Kernel(_) => false,
         }
     }
@@ -81,6 +92,82 @@ struct State {
     ipam: Ipam,
     networks: BTreeMap<String, Network>,
     endpoints: BTreeMap<String, Endpoint>,
+    /// The policy documents.
+    policies: PolicyEngine,
+    /// The policies resolved against the current endpoints: rules, enforced directions,
+    /// pending identities.
+    resolution: Resolution,
+}
+
+impl State {
+    fn next_network_number(&self) -> u32 {
+        self.networks.values().map(|n| n.number).max().unwrap_or(0) + 1
+    }
+
+    fn next_identity(&self) -> u32 {
+        self.endpoints
+            .values()
+            .map(|e| e.identity)
+            .max()
+            .unwrap_or(0)
+            .max(IDENTITY_FIRST_ENDPOINT - 1)
+            + 1
+    }
+
+    /// Resolves the policies against the endpoints that exist now.
+    fn resolve(&self) -> Resolution {
+        self.policies
+            .resolve(&self.endpoint_views(), &self.network_views())
+    }
+
+    fn endpoint_views(&self) -> Vec<EndpointView> {
+        self.endpoints
+            .values()
+            .map(|e| EndpointView::new(e, e.identity, e.container.as_ref()))
+            .collect()
+    }
+
+    fn network_views(&self) -> Vec<NetworkView> {
+        self.networks
+            .values()
+            .map(|n| NetworkView {
+                id: n.id.clone(),
+                name: None,
+            })
+            .collect()
+    }
+
+    /// The datapath's view of `ep`: flags from the network's options, the policies that
+    /// select it, and whether its identity is still unknown while policy applies.
+    fn datapath_view(&self, ep: &Endpoint) -> EndpointDatapath {
+        let net = self.networks.get(&ep.network_id);
+        let enforced = self.resolution.enforced(ep.identity);
+        // A container may only send from its own addresses: otherwise it could borrow another
+        // endpoint's identity at the receiver's policy.
+        let mut flags = EP_SOURCE_CHECK;
+        if net.is_none_or(|n| n.isolate) {
+            flags |= EP_ISOLATE;
+        }
+        if enforced.ingress || net.is_some_and(|n| n.ingress_deny) {
+            flags |= EP_INGRESS_ENFORCED;
+        }
+        if enforced.egress {
+            flags |= EP_EGRESS_ENFORCED;
+        }
+        // Fail closed: while the container behind an endpoint is unknown, a policy that may
+        // select it by name or label cannot be decided.
+        if self.resolution.pending.contains(&ep.identity) {
+            flags |= EP_IDENTITY_PENDING;
+        }
+        EndpointDatapath {
+            host_veth: ep.host_veth.clone(),
+            ifindex: ep.ifindex,
+            identity: ep.identity,
+            network: net.map_or(0, |n| n.number),
+            flags,
+            addresses: ep.address.into_iter().chain(ep.address_v6).collect(),
+        }
+    }
 }
 
 /// The network and IPAM driver.
@@ -105,7 +192,7 @@ impl<K: Kernel> Driver<K> {
             store = %store.path().display(),
             "state loaded"
         );
-        let state = State {
+        let mut state = State {
             ipam: Ipam::new(ipam, snap.pools),
             networks: snap
                 .networks
@@ -117,12 +204,133 @@ impl<K: Kernel> Driver<K> {
                 .into_iter()
                 .map(|e| (e.id.clone(), e))
                 .collect(),
+            policies: PolicyEngine::load(snap.policies)?,
+            resolution: Resolution::default(),
         };
+        // Records written before the datapath existed get their numbers now.
+        let mut upgraded = Vec::new();
+        let unnumbered: Vec<String> = state
+            .networks
+            .values()
+            .filter(|n| n.number == 0)
+            .map(|n| n.id.clone())
+            .collect();
+        for id in unnumbered {
+            let number = state.next_network_number();
+            if let Some(n) = state.networks.get_mut(&id) {
+                n.number = number;
+                upgraded.push(Change::PutNetwork(n.clone()));
+            }
+        }
+        let unidentified: Vec<String> = state
+            .endpoints
+            .values()
+            .filter(|e| e.identity == 0)
+            .map(|e| e.id.clone())
+            .collect();
+        for id in unidentified {
+            let identity = state.next_identity();
+            if let Some(e) = state.endpoints.get_mut(&id) {
+                e.identity = identity;
+                upgraded.push(Change::PutEndpoint(e.clone()));
+            }
+        }
+        store.apply(&upgraded)?;
+        state.resolution = state.resolve();
         Ok(Self {
             kernel,
             store,
             state: Mutex::new(state),
         })
+    }
+
+    /// Re-resolves the policies, writes the compiled rules to the datapath and updates the
+    /// flags of the endpoints whose flags changed (all but `skip`, which the caller attaches
+    /// itself). Called whenever policies, endpoints or identities change. Carries on past
+    /// endpoint errors and returns the first.
+    async fn resync(&self, state: &mut State, skip: Option<&str>) -> Result<(), DriverError> {
+        let before: BTreeMap<String, u32> = state
+            .endpoints
+            .values()
+            .map(|e| (e.id.clone(), state.datapath_view(e).flags))
+            .collect();
+        let resolution = state.resolve();
+        for w in &resolution.warnings {
+            warn!(warning = %w, "policy");
+        }
+        let compiled = resolution
+            .compile()
+            .map_err(|e| DriverError::InvalidOption(format!("policy: {e}")))?;
+        // Rules first, then flags: an endpoint becomes enforced only once its allow rules
+        // are in place.
+        self.kernel.apply_policy(&compiled).await?;
+        state.resolution = resolution;
+        let mut first = None;
+        for ep in state.endpoints.values() {
+            let view = state.datapath_view(ep);
+            if Some(ep.id.as_str()) == skip || before.get(&ep.id) == Some(&view.flags) {
+                continue;
+            }
+            if let Err(e) = self.kernel.attach_endpoint(&view).await {
+                warn!(endpoint = %ep.id, error = %e, "updating datapath flags");
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// Applies policy documents (all or nothing), persists them and updates the datapath.
+    ///
+    /// # Errors
+    /// Invalid documents (nothing changes), store or datapath failures.
+    pub async fn apply_policies(&self, docs: Vec<PolicyDoc>) -> Result<Vec<Applied>, DriverError> {
+        let mut state = self.state.lock().await;
+        let plan = state.policies.plan_apply(docs)?;
+        self.store.apply(plan.changes())?;
+        let applied = state.policies.commit(plan);
+        info!(policies = applied.len(), "policies applied");
+        self.resync(&mut state, None).await?;
+        Ok(applied)
+    }
+
+    /// Removes a policy and updates the datapath.
+    ///
+    /// # Errors
+    /// Unknown name, store or datapath failures.
+    pub async fn remove_policy(&self, name: &str) -> Result<(), DriverError> {
+        let mut state = self.state.lock().await;
+        let plan = state.policies.plan_remove(name)?;
+        self.store.apply(plan.changes())?;
+        state.policies.commit(plan);
+        info!(policy = %name, "policy removed");
+        self.resync(&mut state, None).await
+    }
+
+    /// The applied policy documents, sorted by name.
+    pub async fn policies(&self) -> Vec<PolicyDoc> {
+        let state = self.state.lock().await;
+        state.policies.list().map(|p| p.doc.clone()).collect()
+    }
+
+    /// Records who an endpoint belongs to (from the Docker Engine API) and updates its flags.
+    /// Unknown endpoints are ignored (the container may already be gone).
+    ///
+    /// # Errors
+    /// Store or datapath failures.
+    pub async fn set_container(&self, identity: ContainerIdentity) -> Result<(), DriverError> {
+        let mut state = self.state.lock().await;
+        let Some(ep) = state.endpoints.get_mut(&identity.endpoint_id) else {
+            debug!(endpoint = %identity.endpoint_id, "identity for an unknown endpoint; ignored");
+            return Ok(());
+        };
+        if ep.container.as_ref() == Some(&identity) {
+            return Ok(());
+        }
+        ep.container = Some(identity);
+        let ep = ep.clone();
+        self.store.apply(&[Change::PutEndpoint(ep.clone())])?;
+        info!(endpoint = %ep.id, container = ?ep.container.as_ref().map(|c| &c.name), "container identity known");
+        self.resync(&mut state, None).await
     }
 
     /// The kernel handle (tests inspect the fake through it).
@@ -134,7 +342,7 @@ impl<K: Kernel> Driver<K> {
     /// configured, every endpoint that is not inside a container has its veth pair, and
     /// sluice links that belong to no network or endpoint are removed.
     pub async fn reconcile(&self) -> ReconcileReport {
-        let state = self.state.lock().await;
+        let mut state = self.state.lock().await;
         let mut report = ReconcileReport::default();
         for net in state.networks.values() {
             match self.kernel.ensure_bridge(&bridge_spec(net)).await {
@@ -166,19 +374,45 @@ impl<K: Kernel> Driver<K> {
                 Err(e) => report.errors.push(format!("endpoint {}: {e}", ep.id)),
             }
         }
-        let owned: std::collections::BTreeSet<&str> = state
+        let owned: std::collections::BTreeSet<String> = state
             .networks
             .values()
-            .map(|n| n.bridge.as_str())
+            .map(|n| n.bridge.clone())
             .chain(
                 state
                     .endpoints
                     .values()
-                    .flat_map(|e| [e.host_veth.as_str(), e.peer_veth.as_str()]),
+                    .flat_map(|e| [e.host_veth.clone(), e.peer_veth.clone()]),
             )
             .collect();
+        let present = match self.kernel.sluice_links().await {
+            Ok(l) => l,
+            Err(e) => {
+                report.errors.push(format!("listing links: {e}"));
+                existing.clone()
+            }
+        };
+        state.resolution = state.resolve();
+        match state.resolution.compile() {
+            Ok(compiled) => {
+                if let Err(e) = self.kernel.apply_policy(&compiled).await {
+                    report.errors.push(format!("policy: {e}"));
+                }
+            }
+            Err(e) => report.errors.push(format!("policy: {e}")),
+        }
+        for ep in state.endpoints.values() {
+            if !present.contains(&ep.host_veth) {
+                continue;
+            }
+            if let Err(e) = self.kernel.attach_endpoint(&state.datapath_view(ep)).await {
+                report
+                    .errors
+                    .push(format!("endpoint {} datapath: {e}", ep.id));
+            }
+        }
         for name in existing {
-            if owned.contains(name.as_str()) {
+            if owned.contains(&name) {
                 continue;
             }
             let result = if name.starts_with(names::BRIDGE_PREFIX) {
@@ -272,9 +506,10 @@ impl<K: Kernel> Driver<K> {
     /// # Errors
     /// Bad options, kernel failures (after rollback) and store failures (after rollback).
     pub async fn create_network(&self, req: NetworkRequest) -> Result<(), DriverError> {
-        let net = network_from_request(req)?;
+        let mut net = network_from_request(req)?;
         let mut state = self.state.lock().await;
         if let Some(existing) = state.networks.get(&net.id) {
+            net.number = existing.number;
             if *existing == net {
                 return Ok(());
             }
@@ -283,6 +518,7 @@ impl<K: Kernel> Driver<K> {
                 net.id
             )));
         }
+        net.number = state.next_network_number();
         self.kernel.ensure_bridge(&bridge_spec(&net)).await?;
         if let Err(e) = self.store.apply(&[Change::PutNetwork(net.clone())]) {
             if let Err(undo) = self.kernel.delete_bridge(&net.bridge).await {
@@ -317,6 +553,9 @@ impl<K: Kernel> Driver<K> {
         let mut changes = Vec::new();
         for ep in &leftovers {
             warn!(endpoint = %ep.id, "endpoint still present at network delete; removing it");
+            if let Err(e) = self.kernel.detach_endpoint(&state.datapath_view(ep)).await {
+                errors.push(e);
+            }
             if let Err(e) = self.kernel.delete_link(&ep.host_veth).await {
                 errors.push(e);
             }
@@ -357,7 +596,7 @@ impl<K: Kernel> Driver<K> {
             .cloned()
             .ok_or_else(|| DriverError::UnknownNetwork(req.network_id.clone()))?;
         let chosen_mac = req.mac.is_none();
-        let ep = Endpoint {
+        let mut ep = Endpoint {
             id: req.endpoint_id.clone(),
             network_id: req.network_id.clone(),
             host_veth: names::host_veth(&req.endpoint_id),
@@ -369,6 +608,9 @@ impl<K: Kernel> Driver<K> {
                 .unwrap_or_else(|| derive_mac(req.address, &req.endpoint_id)),
             options: req.options,
             sandbox_key: None,
+            identity: state.next_identity(),
+            ifindex: 0,
+            container: None,
         };
         if let Some(existing) = state.endpoints.get(&ep.id) {
             if existing.network_id == ep.network_id
@@ -385,13 +627,36 @@ impl<K: Kernel> Driver<K> {
             )));
         }
         self.kernel.ensure_veth(&veth_spec(&net, &ep)).await?;
-        if let Err(e) = self.store.apply(&[Change::PutEndpoint(ep.clone())]) {
+        // The new identity may be selected by policies, or be a peer in other endpoints'
+        // rules: resolve with it before its programs see a packet.
+        state.endpoints.insert(ep.id.clone(), ep.clone());
+        let mut result = self.resync(&mut state, Some(&ep.id)).await;
+        if result.is_ok() {
+            // An endpoint never carries traffic without its programs: no attach, no endpoint.
+            result = match self.kernel.attach_endpoint(&state.datapath_view(&ep)).await {
+                Ok(ifindex) => {
+                    ep.ifindex = ifindex;
+                    self.store
+                        .apply(&[Change::PutEndpoint(ep.clone())])
+                        .map_err(DriverError::from)
+                }
+                Err(e) => Err(e.into()),
+            };
+        }
+        if let Err(e) = result {
+            if let Err(undo) = self.kernel.detach_endpoint(&state.datapath_view(&ep)).await {
+                warn!(error = %undo, veth = %ep.host_veth, "rollback of datapath failed");
+            }
+            state.endpoints.remove(&ep.id);
+            if let Err(undo) = self.resync(&mut state, None).await {
+                warn!(error = %undo, "rollback of policy failed");
+            }
             if let Err(undo) = self.kernel.delete_link(&ep.host_veth).await {
                 warn!(error = %undo, veth = %ep.host_veth, "rollback of veth failed");
             }
-            return Err(e.into());
+            return Err(e);
         }
-        info!(host_veth = %ep.host_veth, address = ?ep.address, address_v6 = ?ep.address_v6, "endpoint created");
+        info!(host_veth = %ep.host_veth, identity = ep.identity, address = ?ep.address, address_v6 = ?ep.address_v6, "endpoint created");
         let created = EndpointCreated {
             mac: chosen_mac.then_some(ep.mac),
         };
@@ -482,11 +747,21 @@ impl<K: Kernel> Driver<K> {
             debug!("delete of unknown endpoint: nothing to do");
             return Ok(());
         };
-        let kernel = self.kernel.delete_link(&ep.host_veth).await;
+        let detached = self.kernel.detach_endpoint(&state.datapath_view(&ep)).await;
+        let deleted = self.kernel.delete_link(&ep.host_veth).await;
         self.store.apply(&[Change::DeleteEndpoint(ep.id.clone())])?;
         state.endpoints.remove(endpoint_id);
         info!(host_veth = %ep.host_veth, "endpoint deleted");
-        kernel.map_err(Into::into)
+        if !state.policies.is_empty()
+            && let Err(e) = self.resync(&mut state, None).await
+        {
+            warn!(error = %e, "updating policy after endpoint removal");
+        }
+        match (detached, deleted) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e.into()),
+            (Err(a), Err(b)) => Err(KernelError::Many(vec![a, b]).into()),
+        }
     }
 
     /// `NetworkDriver.EndpointOperInfo`: operational data for `docker inspect`. Never fails,
@@ -550,10 +825,30 @@ fn veth_spec(net: &Network, ep: &Endpoint) -> VethSpec {
 fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
     let mut mode = Mode::Bridge;
     let mut mtu = None;
+    let mut isolate = true;
+    let mut ingress_deny = false;
     for (key, value) in &req.options {
         match key.as_str() {
             OPT_MODE => mode = value.parse().map_err(DriverError::InvalidOption)?,
             OPT_MTU => mtu = Some(parse_mtu(value)?),
+            OPT_ISOLATE => {
+                isolate = value.parse().map_err(|_| {
+                    DriverError::InvalidOption(format!(
+                        "{OPT_ISOLATE} must be true or false, got {value:?}"
+                    ))
+                })?;
+            }
+            OPT_INGRESS => {
+                ingress_deny = match value.as_str() {
+                    "deny" => true,
+                    "allow" => false,
+                    _ => {
+                        return Err(DriverError::InvalidOption(format!(
+                            "{OPT_INGRESS} must be allow or deny, got {value:?}"
+                        )));
+                    }
+                };
+            }
             k if k.starts_with("com.docker.network.") => {
                 warn!(option = %k, "Docker option not used by sluice; ignored");
             }
@@ -591,6 +886,9 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
         ipv4: req.ipv4,
         ipv6: req.ipv6_data,
         options: req.options,
+        number: 0,
+        isolate,
+        ingress_deny,
     })
 }
 

@@ -6,6 +6,8 @@ use std::future::Future;
 
 use ipnetwork::IpNetwork;
 
+use crate::datapath::{CompiledPolicy, DatapathError, EndpointCounters};
+
 /// A bridge-mode network as the kernel should see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BridgeSpec {
@@ -34,6 +36,24 @@ pub struct VethSpec {
     pub peer_mac: [u8; 6],
 }
 
+/// An endpoint as the eBPF datapath sees it: the programs on its host veth, its entry in
+/// the endpoints map and its addresses in the ipcache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointDatapath {
+    /// Host end of the veth pair, where the programs attach.
+    pub host_veth: String,
+    /// Its ifindex when known (0 otherwise): detaching works after the link is gone.
+    pub ifindex: u32,
+    /// Security identity.
+    pub identity: u32,
+    /// Network number (non-zero).
+    pub network: u32,
+    /// `EP_*` flags of `sluice_common`.
+    pub flags: u32,
+    /// The endpoint's addresses (host routes in the ipcache).
+    pub addresses: Vec<IpNetwork>,
+}
+
 /// Errors from the kernel side.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -53,6 +73,15 @@ pub enum KernelError {
         op: String,
         /// Why it failed.
         message: String,
+    },
+    /// The eBPF datapath refused.
+    #[error("{op}: {source}")]
+    Datapath {
+        /// What was being done.
+        op: String,
+        /// The datapath error (boxed: it is large, and errors travel by value).
+        #[source]
+        source: Box<DatapathError>,
     },
     /// Several teardown steps failed; all were attempted.
     #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
@@ -82,6 +111,34 @@ pub trait Kernel: Send + Sync + 'static {
     /// Names of all links in the host namespace that sluice could have created
     /// ([`crate::names::is_sluice_link`]).
     fn sluice_links(&self) -> impl Future<Output = Result<Vec<String>, KernelError>> + Send;
+
+    /// Registers the endpoint with the datapath (endpoints map, ipcache) and attaches the
+    /// programs to its host veth; returns the veth's ifindex. Idempotent; also how flags are
+    /// updated. An endpoint whose programs cannot be attached must not be used: the caller
+    /// rolls back.
+    fn attach_endpoint(
+        &self,
+        ep: &EndpointDatapath,
+    ) -> impl Future<Output = Result<u32, KernelError>> + Send;
+
+    /// Detaches the programs and removes the endpoint's map entries. Idempotent; carries on
+    /// past errors.
+    fn detach_endpoint(
+        &self,
+        ep: &EndpointDatapath,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send;
+
+    /// Makes the policy map exactly `compiled`.
+    fn apply_policy(
+        &self,
+        compiled: &CompiledPolicy,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send;
+
+    /// Packets and bytes allowed and dropped, per direction, for the endpoint on `host_veth`.
+    fn endpoint_counters(
+        &self,
+        host_veth: &str,
+    ) -> impl Future<Output = Result<EndpointCounters, KernelError>> + Send;
 }
 
 /// An in-memory [`Kernel`] for tests of the protocol and state logic without root. It
@@ -91,7 +148,8 @@ pub mod fake {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
-    use super::{BridgeSpec, Kernel, KernelError, VethSpec};
+    use super::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
+    use crate::datapath::{CompiledPolicy, EndpointCounters};
 
     /// A link the fake kernel holds.
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -109,6 +167,8 @@ pub mod fake {
     pub struct FakeKernel {
         links: Mutex<BTreeMap<String, FakeLink>>,
         fail_next: Mutex<Option<String>>,
+        attached: Mutex<BTreeMap<String, EndpointDatapath>>,
+        policy: Mutex<Option<CompiledPolicy>>,
     }
 
     impl FakeKernel {
@@ -123,6 +183,18 @@ pub mod fake {
         #[must_use]
         pub fn links(&self) -> BTreeMap<String, FakeLink> {
             self.links.lock().map(|l| l.clone()).unwrap_or_default()
+        }
+
+        /// Endpoints with programs attached, by host veth.
+        #[must_use]
+        pub fn attached(&self) -> BTreeMap<String, EndpointDatapath> {
+            self.attached.lock().map(|a| a.clone()).unwrap_or_default()
+        }
+
+        /// The last policy written.
+        #[must_use]
+        pub fn policy(&self) -> Option<CompiledPolicy> {
+            self.policy.lock().ok().and_then(|p| p.clone())
         }
 
         /// Adds a link behind sluice's back (a leftover from a crash, say).
@@ -198,6 +270,49 @@ pub mod fake {
                     .cloned()
                     .collect()
             }))
+        }
+
+        async fn attach_endpoint(&self, ep: &EndpointDatapath) -> Result<u32, KernelError> {
+            self.check("attach_endpoint")?;
+            let index = self.with_links(|l| {
+                l.keys()
+                    .position(|k| *k == ep.host_veth)
+                    .and_then(|i| u32::try_from(i + 1).ok())
+            });
+            let Some(index) = index else {
+                return Err(KernelError::Os {
+                    op: format!("attach programs to {}", ep.host_veth),
+                    message: "no such link".into(),
+                });
+            };
+            if let Ok(mut a) = self.attached.lock() {
+                a.insert(ep.host_veth.clone(), ep.clone());
+            }
+            Ok(index)
+        }
+
+        async fn detach_endpoint(&self, ep: &EndpointDatapath) -> Result<(), KernelError> {
+            self.check("detach_endpoint")?;
+            if let Ok(mut a) = self.attached.lock() {
+                a.remove(&ep.host_veth);
+            }
+            Ok(())
+        }
+
+        async fn apply_policy(&self, compiled: &CompiledPolicy) -> Result<(), KernelError> {
+            self.check("apply_policy")?;
+            if let Ok(mut p) = self.policy.lock() {
+                *p = Some(compiled.clone());
+            }
+            Ok(())
+        }
+
+        async fn endpoint_counters(
+            &self,
+            _host_veth: &str,
+        ) -> Result<EndpointCounters, KernelError> {
+            self.check("endpoint_counters")?;
+            Ok(EndpointCounters::default())
         }
     }
 }

@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 pub const OPT_MTU: &str = "com.docker.network.driver.mtu";
 /// Option key for the mode.
 pub const OPT_MODE: &str = "mode";
+/// Option key for network isolation (`true` by default).
+pub const OPT_ISOLATE: &str = "sluice.isolate";
+/// Option key for the network's default ingress verdict (`allow` by default, or `deny`).
+pub const OPT_INGRESS: &str = "sluice.ingress";
 
 /// How a network connects its endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -82,6 +86,19 @@ pub struct Network {
     pub ipv6: Vec<IpData>,
     /// The user's options as given, for `sluice` status output and later modes.
     pub options: BTreeMap<String, String>,
+    /// Small number the datapath knows the network by (non-zero, unique on this host).
+    #[serde(default)]
+    pub number: u32,
+    /// Endpoints cannot talk to endpoints of other sluice networks (`-o sluice.isolate`).
+    #[serde(default = "default_true")]
+    pub isolate: bool,
+    /// Ingress is default-deny for every endpoint (`-o sluice.ingress=deny`).
+    #[serde(default)]
+    pub ingress_deny: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Network {
@@ -140,6 +157,15 @@ pub struct Endpoint {
     pub options: BTreeMap<String, String>,
     /// The sandbox (netns path) once joined.
     pub sandbox_key: Option<String>,
+    /// Security identity in the datapath (unique on this host, from 256).
+    #[serde(default)]
+    pub identity: u32,
+    /// Index of the host veth, for detaching after the link is gone.
+    #[serde(default)]
+    pub ifindex: u32,
+    /// The container, once resolved from the Docker Engine API.
+    #[serde(default)]
+    pub container: Option<ContainerIdentity>,
 }
 
 /// What `Join` answers.

@@ -318,6 +318,9 @@ mod tests {
             ipv4: vec![],
             ipv6: vec![],
             options: BTreeMap::new(),
+            number: 1,
+            isolate: true,
+            ingress_deny: false,
         }
     }
 

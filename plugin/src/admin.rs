@@ -28,9 +28,9 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use sluice_driver::DriverError;
 use sluice_driver::policy::{Applied, PolicyDoc, PolicyEngine, PolicyError, parse_documents};
 use sluice_driver::store::Store;
+use sluice_driver::{Driver, DriverError, Kernel};
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -212,6 +212,33 @@ impl PolicyAdmin for EngineAdmin {
 
     async fn remove_policy(&self, name: String) -> Result<(), AdminError> {
         Ok(self.engine.lock().await.remove(&self.store, &name)?)
+    }
+}
+
+/// The daemon's [`PolicyAdmin`]: policy changes go through the [`Driver`], so the datapath
+/// follows every change.
+impl<K: Kernel> PolicyAdmin for Driver<K> {
+    async fn apply_policies(&self, yaml: String) -> Result<Vec<Applied>, AdminError> {
+        let docs = parse_documents(&yaml)?;
+        self.apply_policies(docs).await.map_err(driver_error)
+    }
+
+    async fn list_policies(&self) -> Result<Vec<PolicyDoc>, AdminError> {
+        Ok(self.policies().await)
+    }
+
+    async fn remove_policy(&self, name: String) -> Result<(), AdminError> {
+        Driver::remove_policy(self, &name)
+            .await
+            .map_err(driver_error)
+    }
+}
+
+/// Policy errors keep their own status (404 for an unknown name).
+fn driver_error(e: DriverError) -> AdminError {
+    match e {
+        DriverError::Policy(p) => p.into(),
+        other => other.into(),
     }
 }
 

@@ -9,11 +9,15 @@ use anyhow::Context as _;
 use ipnetwork::IpNetwork;
 use sluice_driver::Driver;
 use sluice_driver::bridge::LinuxKernel;
+use sluice_driver::datapath::{Datapath, DatapathConfig};
 use sluice_driver::ipam::IpamConfig;
 use sluice_driver::store::Store;
 use tracing::{error, info, warn};
 
-use crate::admin::{self, EngineAdmin};
+use crate::admin;
+
+/// Parent of every daemon's pin directory.
+const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/sluice";
 
 /// Settings of the daemon (the CLI flags).
 #[derive(Debug, Clone, clap::Args)]
@@ -29,6 +33,10 @@ pub struct DaemonArgs {
     /// Directory of the state database.
     #[arg(long, env = "SLUICE_STATE_DIR", default_value = "/var/lib/sluice")]
     pub state_dir: PathBuf,
+    /// Where programs, maps and links are pinned, so policy keeps being enforced while the
+    /// daemon restarts; default `/sys/fs/bpf/sluice/<plugin name>`.
+    #[arg(long, env = "SLUICE_BPF_DIR")]
+    pub bpf_dir: Option<PathBuf>,
     /// IPv4 range automatic subnets are taken from.
     #[arg(
         long,
@@ -69,15 +77,22 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     .context("invalid default address pools")?;
     let store = Store::open(&args.state_dir).context("opening the state store")?;
     let name = plugin_name(&args.plugin_socket)?;
+    let bpf_dir = args
+        .bpf_dir
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT).join(&name));
+    let datapath = Datapath::load(&DatapathConfig::pinned(&bpf_dir)).with_context(|| {
+        format!(
+            "loading the eBPF datapath (pins under {}); sluice needs a kernel with BPF, BTF \
+             and TCX (6.6 or later) and CAP_BPF + CAP_NET_ADMIN",
+            bpf_dir.display()
+        )
+    })?;
+    info!(pins = %bpf_dir.display(), "eBPF datapath ready");
     let kernel = LinuxKernel::new()
         .context("connecting to the kernel (netlink)")?
-        .owned_by(&name);
-    // The admin API shares the store (one database, serialised write transactions).
-    // TODO(driver): route policy changes through the Driver so the datapath follows them.
-    let policies = Arc::new(
-        EngineAdmin::open(store.clone())
-            .map_err(|e| anyhow::anyhow!("loading the policies: {}", e.message))?,
-    );
+        .owned_by(&name)
+        .with_datapath(datapath);
     let driver = Arc::new(Driver::open(kernel, store, ipam)?);
 
     let report = driver.reconcile().await;
@@ -116,10 +131,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let plugin = axum::serve(listener, crate::server::router(driver))
+    let plugin = axum::serve(listener, crate::server::router(driver.clone()))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let admin_api = axum::serve(admin_listener, admin::router(policies))
-        .with_graceful_shutdown(stopped(stop_rx));
+    let admin_api =
+        axum::serve(admin_listener, admin::router(driver)).with_graceful_shutdown(stopped(stop_rx));
     let (served, admin_served) = tokio::join!(plugin.into_future(), admin_api.into_future());
     signals.abort();
     remove_socket(&args.plugin_socket).await;

@@ -290,9 +290,12 @@ fn prepare_pin_root(root: &Path, mount: bool) -> Result<()> {
             Err(DatapathError::NotBpffs(root.to_owned()))
         };
     }
+    // The nearest directory that exists: `/sys/fs/bpf` for `/sys/fs/bpf/sluice/<name>` on a
+    // fresh host.
     let parent = root
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
+        .ancestors()
+        .skip(1)
+        .find(|p| !p.as_os_str().is_empty() && p.exists())
         .unwrap_or(Path::new("."));
     if !is_bpffs(parent)? {
         if !mount {

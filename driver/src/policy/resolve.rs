@@ -360,6 +360,9 @@ mod tests {
             mac: [0; 6],
             options: BTreeMap::from([("sluice.label.tier".into(), "1".into())]),
             sandbox_key: None,
+            identity: 300,
+            ifindex: 0,
+            container: None,
         };
         let v = EndpointView::new(&ep, 300, None);
         assert_eq!(v.name, None);
