@@ -15,6 +15,7 @@ use sluice_driver::store::Store;
 use tracing::{error, info, warn};
 
 use crate::admin;
+use crate::engine::{Availability, EngineClient, IdentityResolver, ResolverConfig};
 
 /// Parent of every daemon's pin directory.
 const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/sluice";
@@ -33,6 +34,14 @@ pub struct DaemonArgs {
     /// Directory of the state database.
     #[arg(long, env = "SLUICE_STATE_DIR", default_value = "/var/lib/sluice")]
     pub state_dir: PathBuf,
+    /// Docker Engine API, for the names and labels of the containers behind endpoints
+    /// (Docker does not send them to plugins).
+    #[arg(
+        long,
+        env = "SLUICE_DOCKER_HOST",
+        default_value = "unix:///var/run/docker.sock"
+    )]
+    pub docker_host: String,
     /// Where programs, maps and links are pinned, so policy keeps being enforced while the
     /// daemon restarts; default `/sys/fs/bpf/sluice/<plugin name>`.
     #[arg(long, env = "SLUICE_BPF_DIR")]
@@ -123,6 +132,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     info!(socket = %args.plugin_socket.display(), "serving Docker plugin API");
     info!(socket = %admin_socket.display(), "serving admin API");
 
+    let resolver = start_resolver(&args.docker_host, driver.clone()).await;
+
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signals = tokio::spawn(async move {
         shutdown_signal().await;
@@ -131,7 +142,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let plugin = axum::serve(listener, crate::server::router(driver.clone()))
+    let plugin = axum::serve(listener, crate::server::router(driver.clone(), resolver))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let admin_api =
         axum::serve(admin_listener, admin::router(driver)).with_graceful_shutdown(stopped(stop_rx));
@@ -143,6 +154,43 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     admin_served.context("serving the admin socket")?;
     info!("stopped");
     Ok(())
+}
+
+/// Starts the identity resolver (after the sockets are bound: dockerd may need the plugin
+/// while it starts) and feeds what it learns to the driver.
+async fn start_resolver<K: sluice_driver::Kernel>(
+    docker_host: &str,
+    driver: Arc<Driver<K>>,
+) -> Option<IdentityResolver> {
+    let client = match EngineClient::from_docker_host(docker_host) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "--docker-host: container names and labels cannot be resolved; driver-option labels (sluice.label.*) and CIDR rules still work");
+            return None;
+        }
+    };
+    let (resolver, mut identities) =
+        IdentityResolver::start(client, ResolverConfig::default()).await;
+    match resolver.availability() {
+        Availability::Available => info!(
+            docker_host,
+            "Docker Engine API reachable: container identities resolved"
+        ),
+        Availability::Connecting => info!(docker_host, "connecting to the Docker Engine API"),
+        Availability::Unavailable(reason) => warn!(
+            docker_host,
+            %reason,
+            "Docker Engine API unreachable (retrying): container names and labels cannot be resolved; driver-option labels (sluice.label.*) and CIDR rules still work"
+        ),
+    }
+    tokio::spawn(async move {
+        while let Some(identity) = identities.recv().await {
+            if let Err(e) = driver.set_container(identity).await {
+                warn!(error = %e, "applying a container identity");
+            }
+        }
+    });
+    Some(resolver)
 }
 
 async fn remove_socket(path: &std::path::Path) {

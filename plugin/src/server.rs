@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::State;
+use axum::extract::{FromRef, State};
 use axum::http::{StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -20,6 +20,7 @@ use serde::de::DeserializeOwned;
 use sluice_driver::{Driver, DriverError, Kernel};
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::engine::IdentityResolver;
 use crate::wire::{
     ActivateResponse, AddressSpacesResponse, AllocateNetworkRequest, AllocateNetworkResponse,
     BadRequest, CapabilitiesResponse, CreateEndpointRequest, CreateEndpointResponse,
@@ -37,6 +38,29 @@ const LOCAL_SPACE: &str = "sluice-local";
 const GLOBAL_SPACE: &str = "sluice-global";
 
 type Shared<K> = Arc<Driver<K>>;
+
+/// What the handlers share: the driver, and the identity resolver that learns each
+/// endpoint's container from the Docker Engine API after Join (never inside the handler).
+#[derive(Debug)]
+pub struct AppState<K: Kernel> {
+    driver: Shared<K>,
+    resolver: Option<IdentityResolver>,
+}
+
+impl<K: Kernel> Clone for AppState<K> {
+    fn clone(&self) -> Self {
+        Self {
+            driver: self.driver.clone(),
+            resolver: self.resolver.clone(),
+        }
+    }
+}
+
+impl<K: Kernel> FromRef<AppState<K>> for Shared<K> {
+    fn from_ref(state: &AppState<K>) -> Self {
+        state.driver.clone()
+    }
+}
 
 /// An error answer: status plus `{"Err": ..., "Error": ...}`.
 #[derive(Debug)]
@@ -128,8 +152,9 @@ where
 }
 
 /// The router for both subsystems. Unknown methods answer 404, which Docker reads as
-/// "not implemented".
-pub fn router<K: Kernel>(driver: Shared<K>) -> Router {
+/// "not implemented". With a `resolver`, every successful Join asks it for the endpoint's
+/// container (a channel send; the lookup runs in the resolver's task).
+pub fn router<K: Kernel>(driver: Shared<K>, resolver: Option<IdentityResolver>) -> Router {
     Router::new()
         .route("/Plugin.Activate", post(activate))
         .route("/NetworkDriver.GetCapabilities", post(capabilities))
@@ -151,7 +176,7 @@ pub fn router<K: Kernel>(driver: Shared<K>) -> Router {
         .route("/IpamDriver.RequestAddress", post(request_address::<K>))
         .route("/IpamDriver.ReleaseAddress", post(release_address::<K>))
         .fallback(not_found)
-        .with_state(driver)
+        .with_state(AppState { driver, resolver })
 }
 
 /// Docker probes optional methods (ProgramExternalConnectivity on every container start)
@@ -288,14 +313,18 @@ async fn delete_endpoint<K: Kernel>(State(d): State<Shared<K>>, body: Bytes) -> 
     .await
 }
 
-async fn join<K: Kernel>(State(d): State<Shared<K>>, body: Bytes) -> Response {
+async fn join<K: Kernel>(State(app): State<AppState<K>>, body: Bytes) -> Response {
     respond(async move {
         let req: JoinRequest = decode(&body)?;
         let span = info_span!("Join", network = %short(&req.network_id), endpoint = %short(&req.endpoint_id));
         async move {
-            let info = d
+            let info = app
+                .driver
                 .join(&req.network_id, &req.endpoint_id, &req.sandbox_key)
                 .await?;
+            if let Some(resolver) = &app.resolver {
+                resolver.request(req.endpoint_id.clone(), req.sandbox_key.clone());
+            }
             Ok(ok(&JoinResponse {
                 interface_name: InterfaceName {
                     src_name: info.src_name,
@@ -473,7 +502,7 @@ mod tests {
         let driver =
             Arc::new(Driver::open(FakeKernel::default(), store, IpamConfig::default()).unwrap());
         Harness {
-            app: router(driver.clone()),
+            app: router(driver.clone(), None),
             driver,
             _dir: dir,
         }
