@@ -130,6 +130,19 @@ impl LinuxKernel {
         })
     }
 
+    /// Takes the datapath's drop-event reader (once; needs a tokio runtime). `None` without
+    /// a datapath.
+    ///
+    /// # Errors
+    /// When the reader was already taken or cannot be registered with the runtime.
+    pub fn drop_events(&self) -> Result<Option<crate::datapath::DropEvents>, KernelError> {
+        if self.datapath.is_none() {
+            return Ok(None);
+        }
+        self.with_dp("take the drop-event reader", Datapath::drop_events)
+            .map(Some)
+    }
+
     /// Marks links as owned by the daemon serving plugin `name` (default `sluice`).
     #[must_use]
     pub fn owned_by(mut self, name: &str) -> Self {

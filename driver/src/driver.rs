@@ -97,6 +97,9 @@ struct State {
     /// The policies resolved against the current endpoints: rules, enforced directions,
     /// pending identities.
     resolution: Resolution,
+    /// Docker's names of the networks (from the Engine API; Docker never sends them to
+    /// plugins), for policy selectors that name a network.
+    network_names: BTreeMap<String, String>,
 }
 
 impl State {
@@ -132,7 +135,7 @@ impl State {
             .values()
             .map(|n| NetworkView {
                 id: n.id.clone(),
-                name: None,
+                name: self.network_names.get(&n.id).cloned(),
             })
             .collect()
     }
@@ -206,6 +209,7 @@ impl<K: Kernel> Driver<K> {
                 .collect(),
             policies: PolicyEngine::load(snap.policies)?,
             resolution: Resolution::default(),
+            network_names: BTreeMap::new(),
         };
         // Records written before the datapath existed get their numbers now.
         let mut upgraded = Vec::new();
@@ -310,6 +314,30 @@ impl<K: Kernel> Driver<K> {
     pub async fn policies(&self) -> Vec<PolicyDoc> {
         let state = self.state.lock().await;
         state.policies.list().map(|p| p.doc.clone()).collect()
+    }
+
+    /// Records Docker's names of the networks (ID → name). Re-resolves the policies when a
+    /// name that matters changed.
+    ///
+    /// # Errors
+    /// Datapath failures.
+    pub async fn set_network_names(
+        &self,
+        names: BTreeMap<String, String>,
+    ) -> Result<(), DriverError> {
+        let mut state = self.state.lock().await;
+        let names: BTreeMap<String, String> = names
+            .into_iter()
+            .filter(|(id, _)| state.networks.contains_key(id))
+            .collect();
+        if names == state.network_names {
+            return Ok(());
+        }
+        state.network_names = names;
+        if state.policies.is_empty() {
+            return Ok(());
+        }
+        self.resync(&mut state, None).await
     }
 
     /// Records who an endpoint belongs to (from the Docker Engine API) and updates its flags.
@@ -904,6 +932,86 @@ fn parse_mtu(value: &str) -> Result<u32, DriverError> {
         )));
     }
     Ok(mtu)
+}
+
+
+/// Observability: status and counters of endpoints, and drop events named after what they hit.
+impl<K: Kernel> Driver<K> {
+    /// Every endpoint with its flags and counters (read through [`Kernel::endpoint_counters`]
+    /// after the state lock is released), and the number of applied policies. An endpoint
+    /// whose counters cannot be read shows zeros and `counters_error`.
+    pub async fn status(&self) -> crate::status::Status {
+        let (mut endpoints, policies) = {
+            let state = self.state.lock().await;
+            let endpoints: Vec<crate::status::EndpointStatus> = state
+                .endpoints
+                .values()
+                .map(|ep| {
+                    let view = state.datapath_view(ep);
+                    crate::status::EndpointStatus {
+                        id: ep.id.clone(),
+                        network_id: ep.network_id.clone(),
+                        container: ep.container.as_ref().map(|c| c.name.clone()),
+                        container_id: ep.container.as_ref().map(|c| c.container_id.clone()),
+                        host_veth: ep.host_veth.clone(),
+                        ifindex: ep.ifindex,
+                        addresses: view.addresses,
+                        identity: ep.identity,
+                        flags: crate::status::flag_names(view.flags),
+                        joined: ep.sandbox_key.is_some(),
+                        ingress: crate::status::DirectionStatus::default(),
+                        egress: crate::status::DirectionStatus::default(),
+                        counters_error: None,
+                    }
+                })
+                .collect();
+            (endpoints, state.policies.len())
+        };
+        for ep in &mut endpoints {
+            match self.kernel.endpoint_counters(&ep.host_veth).await {
+                Ok(c) => ep.set_counters(&c),
+                Err(e) => ep.counters_error = Some(e.to_string()),
+            }
+        }
+        crate::status::Status {
+            endpoints,
+            policies,
+        }
+    }
+
+    /// Every endpoint with its flags and counters ([`Driver::status`] without the policies).
+    pub async fn endpoint_status(&self) -> Vec<crate::status::EndpointStatus> {
+        self.status().await.endpoints
+    }
+
+    /// A drop event received at `received`, with the endpoint and container it happened at
+    /// (by ifindex) and, for a policy deny, the rule (`web-to-db ingress[0]`).
+    pub async fn describe_drop(
+        &self,
+        event: &crate::datapath::DropEvent,
+        received: std::time::SystemTime,
+    ) -> crate::status::FlowRecord {
+        let mut record = crate::status::FlowRecord::from_event(event, received);
+        let state = self.state.lock().await;
+        if event.ifindex != 0
+            && let Some(ep) = state
+                .endpoints
+                .values()
+                .find(|e| e.ifindex == event.ifindex)
+        {
+            record.endpoint = Some(ep.id.clone());
+            record.container = ep.container.as_ref().map(|c| c.name.clone());
+        }
+        if event.rule_id != 0 {
+            record.rule = Some(
+                state
+                    .policies
+                    .rule_ref(event.rule_id)
+                    .map_or_else(|| format!("rule {}", event.rule_id), |r| r.to_string()),
+            );
+        }
+        record
+    }
 }
 
 #[cfg(test)]

@@ -15,6 +15,7 @@ pub mod link;
 pub mod model;
 pub mod names;
 pub mod policy;
+pub mod status;
 pub mod store;
 
 pub use driver::{Driver, DriverError};
