@@ -1240,6 +1240,97 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn endpoints_get_the_datapath_with_isolation_and_policy_flags() {
+        use crate::datapath::layout::{
+            EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED, EP_ISOLATE, IDENTITY_FIRST_ENDPOINT,
+        };
+        const EID2: &str = "1f987eed597ecf3c9843814cfa7aa94478a534ffdc9850a75ed7a99f8135266e";
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(net_request(NID, "10.20.0.0/24")).await.unwrap();
+        d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24")).await.unwrap();
+        d.create_endpoint(ep_request(NID, EID2, "10.20.0.6/24")).await.unwrap();
+        let attached = d.kernel().attached();
+        let db = &attached[&names::host_veth(EID)];
+        assert_eq!(db.identity, IDENTITY_FIRST_ENDPOINT);
+        assert_eq!(attached[&names::host_veth(EID2)].identity, IDENTITY_FIRST_ENDPOINT + 1);
+        assert_eq!(db.network, 1);
+        assert_eq!(db.flags & EP_ISOLATE, EP_ISOLATE, "isolated by default");
+        assert_eq!(db.flags & (EP_INGRESS_ENFORCED | EP_IDENTITY_PENDING), 0);
+
+        let docs = crate::policy::parse_documents(
+            "name: db\nselector: {labels: {role: db}}\ningress:\n  - action: allow\n    from: [{selector: {labels: {role: web}}}]\n    ports: [{protocol: tcp, port: 5432}]\n",
+        )
+        .unwrap();
+        d.apply_policies(docs).await.unwrap();
+        // Nobody is known yet: a policy covers the network, so both fail closed.
+        for eid in [EID, EID2] {
+            let flags = d.kernel().attached()[&names::host_veth(eid)].flags;
+            assert_eq!(flags & EP_IDENTITY_PENDING, EP_IDENTITY_PENDING, "{eid}");
+        }
+        for (eid, role) in [(EID, "db"), (EID2, "web")] {
+            d.set_container(ContainerIdentity {
+                endpoint_id: eid.into(),
+                container_id: format!("c-{role}"),
+                name: role.into(),
+                labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
+            })
+            .await
+            .unwrap();
+        }
+        let attached = d.kernel().attached();
+        let db = &attached[&names::host_veth(EID)];
+        let web = &attached[&names::host_veth(EID2)];
+        assert_eq!(db.flags & EP_IDENTITY_PENDING, 0);
+        assert_eq!(db.flags & EP_INGRESS_ENFORCED, EP_INGRESS_ENFORCED);
+        assert_eq!(web.flags & EP_INGRESS_ENFORCED, 0, "web is not selected");
+        let compiled = d.kernel().policy().unwrap();
+        assert!(!compiled.entries.is_empty(), "allow web -> db compiled");
+
+        d.remove_policy("db").await.unwrap();
+        let db = &d.kernel().attached()[&names::host_veth(EID)];
+        assert_eq!(db.flags & EP_INGRESS_ENFORCED, 0, "removal restores access");
+        assert!(d.kernel().policy().unwrap().entries.is_empty());
+
+        d.delete_endpoint(NID, EID).await.unwrap();
+        assert!(!d.kernel().attached().contains_key(&names::host_veth(EID)));
+    }
+
+    #[tokio::test]
+    async fn isolation_and_default_deny_options() {
+        use crate::datapath::layout::{EP_INGRESS_ENFORCED, EP_ISOLATE};
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        let mut req = net_request(NID, "10.20.0.0/24");
+        req.options.insert(OPT_ISOLATE.into(), "false".into());
+        req.options.insert(OPT_INGRESS.into(), "deny".into());
+        d.create_network(req).await.unwrap();
+        d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24")).await.unwrap();
+        let flags = d.kernel().attached()[&names::host_veth(EID)].flags;
+        assert_eq!(flags & EP_ISOLATE, 0);
+        assert_eq!(flags & EP_INGRESS_ENFORCED, EP_INGRESS_ENFORCED);
+        let mut bad = net_request("other", "10.21.0.0/24");
+        bad.options.insert(OPT_INGRESS.into(), "maybe".into());
+        assert!(d.create_network(bad).await.unwrap_err().is_client_error());
+    }
+
+    #[tokio::test]
+    async fn failed_attach_leaves_no_endpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(net_request(NID, "10.20.0.0/24")).await.unwrap();
+        // ensure_veth succeeds, attach fails: the endpoint must not exist half-made.
+        d.kernel().fail_after("attach_endpoint", "no BPF");
+        let err = d
+            .create_endpoint(ep_request(NID, EID, "10.20.0.5/24"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no BPF"), "{err}");
+        assert!(d.endpoints().await.is_empty());
+        assert!(!d.kernel().links().contains_key(&names::host_veth(EID)));
+    }
+
+    #[tokio::test]
     async fn same_network_twice_is_idempotent_but_different_is_conflict() {
         let dir = tempfile::tempdir().unwrap();
         let d = driver(dir.path());

@@ -167,6 +167,7 @@ pub mod fake {
     pub struct FakeKernel {
         links: Mutex<BTreeMap<String, FakeLink>>,
         fail_next: Mutex<Option<String>>,
+        fail_op: Mutex<Option<(String, String)>>,
         attached: Mutex<BTreeMap<String, EndpointDatapath>>,
         policy: Mutex<Option<CompiledPolicy>>,
     }
@@ -176,6 +177,13 @@ pub mod fake {
         pub fn fail_next(&self, message: &str) {
             if let Ok(mut f) = self.fail_next.lock() {
                 *f = Some(message.to_owned());
+            }
+        }
+
+        /// Makes the next call of operation `op` (e.g. `attach_endpoint`) fail with `message`.
+        pub fn fail_after(&self, op: &str, message: &str) {
+            if let Ok(mut f) = self.fail_op.lock() {
+                *f = Some((op.to_owned(), message.to_owned()));
             }
         }
 
@@ -205,7 +213,15 @@ pub mod fake {
         }
 
         fn check(&self, op: &str) -> Result<(), KernelError> {
-            let failure = self.fail_next.lock().ok().and_then(|mut f| f.take());
+            let targeted = self.fail_op.lock().ok().and_then(|mut f| {
+                if f.as_ref().is_some_and(|(o, _)| o == op) {
+                    f.take().map(|(_, m)| m)
+                } else {
+                    None
+                }
+            });
+            let failure =
+                targeted.or_else(|| self.fail_next.lock().ok().and_then(|mut f| f.take()));
             match failure {
                 Some(message) => Err(KernelError::Os {
                     op: op.to_owned(),

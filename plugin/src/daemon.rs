@@ -12,7 +12,7 @@ use sluice_driver::bridge::LinuxKernel;
 use sluice_driver::datapath::{Datapath, DatapathConfig};
 use sluice_driver::ipam::IpamConfig;
 use sluice_driver::store::Store;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::admin;
 use crate::engine::{Availability, EngineClient, IdentityResolver, ResolverConfig};
@@ -169,6 +169,7 @@ async fn start_resolver<K: sluice_driver::Kernel>(
             return None;
         }
     };
+    let client_for_names = client.clone();
     let (resolver, mut identities) =
         IdentityResolver::start(client, ResolverConfig::default()).await;
     match resolver.availability() {
@@ -183,8 +184,19 @@ async fn start_resolver<K: sluice_driver::Kernel>(
             "Docker Engine API unreachable (retrying): container names and labels cannot be resolved; driver-option labels (sluice.label.*) and CIDR rules still work"
         ),
     }
+    let names_client = client_for_names;
     tokio::spawn(async move {
         while let Some(identity) = identities.recv().await {
+            // A new container may be on a network created since the last lookup; names
+            // must be current before its identity is resolved against `network:` selectors.
+            match names_client.network_names().await {
+                Ok(names) => {
+                    if let Err(e) = driver.set_network_names(names).await {
+                        warn!(error = %e, "applying network names");
+                    }
+                }
+                Err(e) => debug!(error = %e, "listing network names"),
+            }
             if let Err(e) = driver.set_container(identity).await {
                 warn!(error = %e, "applying a container identity");
             }

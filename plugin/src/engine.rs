@@ -585,6 +585,30 @@ impl EngineClient {
         Ok(out)
     }
 
+    /// `GET /v1.41/networks`: network ID → name, for policy selectors that name a network
+    /// (Docker does not tell plugins their networks' names).
+    ///
+    /// # Errors
+    /// When the API cannot be reached, refuses, or answers something else than a list.
+    pub async fn network_names(&self) -> Result<BTreeMap<String, String>, EngineError> {
+        #[derive(Deserialize)]
+        struct RawNetwork {
+            #[serde(rename = "Id")]
+            id: String,
+            #[serde(rename = "Name")]
+            name: String,
+        }
+        let path = format!("/v{}/networks", self.api_version());
+        let (status, body) = self.get("network list", &path).await?;
+        check_status("network list", status, &body)?;
+        let networks: Vec<RawNetwork> =
+            serde_json::from_slice(&body).map_err(|source| EngineError::BadJson {
+                what: "network list".to_owned(),
+                source,
+            })?;
+        Ok(networks.into_iter().map(|n| (n.id, n.name)).collect())
+    }
+
     /// `GET /v1.41/events` for the container and network events the resolver needs, as a
     /// stream of newline-delimited JSON.
     ///
