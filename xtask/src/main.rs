@@ -65,6 +65,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
+    /// Benchmarks (not tests: they measure, they do not pass or fail).
+    Bench {
+        /// `micro`: the policy program's ns per packet under BPF_PROG_TEST_RUN by policy size.
+        #[arg(value_parser = ["micro"], default_value = "micro")]
+        suite: String,
+    },
     /// Run the whole test suite (needs root for the privileged and Docker tiers).
     Test {
         /// Run only the unit tests (`cargo test --workspace --lib`), which need no root.
@@ -82,6 +88,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Run { args } => run(&args).map(|()| ExitCode::SUCCESS),
         Task::Test { unprivileged, args } => test(unprivileged, &args),
+        Task::Bench { suite } => bench(&suite),
     };
     match result {
         Ok(code) => code,
@@ -355,6 +362,42 @@ fn docker_answers() -> bool {
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+// ---------------------------------------------------------------------------------------------
+// bench
+
+/// Runs a benchmark suite. `micro` loads the eBPF programs with policy maps of several sizes
+/// and times them with `BPF_PROG_TEST_RUN`, interleaved, in release mode.
+fn bench(suite: &str) -> Result<ExitCode> {
+    if !is_root() {
+        bail!("`cargo xtask bench` needs root: it loads eBPF programs");
+    }
+    install_ebpf_toolchain()?;
+    let root = workspace_root();
+    println!("bench {suite}: ns per packet by policy size (BPF_PROG_TEST_RUN, median of rounds)");
+    let status = Command::new(cargo())
+        .current_dir(&root)
+        .args([
+            "test",
+            "--release",
+            "-p",
+            "sluice-tests",
+            "--test",
+            "datapath_privileged",
+            "bench_ns_per_packet_by_policy_size",
+            "--",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env("SLUICE_EBPF_REQUIRED", "1")
+        .status()
+        .context("run the micro benchmark")?;
+    Ok(if status.success() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
