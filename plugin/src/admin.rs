@@ -9,8 +9,12 @@
 //! | `POST /v1/policies`, body = YAML | `200 {"applied": [{"name", "outcome"}]}`, or `400 {"error"}` and nothing changed |
 //! | `GET /v1/policies` | `200 {"policies": [document, ...]}` |
 //! | `DELETE /v1/policies/{name}` | `200 {"removed": name}`, or `404 {"error"}` |
+//! | `GET /v1/endpoints` | `200 {"endpoints": [EndpointStatus, ...]}` |
+//! | `GET /v1/flows` | `200 [FlowRecord, ...]`: the recent drop events, oldest first |
+//! | `GET /v1/flows?follow=true` | `200`, newline-delimited JSON: the recent drop events, then each new one |
+//! | `GET /metrics` | `200`, Prometheus text format |
 //!
-//! `docs/policy.md` documents it for users.
+//! `docs/policy.md` and `docs/usage.md` document it for users.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -29,11 +33,14 @@ use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use sluice_driver::policy::{Applied, PolicyDoc, PolicyEngine, PolicyError, parse_documents};
+use sluice_driver::status::{EndpointStatus, FlowRecord, Status};
 use sluice_driver::store::Store;
 use sluice_driver::{Driver, DriverError, Kernel};
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
+
+use crate::observe::{FlowLog, render_metrics};
 
 /// Where the CLI looks for the admin API, and where a daemon named `sluice` serves it.
 pub const DEFAULT_ADMIN_SOCKET: &str = "/run/sluice/sluice.sock";
@@ -71,6 +78,13 @@ pub struct ListResponse {
 pub struct RemoveResponse {
     /// The name removed.
     pub removed: String,
+}
+
+/// Answer to `GET /v1/endpoints`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointsResponse {
+    /// Every endpoint, sorted by ID.
+    pub endpoints: Vec<EndpointStatus>,
 }
 
 /// Every error answer.
@@ -164,6 +178,13 @@ pub trait PolicyAdmin: Send + Sync + 'static {
     fn remove_policy(&self, name: String) -> impl Future<Output = Result<(), AdminError>> + Send;
 }
 
+/// What the observability endpoints read: the daemon's driver, or (without a datapath) the
+/// policy count alone.
+pub trait StatusAdmin: Send + Sync + 'static {
+    /// Endpoints with counters, and the number of policies.
+    fn status(&self) -> impl Future<Output = Result<Status, AdminError>> + Send;
+}
+
 /// A [`PolicyAdmin`] over a [`PolicyEngine`] and the store, without the datapath.
 #[derive(Debug)]
 pub struct EngineAdmin {
@@ -215,6 +236,23 @@ impl PolicyAdmin for EngineAdmin {
     }
 }
 
+/// No endpoints without a driver.
+impl StatusAdmin for EngineAdmin {
+    async fn status(&self) -> Result<Status, AdminError> {
+        Ok(Status {
+            endpoints: Vec::new(),
+            policies: self.engine.lock().await.len(),
+        })
+    }
+}
+
+/// The daemon's [`StatusAdmin`]: one [`Driver::status`] call per request.
+impl<K: Kernel> StatusAdmin for Driver<K> {
+    async fn status(&self) -> Result<Status, AdminError> {
+        Ok(Driver::status(self).await)
+    }
+}
+
 /// The daemon's [`PolicyAdmin`]: policy changes go through the [`Driver`], so the datapath
 /// follows every change.
 impl<K: Kernel> PolicyAdmin for Driver<K> {
@@ -242,24 +280,130 @@ fn driver_error(e: DriverError) -> AdminError {
     }
 }
 
-/// The admin router.
-pub fn router<A: PolicyAdmin>(admin: Arc<A>) -> Router {
+/// What the handlers share.
+#[derive(Debug)]
+struct AdminState<A> {
+    admin: Arc<A>,
+    flows: Arc<FlowLog>,
+}
+
+impl<A> Clone for AdminState<A> {
+    fn clone(&self) -> Self {
+        Self {
+            admin: self.admin.clone(),
+            flows: self.flows.clone(),
+        }
+    }
+}
+
+/// The admin router, with an empty flow log (no drop events).
+pub fn router<A: PolicyAdmin + StatusAdmin>(admin: Arc<A>) -> Router {
+    router_with_flows(admin, Arc::new(FlowLog::default()))
+}
+
+/// The admin router; `flows` is the log the daemon's drop-event reader fills.
+pub fn router_with_flows<A: PolicyAdmin + StatusAdmin>(
+    admin: Arc<A>,
+    flows: Arc<FlowLog>,
+) -> Router {
     Router::new()
         .route(
             "/v1/policies",
             get(list_handler::<A>).post(apply_handler::<A>),
         )
         .route("/v1/policies/{name}", delete(remove_handler::<A>))
+        .route("/v1/endpoints", get(endpoints_handler::<A>))
+        .route("/v1/flows", get(flows_handler::<A>))
+        .route("/metrics", get(metrics_handler::<A>))
         .fallback(|| async {
             AdminError::new(
                 StatusCode::NOT_FOUND,
                 "no such API path; see docs/policy.md",
             )
         })
-        .with_state(admin)
+        .with_state(AdminState { admin, flows })
 }
 
-async fn apply_handler<A: PolicyAdmin>(State(admin): State<Arc<A>>, body: Bytes) -> Response {
+async fn endpoints_handler<A: StatusAdmin>(State(s): State<AdminState<A>>) -> Response {
+    match s.admin.status().await {
+        Ok(status) => json(
+            StatusCode::OK,
+            &EndpointsResponse {
+                endpoints: status.endpoints,
+            },
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn metrics_handler<A: StatusAdmin>(State(s): State<AdminState<A>>) -> Response {
+    match s.admin.status().await {
+        Ok(status) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            render_metrics(&status, &s.flows),
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// True when the query string has `name=true` (or `=1`, or a bare `name`).
+fn query_flag(query: Option<&str>, name: &str) -> bool {
+    query.unwrap_or("").split('&').any(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, "true"));
+        k == name && matches!(v, "true" | "1" | "yes" | "")
+    })
+}
+
+fn ndjson_line(record: &FlowRecord) -> Bytes {
+    let mut line = serde_json::to_vec(record).unwrap_or_default();
+    line.push(b'\n');
+    Bytes::from(line)
+}
+
+async fn flows_handler<A: StatusAdmin>(
+    State(s): State<AdminState<A>>,
+    uri: axum::http::Uri,
+) -> Response {
+    if !query_flag(uri.query(), "follow") {
+        return json(StatusCode::OK, &s.flows.recent());
+    }
+    let (recent, rx) = s.flows.follow();
+    let backlog = futures::stream::iter(
+        recent
+            .into_iter()
+            .map(|r| Ok::<_, std::convert::Infallible>(ndjson_line(&r))),
+    );
+    let closed = Box::pin(s.flows.closed());
+    let live = futures::stream::unfold((rx, closed), |(mut rx, mut closed)| async move {
+        loop {
+            let next = tokio::select! {
+                next = rx.recv() => next,
+                () = &mut closed => return None,
+            };
+            match next {
+                Ok(r) => return Some((Ok(ndjson_line(&r)), (rx, closed))),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(n)) => {
+                    warn!(skipped = n, "a `sluice flows --follow` client fell behind");
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        axum::body::Body::from_stream(futures::StreamExt::chain(backlog, live)),
+    )
+        .into_response()
+}
+
+async fn apply_handler<A: PolicyAdmin>(State(s): State<AdminState<A>>, body: Bytes) -> Response {
+    let admin = s.admin;
     let yaml = match String::from_utf8(body.to_vec()) {
         Ok(t) => t,
         Err(_) => {
@@ -278,18 +422,18 @@ async fn apply_handler<A: PolicyAdmin>(State(admin): State<Arc<A>>, body: Bytes)
     }
 }
 
-async fn list_handler<A: PolicyAdmin>(State(admin): State<Arc<A>>) -> Response {
-    match admin.list_policies().await {
+async fn list_handler<A: PolicyAdmin>(State(s): State<AdminState<A>>) -> Response {
+    match s.admin.list_policies().await {
         Ok(policies) => json(StatusCode::OK, &ListResponse { policies }),
         Err(e) => e.into_response(),
     }
 }
 
 async fn remove_handler<A: PolicyAdmin>(
-    State(admin): State<Arc<A>>,
+    State(s): State<AdminState<A>>,
     UrlPath(name): UrlPath<String>,
 ) -> Response {
-    match admin.remove_policy(name.clone()).await {
+    match s.admin.remove_policy(name.clone()).await {
         Ok(()) => {
             info!(policy = %name, "policy removed");
             json(StatusCode::OK, &RemoveResponse { removed: name })
@@ -426,12 +570,134 @@ impl AdminClient {
         Ok(())
     }
 
+    /// `GET /v1/endpoints`.
+    ///
+    /// # Errors
+    /// As [`ClientError`].
+    pub async fn endpoints(&self) -> Result<Vec<EndpointStatus>, ClientError> {
+        let r: EndpointsResponse = self.call("GET", "/v1/endpoints", Bytes::new()).await?;
+        Ok(r.endpoints)
+    }
+
+    /// `GET /v1/flows`: the recent drop events, oldest first.
+    ///
+    /// # Errors
+    /// As [`ClientError`].
+    pub async fn flows(&self) -> Result<Vec<FlowRecord>, ClientError> {
+        self.call("GET", "/v1/flows", Bytes::new()).await
+    }
+
+    /// `GET /metrics`: the Prometheus text.
+    ///
+    /// # Errors
+    /// As [`ClientError`].
+    pub async fn metrics(&self) -> Result<String, ClientError> {
+        let bytes = self.call_bytes("GET", "/metrics", Bytes::new()).await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// `GET /v1/flows?follow=true`: calls `each` with the recent drop events, then with every
+    /// new one, until the daemon closes the stream or `each` returns `false`.
+    ///
+    /// # Errors
+    /// As [`ClientError`]; a line that is not a drop event is [`ClientError::Protocol`].
+    pub async fn follow_flows(
+        &self,
+        mut each: impl FnMut(FlowRecord) -> bool,
+    ) -> Result<(), ClientError> {
+        let protocol = |message: String| ClientError::Protocol {
+            socket: self.socket.clone(),
+            message,
+        };
+        let (status, mut body, driver) = self
+            .send("GET", "/v1/flows?follow=true", Bytes::new())
+            .await?;
+        if !status.is_success() {
+            let bytes = Limited::new(body, MAX_BODY)
+                .collect()
+                .await
+                .map_err(|e| protocol(format!("reading the answer: {e}")))?
+                .to_bytes();
+            driver.abort();
+            return Err(server_error(status, &bytes));
+        }
+        let mut pending: Vec<u8> = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| protocol(format!("reading the stream: {e}")))?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            pending.extend_from_slice(&data);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let record = serde_json::from_slice(&line)
+                    .map_err(|e| protocol(format!("unexpected line: {e}")))?;
+                if !each(record) {
+                    driver.abort();
+                    return Ok(());
+                }
+            }
+            if pending.len() > MAX_BODY {
+                return Err(protocol("a line longer than the body limit".into()));
+            }
+        }
+        driver.abort();
+        Ok(())
+    }
+
     async fn call<T: serde::de::DeserializeOwned>(
         &self,
         method: &str,
         path: &str,
         body: Bytes,
     ) -> Result<T, ClientError> {
+        let bytes = self.call_bytes(method, path, body).await?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+            socket: self.socket.clone(),
+            message: format!("unexpected answer: {e}"),
+        })
+    }
+
+    async fn call_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<Bytes, ClientError> {
+        let (status, incoming, driver) = self.send(method, path, body).await?;
+        let bytes = Limited::new(incoming, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Protocol {
+                socket: self.socket.clone(),
+                message: format!("reading the answer: {e}"),
+            })?
+            .to_bytes();
+        driver.abort();
+        if !status.is_success() {
+            return Err(server_error(status, &bytes));
+        }
+        Ok(bytes)
+    }
+
+    /// Sends one request; the answer's status, its body, and the connection task (abort it
+    /// when done with the body).
+    async fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Bytes,
+    ) -> Result<
+        (
+            StatusCode,
+            hyper::body::Incoming,
+            tokio::task::JoinHandle<Result<(), hyper::Error>>,
+        ),
+        ClientError,
+    > {
         let protocol = |message: String| ClientError::Protocol {
             socket: self.socket.clone(),
             message,
@@ -462,23 +728,22 @@ impl AdminClient {
             .send_request(request)
             .await
             .map_err(|e| protocol(format!("request failed: {e}")))?;
-        let status = response.status();
-        let bytes = Limited::new(response.into_body(), MAX_BODY)
-            .collect()
-            .await
-            .map_err(|e| protocol(format!("reading the answer: {e}")))?
-            .to_bytes();
-        drop(sender);
-        driver.abort();
-        if !status.is_success() {
-            let message = serde_json::from_slice::<ErrorResponse>(&bytes).map_or_else(
-                |_| format!("{status}: {}", String::from_utf8_lossy(&bytes).trim()),
-                |e| e.error,
-            );
-            return Err(ClientError::Server { status, message });
-        }
-        serde_json::from_slice(&bytes).map_err(|e| protocol(format!("unexpected answer: {e}")))
+        // The sender lives as long as the body is read: the connection stays open for it.
+        let driver = tokio::spawn(async move {
+            let result = driver.await;
+            drop(sender);
+            result.unwrap_or(Ok(()))
+        });
+        Ok((response.status(), response.into_body(), driver))
     }
+}
+
+fn server_error(status: StatusCode, bytes: &[u8]) -> ClientError {
+    let message = serde_json::from_slice::<ErrorResponse>(bytes).map_or_else(
+        |_| format!("{status}: {}", String::from_utf8_lossy(bytes).trim()),
+        |e| e.error,
+    );
+    ClientError::Server { status, message }
 }
 
 /// Percent-encodes everything but unreserved characters (policy names need none of it,
@@ -761,6 +1026,229 @@ mod tests {
         );
     }
 
+    /// A driver on the fake kernel with one network and one endpoint, its admin router with
+    /// a flow log, and the plugin router to drive it.
+    struct DriverHarness {
+        app: Router,
+        driver: Arc<Driver<sluice_driver::kernel::fake::FakeKernel>>,
+        flows: Arc<FlowLog>,
+        _dir: tempfile::TempDir,
+    }
+
+    const NID: &str = "a45eeb163d5f42ccd747f827dfe6a23e505e6b221804f242ca378ead7fed74ff";
+    const EID: &str = "0f987eed597ecf3c9843814cfa7aa94478a534ffdc9850a75ed7a99f8135266e";
+
+    async fn driver_harness() -> DriverHarness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let driver = Arc::new(
+            Driver::open(
+                sluice_driver::kernel::fake::FakeKernel::default(),
+                store,
+                sluice_driver::ipam::IpamConfig::default(),
+            )
+            .unwrap(),
+        );
+        let plugin = crate::server::router(driver.clone(), None);
+        let steps = [
+            (
+                "IpamDriver.RequestPool",
+                r#"{"AddressSpace":"sluice-local","Pool":"10.251.0.0/24","SubPool":"","Options":{},"V6":false}"#.to_owned(),
+            ),
+            (
+                "IpamDriver.RequestAddress",
+                r#"{"PoolID":"10.251.0.0/24","Address":"10.251.0.1","Options":{"RequestAddressType":"com.docker.network.gateway"}}"#.to_owned(),
+            ),
+            (
+                "NetworkDriver.CreateNetwork",
+                format!(
+                    r#"{{"NetworkID":"{NID}","Options":{{"com.docker.network.generic":{{"sluice.isolate":"true"}}}},"IPv4Data":[{{"AddressSpace":"sluice-local","Gateway":"10.251.0.1/24","Pool":"10.251.0.0/24"}}],"IPv6Data":[]}}"#
+                ),
+            ),
+            (
+                "IpamDriver.RequestAddress",
+                r#"{"PoolID":"10.251.0.0/24","Address":"10.251.0.2","Options":null}"#.to_owned(),
+            ),
+            (
+                "NetworkDriver.CreateEndpoint",
+                format!(
+                    r#"{{"NetworkID":"{NID}","EndpointID":"{EID}","Interface":{{"Address":"10.251.0.2/24","AddressIPv6":"","MacAddress":""}},"Options":{{}}}}"#
+                ),
+            ),
+        ];
+        for (method, body) in steps {
+            let req = Request::builder()
+                .method("POST")
+                .uri(format!("/{method}"))
+                .body(Body::from(body))
+                .unwrap();
+            let resp = plugin.clone().oneshot(req).await.unwrap();
+            let status = resp.status();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(
+                status,
+                StatusCode::OK,
+                "{method}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        let flows = Arc::new(FlowLog::new(100));
+        DriverHarness {
+            app: router_with_flows(driver.clone(), flows.clone()),
+            driver,
+            flows,
+            _dir: dir,
+        }
+    }
+
+    async fn get_text(app: &Router, uri: &str) -> (StatusCode, String, String) {
+        let req = Request::builder().uri(uri).body(Body::empty()).unwrap();
+        let resp = app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let ctype = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, ctype, String::from_utf8(bytes.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn endpoints_flows_and_metrics_over_the_driver() {
+        let h = driver_harness().await;
+        let (status, body) = call(&h.app, "GET", "/v1/endpoints", "").await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let list: EndpointsResponse = serde_json::from_value(body.clone()).unwrap();
+        assert_eq!(list.endpoints.len(), 1, "{body}");
+        let ep = &list.endpoints[0];
+        assert_eq!(ep.id, EID);
+        assert_eq!(ep.network_id, NID);
+        assert_eq!(ep.container, None);
+        assert_eq!(ep.addresses, ["10.251.0.2/24".parse().unwrap()]);
+        assert!(ep.flags.contains(&"isolate".to_owned()), "{:?}", ep.flags);
+        assert_eq!(ep.counters_error, None);
+        assert_eq!(body["endpoints"][0]["ingress"]["dropped"]["bytes"], 0);
+
+        // A policy, a resolved container, and a drop event at the endpoint's ifindex.
+        let policy = "name: web-to-db\nselector: {}\ningress:\n  - action: allow\n    ports: [{protocol: tcp, port: 5432}]\n";
+        let (status, _) = call(&h.app, "POST", "/v1/policies", policy).await;
+        assert_eq!(status, StatusCode::OK);
+        h.driver
+            .set_container(sluice_driver::model::ContainerIdentity {
+                endpoint_id: EID.into(),
+                container_id: "c0ffee".into(),
+                name: "db".into(),
+                labels: std::collections::BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        let ep = h.driver.endpoint_status().await.remove(0);
+        assert_eq!(ep.container.as_deref(), Some("db"));
+        assert_ne!(ep.ifindex, 0);
+        let mut event = sluice_driver::datapath::DropEvent {
+            ifindex: ep.ifindex,
+            rule_id: sluice_driver::policy::rule_id(
+                1,
+                sluice_driver::policy::Direction::Ingress,
+                0,
+            ),
+            src_port: 40000,
+            dst_port: 5432,
+            proto: 6,
+            direction: sluice_driver::datapath::layout::DIR_INGRESS,
+            reason: sluice_driver::datapath::layout::REASON_POLICY_DENY,
+            family: sluice_driver::datapath::layout::FAMILY_V4,
+            suppressed: 4,
+            ..Default::default()
+        };
+        event.src_addr[10..].copy_from_slice(&[0xff, 0xff, 10, 251, 0, 3]);
+        event.dst_addr[10..].copy_from_slice(&[0xff, 0xff, 10, 251, 0, 2]);
+        let record = h
+            .driver
+            .describe_drop(&event, std::time::SystemTime::now())
+            .await;
+        assert_eq!(record.rule.as_deref(), Some("web-to-db ingress[0]"));
+        assert_eq!(record.container.as_deref(), Some("db"));
+        assert_eq!(record.endpoint.as_deref(), Some(EID));
+        let line = crate::observe::format_flow(&record);
+        assert!(
+            line.ends_with(" ingress 10.251.0.3:40000 -> 10.251.0.2:5432 tcp db (0f987eed597e) policy deny: web-to-db ingress[0] (+4 suppressed)"),
+            "{line}"
+        );
+        h.flows.push(record);
+
+        let (status, body) = call(&h.app, "GET", "/v1/flows", "").await;
+        assert_eq!(status, StatusCode::OK);
+        let recent: Vec<FlowRecord> = serde_json::from_value(body).unwrap();
+        assert_eq!(recent.len(), 1);
+        assert_eq!(recent[0].seq, 1);
+        assert_eq!(
+            recent[0].reason,
+            sluice_driver::status::DropReason::PolicyDeny
+        );
+
+        let (status, ctype, text) = get_text(&h.app, "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(ctype.starts_with("text/plain; version=0.0.4"), "{ctype}");
+        for needle in [
+            format!(
+                "sluice_endpoint_packets_total{{endpoint=\"{EID}\",container=\"db\",network=\"{NID}\",direction=\"ingress\",verdict=\"dropped\"}} 0"
+            ),
+            "sluice_drop_events_total{reason=\"policy_deny\"} 1".to_owned(),
+            "sluice_drop_events_suppressed_total 4".to_owned(),
+            "sluice_policies 1".to_owned(),
+        ] {
+            assert!(
+                text.lines().any(|l| l == needle),
+                "missing {needle} in\n{text}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn follow_streams_the_backlog_then_new_events() {
+        let h = driver_harness().await;
+        let mut first = crate::observe::tests_support::record();
+        first.reason = sluice_driver::status::DropReason::Isolation;
+        h.flows.push(first.clone());
+        let req = Request::builder()
+            .uri("/v1/flows?follow=true")
+            .body(Body::empty())
+            .unwrap();
+        let resp = h.app.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()[header::CONTENT_TYPE], "application/x-ndjson");
+        let mut body = resp.into_body();
+        let frame = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        let got: FlowRecord = serde_json::from_slice(frame.strip_suffix(b"\n").unwrap()).unwrap();
+        assert_eq!(
+            (got.seq, got.reason),
+            (1, sluice_driver::status::DropReason::Isolation)
+        );
+        h.flows.push(crate::observe::tests_support::record());
+        let frame = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .into_data()
+            .unwrap();
+        let got: FlowRecord = serde_json::from_slice(&frame).unwrap();
+        assert_eq!(
+            (got.seq, got.reason),
+            (2, sluice_driver::status::DropReason::PolicyDeny)
+        );
+        h.flows.close();
+        let end = tokio::time::timeout(std::time::Duration::from_secs(5), body.frame())
+            .await
+            .unwrap();
+        assert!(end.is_none(), "the stream ends when the log closes");
+        assert!(query_flag(Some("a=b&follow=1"), "follow"));
+        assert!(!query_flag(Some("follow=false"), "follow"));
+        assert!(!query_flag(None, "follow"));
+    }
+
     /// The real client against the real server on a Unix socket.
     #[tokio::test]
     async fn client_over_a_unix_socket() {
@@ -793,6 +1281,15 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert!(client.endpoints().await.unwrap().is_empty());
+        assert!(client.flows().await.unwrap().is_empty());
+        assert!(
+            client
+                .metrics()
+                .await
+                .unwrap()
+                .contains("sluice_policies 1\n")
+        );
         let err = client.apply("name: x\n".into()).await.unwrap_err();
         assert_eq!(err.to_string(), "policy \"x\": missing field `selector`");
         server.abort();

@@ -102,7 +102,16 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .context("connecting to the kernel (netlink)")?
         .owned_by(&name)
         .with_datapath(datapath);
+    // The drop-event reader is the kernel's until the kernel moves into the driver.
+    let drop_events = kernel.drop_events().unwrap_or_else(|e| {
+        warn!(error = %e, "drop events unavailable: `sluice flows` shows nothing");
+        None
+    });
     let driver = Arc::new(Driver::open(kernel, store, ipam)?);
+    let flows = Arc::new(crate::observe::FlowLog::default());
+    if let Some(events) = drop_events {
+        crate::observe::spawn_drop_reader(events, driver.clone(), flows.clone());
+    }
 
     let report = driver.reconcile().await;
     info!(
@@ -142,10 +151,18 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    tokio::spawn({
+        let (flows, stop) = (flows.clone(), stopped(stop_rx.clone()));
+        async move {
+            stop.await;
+            flows.close();
+        }
+    });
     let plugin = axum::serve(listener, crate::server::router(driver.clone(), resolver))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
     let admin_api =
-        axum::serve(admin_listener, admin::router(driver)).with_graceful_shutdown(stopped(stop_rx));
+        axum::serve(admin_listener, admin::router_with_flows(driver, flows))
+            .with_graceful_shutdown(stopped(stop_rx));
     let (served, admin_served) = tokio::join!(plugin.into_future(), admin_api.into_future());
     signals.abort();
     remove_socket(&args.plugin_socket).await;

@@ -6,5 +6,6 @@
 pub mod admin;
 pub mod daemon;
 pub mod engine;
+pub mod observe;
 pub mod server;
 pub mod wire;

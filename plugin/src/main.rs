@@ -31,6 +31,23 @@ enum Command {
     /// Apply, list and remove policies (docs/policy.md).
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// List the endpoints with their container, addresses, identity, flags and packet counts.
+    Endpoints {
+        /// Print the full status as JSON (bytes included).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show packets the datapath dropped: the recent ones, or a live stream with --follow.
+    Flows {
+        /// Keep printing new drops as they happen (Ctrl-C to stop).
+        #[arg(short, long)]
+        follow: bool,
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the Prometheus metrics (as `GET /metrics` on the admin socket serves them).
+    Metrics,
 }
 
 #[derive(Debug, Subcommand)]
@@ -69,11 +86,18 @@ fn main() -> anyhow::Result<()> {
             args.admin_socket = cli.admin_socket;
             runtime.block_on(sluice_plugin::daemon::run(args))
         }
-        Command::Policy(cmd) => {
+        cmd => {
             let socket = cli
                 .admin_socket
                 .unwrap_or_else(|| PathBuf::from(admin::DEFAULT_ADMIN_SOCKET));
-            match runtime.block_on(policy(&AdminClient::new(socket), cmd)) {
+            let client = AdminClient::new(socket);
+            let result = runtime.block_on(async {
+                match cmd {
+                    Command::Policy(cmd) => policy(&client, cmd).await,
+                    other => observe(&client, other).await,
+                }
+            });
+            match result {
                 Ok(output) => {
                     let mut stdout = std::io::stdout().lock();
                     stdout.write_all(output.as_bytes())?;
@@ -87,6 +111,58 @@ fn main() -> anyhow::Result<()> {
                 }
             }
         }
+    }
+}
+
+/// Runs `sluice endpoints`, `flows` or `metrics`; the output still to print.
+async fn observe(client: &AdminClient, cmd: Command) -> anyhow::Result<String> {
+    use sluice_plugin::observe::{format_endpoints, format_flow};
+    let line = |r: &sluice_driver::status::FlowRecord, json: bool| {
+        if json {
+            serde_json::to_string(r).unwrap_or_default()
+        } else {
+            format_flow(r)
+        }
+    };
+    match cmd {
+        Command::Endpoints { json: true } => {
+            let mut text = serde_json::to_string_pretty(&client.endpoints().await?)?;
+            text.push('\n');
+            Ok(text)
+        }
+        Command::Endpoints { json: false } => Ok(format_endpoints(&client.endpoints().await?)),
+        Command::Flows {
+            follow: false,
+            json,
+        } => {
+            let mut out = String::new();
+            for r in client.flows().await? {
+                out.push_str(&line(&r, json));
+                out.push('\n');
+            }
+            Ok(out)
+        }
+        Command::Flows { follow: true, json } => {
+            let mut failed = None;
+            client
+                .follow_flows(|r| {
+                    let mut stdout = std::io::stdout().lock();
+                    if let Err(e) =
+                        writeln!(stdout, "{}", line(&r, json)).and_then(|()| stdout.flush())
+                    {
+                        failed = Some(e);
+                        return false;
+                    }
+                    true
+                })
+                .await?;
+            if let Some(e) = failed {
+                return Err(e.into());
+            }
+            Ok(String::new())
+        }
+        Command::Metrics => Ok(client.metrics().await?),
+        Command::Daemon(_) | Command::Policy(_) => Ok(String::new()),
     }
 }
 
