@@ -728,6 +728,11 @@ impl Inner {
             .args(["--default-ipv6-pool", &self.pool_v6])
             .args(["--default-ipv6-pool-size", "64"])
             .args(["--log-level", "debug"])
+            .args(["--docker-host", &self.docker_host])
+            .arg("--admin-socket")
+            .arg(admin_socket_of(&self.driver))
+            .arg("--bpf-dir")
+            .arg(bpf_dir_of(&self.driver))
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -901,6 +906,10 @@ impl Inner {
                 let _ = Command::new("ip").args(["link", "del", name]).status();
             }
         }
+        // The daemon's pinned datapath (links first: a pinned link keeps its programs
+        // attached) and its admin socket.
+        remove_bpf_pins(&bpf_dir_of(&self.driver));
+        let _ = fs::remove_file(admin_socket_of(&self.driver));
         self.keep_logs();
         unmount_under(&self.dir);
         let _ = fs::remove_file(&self.plugin_socket);
@@ -966,6 +975,32 @@ fn sweep_leftovers() {
         {
             eprintln!("sluice tests: removing link {name} left by dead test process {pid}");
             let _ = Command::new("ip").args(["link", "del", name]).status();
+        }
+    }
+
+    // Pinned datapaths and admin sockets of dead runs' daemons.
+    for (dir, suffix) in [(BPF_ROOT, ""), (ADMIN_SOCKET_DIR, ".sock")] {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_suffix(suffix)
+                .and_then(|n| n.strip_prefix("slt"))
+                .and_then(|rest| rest.split('n').next())
+                .and_then(|pid| pid.parse().ok())
+            else {
+                continue;
+            };
+            if dead(pid) {
+                if suffix.is_empty() {
+                    eprintln!("sluice tests: removing bpffs pins of dead test process {pid}");
+                    remove_bpf_pins(&entry.path());
+                } else {
+                    let _ = fs::remove_file(entry.path());
+                }
+            }
         }
     }
 
@@ -1403,4 +1438,86 @@ fn join(args: &[std::ffi::OsString]) -> String {
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// ---------------------------------------------------------------------------------------------
+// datapath pins, admin socket, sluice CLI
+
+/// Where the test daemons pin their datapaths (`--bpf-dir <root>/<plugin name>`).
+const BPF_ROOT: &str = "/sys/fs/bpf/sluice";
+/// Where the test daemons serve their admin API (`<dir>/<plugin name>.sock`).
+const ADMIN_SOCKET_DIR: &str = "/run/sluice";
+
+fn bpf_dir_of(driver: &str) -> PathBuf {
+    Path::new(BPF_ROOT).join(driver)
+}
+
+fn admin_socket_of(driver: &str) -> PathBuf {
+    Path::new(ADMIN_SOCKET_DIR).join(format!("{driver}.sock"))
+}
+
+/// Removes a daemon's bpffs pin directory: the link pins first (`links/`, so nothing stays
+/// attached through a pin), then the rest (`Datapath::remove_pins`).
+fn remove_bpf_pins(dir: &Path) {
+    if !dir.exists() {
+        return;
+    }
+    let _ = fs::remove_dir_all(dir.join("links"));
+    if let Err(e) = sluice_driver::datapath::Datapath::remove_pins(dir) {
+        eprintln!(
+            "sluice tests: cleanup: cannot remove pins {}: {e}",
+            dir.display()
+        );
+    }
+}
+
+impl Env {
+    /// The sluice daemon's admin socket (`/run/sluice/<driver>.sock`).
+    #[must_use]
+    pub fn admin_socket(&self) -> PathBuf {
+        admin_socket_of(&self.inner.driver)
+    }
+
+    /// The sluice daemon's bpffs pin directory (`/sys/fs/bpf/sluice/<driver>`).
+    #[must_use]
+    pub fn bpf_dir(&self) -> PathBuf {
+        bpf_dir_of(&self.inner.driver)
+    }
+
+    /// Runs `sluice --admin-socket <this daemon's> ARGS…`.
+    ///
+    /// # Panics
+    /// When the CLI cannot be started or does not finish within 3 minutes.
+    pub fn sluice_cli(&self, args: &[&str]) -> Output {
+        let mut cmd = Command::new(sluice_bin());
+        cmd.arg("--admin-socket")
+            .arg(self.admin_socket())
+            .args(args);
+        match output_with_timeout(&mut cmd, COMMAND_TIMEOUT) {
+            Ok(Some(out)) => out,
+            Ok(None) => panic!(
+                "`sluice {}` did not finish within {COMMAND_TIMEOUT:?}",
+                args.join(" ")
+            ),
+            Err(e) => panic!("cannot run sluice: {e}"),
+        }
+    }
+
+    /// Runs the sluice CLI, which must succeed; returns its trimmed stdout.
+    ///
+    /// # Panics
+    /// When it fails: the message holds its output and the tails of both logs.
+    pub fn sluice_cli_ok(&self, args: &[&str]) -> String {
+        let out = self.sluice_cli(args);
+        assert!(
+            out.status.success(),
+            "`sluice {}` failed ({}):\nstdout: {}\nstderr: {}\n{}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim(),
+            self.logs_tail()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
 }
