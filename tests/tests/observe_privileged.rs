@@ -6,6 +6,11 @@
 //! `cargo test -p sluice-tests --test observe_privileged` (as root; without root the test
 //! prints "skipped: needs root").
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns panic on failure, like the tests"
+)]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
