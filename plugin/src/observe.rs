@@ -418,6 +418,61 @@ mod tests {
         );
     }
 
+    /// The table in docs/usage.md is what `format_endpoints` prints for its rows.
+    #[test]
+    fn docs_show_the_real_endpoints_table() {
+        let row = |id: &str,
+                   c: Option<&str>,
+                   addr: &str,
+                   identity: u32,
+                   flags: &[&str],
+                   counts: [u64; 3]| {
+            let mut ep = endpoint();
+            ep.id = id.into();
+            ep.network_id = "a45eeb163d5f42cc".into();
+            ep.container = c.map(str::to_owned);
+            ep.addresses = vec![addr.parse().unwrap()];
+            ep.identity = identity;
+            ep.flags = flags.iter().map(|f| (*f).to_owned()).collect();
+            ep.ingress.allowed.packets = counts[0];
+            ep.ingress.dropped.packets = counts[1];
+            ep.egress.allowed.packets = counts[2];
+            ep.egress.dropped.packets = if c.is_none() { 5 } else { 0 };
+            ep
+        };
+        let table = format_endpoints(&[
+            row(
+                "0f987eed597ecf",
+                Some("db"),
+                "10.251.0.2/24",
+                256,
+                &["isolate", "ingress-enforced"],
+                [1204, 17, 1180],
+            ),
+            row(
+                "5d1c20ab4f8e99",
+                Some("web"),
+                "10.251.0.3/24",
+                257,
+                &["isolate"],
+                [1180, 0, 1221],
+            ),
+            row(
+                "9b3e77c01d2a00",
+                None,
+                "10.251.0.4/24",
+                258,
+                &["isolate", "pending"],
+                [0, 3, 0],
+            ),
+        ]);
+        let docs = include_str!("../../docs/usage.md");
+        assert!(
+            docs.contains(&format!("$ sudo sluice endpoints\n{table}```")),
+            "docs/usage.md should show:\n{table}"
+        );
+    }
+
     #[test]
     fn flow_lines() {
         assert_eq!(
