@@ -934,7 +934,6 @@ fn parse_mtu(value: &str) -> Result<u32, DriverError> {
     Ok(mtu)
 }
 
-
 /// Observability: status and counters of endpoints, and drop events named after what they hit.
 impl<K: Kernel> Driver<K> {
     /// Every endpoint with its flags and counters (read through [`Kernel::endpoint_counters`]
