@@ -5,6 +5,11 @@
 //! `cargo build -p sluice-plugin && cargo test -p sluice-tests --test policy_privileged`
 //! (as root; without root every test prints "skipped: needs root").
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns panic on failure, like the tests"
+)]
+
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -474,8 +479,15 @@ fn pending_identity_blocks_until_set_container() {
         let db = create_container(&driver, &net_id, &id("f2"), "10.93.1.3/24").await;
 
         // Names and labels unknown: both fail closed.
+        settle(&driver, &[&web, &db]).await;
+        let before = counters(&driver, &web).await;
         assert!(!pings(&web, &db.addr, 2), "pending endpoints talked");
-        assert!(counters(&driver, &web).await.egress.denied.packets >= 2);
+        let after = counters(&driver, &web).await;
+        assert_eq!(
+            after.egress.denied.packets - before.egress.denied.packets,
+            2,
+            "pending web's drops for 2 echo requests: {before:?} -> {after:?}"
+        );
 
         label(&driver, &web, "web-1", &[("role", "web")]).await;
         assert!(!pings(&web, &db.addr, 2), "db still pending but reachable");
