@@ -289,3 +289,97 @@ fn policy_allows_only_web_to_db_on_5432_and_removal_restores_access_live() {
     }
     env.docker_ok(["network", "rm", "polapp"]);
 }
+
+/// Applies `policy` (web -> db tcp/5432), kills sluice (SIGKILL), checks enforcement while it
+/// is down and after it is back, then removes the policy.
+fn restart_keeps_policy(policy: &str) {
+    // Its own environment: the daemon gets killed.
+    let env = &Env::start();
+    env.create_network("polapp", &[]);
+    let file = env.dir().join("web-to-db.yaml");
+    std::fs::write(&file, policy).unwrap();
+    env.sluice_cli_ok(&["policy", "apply", "-f", file.to_str().unwrap()]);
+    env.run_container_cmd(
+        "polapp",
+        "rs-db",
+        &["--label", "sluice.role=db"],
+        &["sh", "-c", "while true; do nc -l -p 5432 >> /tmp/got; done"],
+    );
+    env.run_container("polapp", "rs-web", &["--label", "sluice.role=web"]);
+    env.run_container("polapp", "rs-other", &["--label", "sluice.role=other"]);
+    let db_ip = env.container_ip("rs-db", "polapp");
+    assert!(
+        wait_until(Duration::from_secs(20), || connects(
+            env, "rs-web", &db_ip, "web-1"
+        )),
+        "rs-web cannot reach rs-db:5432 under the policy"
+    );
+    assert!(
+        !connects(env, "rs-other", &db_ip, "other-1"),
+        "rs-other reached rs-db"
+    );
+
+    env.kill_sluice(nix::sys::signal::Signal::SIGKILL);
+    assert!(!env.sluice_running());
+    // No daemon: the pinned programs, links and maps go on enforcing.
+    assert!(
+        connects(env, "rs-web", &db_ip, "web-2"),
+        "web blocked while sluice was down"
+    );
+    assert!(
+        !connects(env, "rs-other", &db_ip, "other-2"),
+        "policy lost while sluice was down"
+    );
+
+    env.start_sluice();
+    assert!(env.sluice_cli_ok(&["policy", "ls"]).contains("web-to-db"));
+    assert!(
+        connects(env, "rs-web", &db_ip, "web-3"),
+        "web blocked after the restart"
+    );
+    assert!(
+        !connects(env, "rs-other", &db_ip, "other-3"),
+        "policy lost after the restart"
+    );
+    env.sluice_cli_ok(&["policy", "rm", "web-to-db"]);
+    assert!(
+        wait_until(Duration::from_secs(5), || connects(
+            env, "rs-other", &db_ip, "other-4"
+        )),
+        "removal after the restart did not restore access"
+    );
+    // What db received: never a message of rs-other while the policy stood.
+    let got = env.exec_ok("rs-db", &["cat", "/tmp/got"]);
+    for msg in ["other-1", "other-2", "other-3"] {
+        assert!(!got.contains(msg), "{msg} reached db: {got}");
+    }
+    assert!(
+        got.contains("other-4"),
+        "other-4 missing in what db received: {got}"
+    );
+}
+
+#[test]
+fn label_policy_keeps_being_enforced_while_the_daemon_is_down_and_after_its_restart() {
+    if docker::skip_unless_root() {
+        return;
+    }
+    restart_keeps_policy(&WEB_TO_DB.replace("network: polapp, ", ""));
+}
+
+/// The same with the policy's `network: polapp` condition (a network *name*, which sluice
+/// learns from the Docker Engine API).
+///
+/// BUG (found 2026-11-28): at start-up the daemon resolves policies before it knows network
+/// names, so the selector matches nothing: it removes the allow rule (`policy applied
+/// written=0 removed=1`), clears `INGRESS_ENFORCED` on db (flags 21 -> 20) without holding it
+/// identity-pending, and does not re-resolve once the Engine API is connected: rs-other reaches
+/// db:5432 after the restart (fail open).
+#[test]
+#[ignore = "daemon bug: network-name selectors fail open after a daemon restart"]
+fn network_policy_keeps_being_enforced_while_the_daemon_is_down_and_after_its_restart() {
+    if docker::skip_unless_root() {
+        return;
+    }
+    restart_keeps_policy(WEB_TO_DB);
+}
