@@ -5,6 +5,11 @@
 //! Both tests use automatic subnets from the environment's pool and network names of their
 //! own, so they run in parallel on the shared environment.
 
+#![allow(
+    clippy::unwrap_used,
+    reason = "test helpers outside #[test] fns panic on failure, like the tests"
+)]
+
 use std::collections::BTreeMap;
 use std::process::Command;
 use std::time::Duration;
