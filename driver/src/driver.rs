@@ -97,9 +97,6 @@ struct State {
     /// The policies resolved against the current endpoints: rules, enforced directions,
     /// pending identities.
     resolution: Resolution,
-    /// Docker's names of the networks (from the Engine API; Docker never sends them to
-    /// plugins), for policy selectors that name a network.
-    network_names: BTreeMap<String, String>,
 }
 
 impl State {
@@ -135,7 +132,7 @@ impl State {
             .values()
             .map(|n| NetworkView {
                 id: n.id.clone(),
-                name: self.network_names.get(&n.id).cloned(),
+                name: n.name.clone(),
             })
             .collect()
     }
@@ -209,7 +206,6 @@ impl<K: Kernel> Driver<K> {
                 .collect(),
             policies: PolicyEngine::load(snap.policies)?,
             resolution: Resolution::default(),
-            network_names: BTreeMap::new(),
         };
         // Records written before the datapath existed get their numbers now.
         let mut upgraded = Vec::new();
@@ -316,24 +312,37 @@ impl<K: Kernel> Driver<K> {
         state.policies.list().map(|p| p.doc.clone()).collect()
     }
 
-    /// Records Docker's names of the networks (ID → name). Re-resolves the policies when a
-    /// name that matters changed.
+    /// Records Docker's names of the networks (ID → name; from the Engine API, as Docker
+    /// never sends them to plugins), persisted with the networks so that policy selectors
+    /// naming a network keep matching across restarts. Re-resolves the policies when a name
+    /// changed.
     ///
     /// # Errors
-    /// Datapath failures.
+    /// Store or datapath failures.
     pub async fn set_network_names(
         &self,
         names: BTreeMap<String, String>,
     ) -> Result<(), DriverError> {
         let mut state = self.state.lock().await;
-        let names: BTreeMap<String, String> = names
-            .into_iter()
-            .filter(|(id, _)| state.networks.contains_key(id))
-            .collect();
-        if names == state.network_names {
+        let mut changes = Vec::new();
+        for net in state.networks.values() {
+            let name = names.get(&net.id);
+            if name.is_some() && net.name.as_ref() != name {
+                let mut renamed = net.clone();
+                renamed.name = name.cloned();
+                changes.push(Change::PutNetwork(renamed));
+            }
+        }
+        if changes.is_empty() {
             return Ok(());
         }
-        state.network_names = names;
+        self.store.apply(&changes)?;
+        for change in changes {
+            if let Change::PutNetwork(net) = change {
+                info!(network = %net.id, name = ?net.name, "network name known");
+                state.networks.insert(net.id.clone(), net);
+            }
+        }
         if state.policies.is_empty() {
             return Ok(());
         }
@@ -538,6 +547,7 @@ impl<K: Kernel> Driver<K> {
         let mut state = self.state.lock().await;
         if let Some(existing) = state.networks.get(&net.id) {
             net.number = existing.number;
+            net.name.clone_from(&existing.name);
             if *existing == net {
                 return Ok(());
             }
@@ -915,6 +925,7 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
         ipv6: req.ipv6_data,
         options: req.options,
         number: 0,
+        name: None,
         isolate,
         ingress_deny,
     })

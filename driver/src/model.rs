@@ -89,6 +89,10 @@ pub struct Network {
     /// Small number the datapath knows the network by (non-zero, unique on this host).
     #[serde(default)]
     pub number: u32,
+    /// Docker's name of the network, once learnt from the Engine API (Docker never sends
+    /// it to plugins); kept so that policies naming the network survive restarts.
+    #[serde(default)]
+    pub name: Option<String>,
     /// Endpoints cannot talk to endpoints of other sluice networks (`-o sluice.isolate`).
     #[serde(default = "default_true")]
     pub isolate: bool,

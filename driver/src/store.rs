@@ -321,6 +321,7 @@ mod tests {
             number: 1,
             isolate: true,
             ingress_deny: false,
+            name: None,
         }
     }
 

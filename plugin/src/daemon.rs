@@ -203,6 +203,15 @@ async fn start_resolver<K: sluice_driver::Kernel>(
     }
     let names_client = client_for_names;
     tokio::spawn(async move {
+        // Names of networks created while the daemon was away (or before names were kept).
+        match names_client.network_names().await {
+            Ok(names) => {
+                if let Err(e) = driver.set_network_names(names).await {
+                    warn!(error = %e, "applying network names");
+                }
+            }
+            Err(e) => debug!(error = %e, "listing network names"),
+        }
         while let Some(identity) = identities.recv().await {
             // A new container may be on a network created since the last lookup; names
             // must be current before its identity is resolved against `network:` selectors.

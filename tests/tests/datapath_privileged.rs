@@ -1343,7 +1343,7 @@ fn bench_ns_per_packet_by_policy_size() {
     let (ep, other) = (ifindex("tb"), ifindex("tbp"));
     const REPEAT: u32 = 100_000;
     const ROUNDS: usize = 7;
-    let sizes = [1_000u32, 10_000, 100_000];
+    let sizes = [1_000u32, 10_000, 100_000, 1_000_000];
     // One datapath (own programs, own maps) per policy size, measured interleaved so that the
     // machine's slow and fast stretches hit every size alike.
     let mut labs: Vec<(usize, Datapath)> = sizes

@@ -367,15 +367,9 @@ fn label_policy_keeps_being_enforced_while_the_daemon_is_down_and_after_its_rest
 }
 
 /// The same with the policy's `network: polapp` condition (a network *name*, which sluice
-/// learns from the Docker Engine API).
-///
-/// BUG (found 2026-11-28): at start-up the daemon resolves policies before it knows network
-/// names, so the selector matches nothing: it removes the allow rule (`policy applied
-/// written=0 removed=1`), clears `INGRESS_ENFORCED` on db (flags 21 -> 20) without holding it
-/// identity-pending, and does not re-resolve once the Engine API is connected: rs-other reaches
-/// db:5432 after the restart (fail open).
+/// learns from the Docker Engine API and keeps in its store, so the selector still matches
+/// right after a restart; it failed open before names were persisted).
 #[test]
-#[ignore = "daemon bug: network-name selectors fail open after a daemon restart"]
 fn network_policy_keeps_being_enforced_while_the_daemon_is_down_and_after_its_restart() {
     if docker::skip_unless_root() {
         return;

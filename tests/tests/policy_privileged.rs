@@ -569,14 +569,10 @@ fn policy_survives_a_daemon_restart_with_traffic_checked_while_down() {
     });
 }
 
-/// Driver-level reproduction of the restart bug seen end to end (`docker_policy`): a
-/// `network: <name>` selector, names known through `set_network_names`, then a "restart".
-///
-/// BUG: `Driver::open` + `reconcile` start with no network names (they are not persisted and
-/// the daemon fetches them only when a container identity arrives), so the policy selects
-/// nothing and the datapath is opened up (fail open) until some container joins.
+/// A `network: <name>` selector, names known through `set_network_names`, then a
+/// "restart": network names are persisted, so `Driver::open` + `reconcile` keep the policy
+/// (this failed open before they were).
 #[test]
-#[ignore = "driver bug: network-name selectors fail open after a restart"]
 fn network_name_policy_survives_a_restart() {
     in_netns(|| async {
         let bpffs = Bpffs::mount();
