@@ -1469,3 +1469,58 @@ fn bench_ns_per_packet_by_policy_size() {
         std::fs::read_to_string("/proc/loadavg").unwrap().trim()
     );
 }
+
+#[test]
+fn run_port_range_edges_and_cidr_longest_match() {
+    let Some(mut lab) = Lab::new() else { return };
+    lab.policy(&[
+        // tcp 1000-2000 from A: both ends in, both neighbours out.
+        ports(
+            rule(
+                1,
+                B_ID,
+                Direction::Ingress,
+                Peer::Identity(A_ID),
+                Protocol::Tcp,
+            ),
+            1000,
+            2000,
+        ),
+        // udp from 198.51.100.0/24, except the /28 carved out by a deny inside it.
+        rule(
+            2,
+            B_ID,
+            Direction::Ingress,
+            Peer::Cidr(net("198.51.100.0/24")),
+            Protocol::Udp,
+        ),
+        deny(rule(
+            3,
+            B_ID,
+            Direction::Ingress,
+            Peer::Cidr(net("198.51.100.16/28")),
+            Protocol::Any,
+        )),
+    ]);
+    lab.flags(lab.b, EP_INGRESS_ENFORCED);
+    for (port, want) in [
+        (999, TC_ACT_SHOT),
+        (1000, TC_ACT_OK),
+        (1500, TC_ACT_OK),
+        (2000, TC_ACT_OK),
+        (2001, TC_ACT_SHOT),
+    ] {
+        let frame = ipv4(A4, B4, 6, &tcp(41000 + port, port, TCP_SYN));
+        assert_eq!(lab.receives(lab.b, &frame), want, "tcp port {port}");
+    }
+    for (src, want) in [
+        ("198.51.100.1", TC_ACT_OK),    // the /24 allows
+        ("198.51.100.17", TC_ACT_SHOT), // the longer /28 denies
+        ("198.51.100.31", TC_ACT_SHOT), // last address of the /28
+        ("198.51.100.32", TC_ACT_OK),   // just past it: back in the /24
+        ("198.51.101.1", TC_ACT_SHOT),  // outside both: default deny
+    ] {
+        let frame = ipv4(src, B4, 17, &udp(5353, 53, b"q"));
+        assert_eq!(lab.receives(lab.b, &frame), want, "udp from {src}");
+    }
+}
