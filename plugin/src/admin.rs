@@ -938,7 +938,7 @@ mod tests {
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(
             body["error"],
-            "policy \"new\": ingress[0].ports[0]: port range 2000-1000 is reversed"
+            "policy \"new\": ingress[0].ports[0]: port range 2000-1000 is reversed (line 6)"
         );
         let (_, body) = call(&h.app, "GET", "/v1/policies", "").await;
         let list: ListResponse = serde_json::from_value(body).unwrap();

@@ -39,6 +39,9 @@ pub struct PolicyDoc {
         skip_serializing_if = "Option::is_none"
     )]
     pub egress: Option<Vec<EgressRule>>,
+    /// Where each field was in the YAML text (for error messages; never stored).
+    #[serde(skip)]
+    pub source: super::lines::SourceLines,
 }
 
 /// Which endpoints: every condition given must hold (an empty selector matches all).
@@ -283,6 +286,7 @@ pub fn parse_documents(text: &str) -> Result<Vec<PolicyDoc>, PolicyError> {
         values.push(value);
     }
     // Second pass: typed, straight from the text, so errors carry field paths and lines.
+    let lines = super::lines::source_lines(text);
     let mut docs = Vec::new();
     for (i, doc) in serde_norway::Deserializer::from_str(text).enumerate() {
         let Some(value) = values.get(i) else { break };
@@ -301,10 +305,11 @@ pub fn parse_documents(text: &str) -> Result<Vec<PolicyDoc>, PolicyError> {
                     .into(),
             });
         }
-        let parsed = PolicyDoc::deserialize(doc).map_err(|e| PolicyError::Parse {
+        let mut parsed = PolicyDoc::deserialize(doc).map_err(|e| PolicyError::Parse {
             document,
             message: e.to_string(),
         })?;
+        parsed.source = lines.get(i).cloned().unwrap_or_default();
         docs.push(parsed);
     }
     if docs.is_empty() {

@@ -16,6 +16,7 @@
 
 mod document;
 mod engine;
+pub mod lines;
 mod resolve;
 mod selector;
 mod to_datapath;

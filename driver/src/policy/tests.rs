@@ -192,8 +192,8 @@ fn a_bad_file_changes_nothing() {
     .unwrap();
     assert_eq!(
         err,
-        "policy \"other\": ingress[0].ports[0]: port 0 is out of range 1-65535\n\
-         policy \"other\": ingress[0].ports[1]: port 99999 is out of range 1-65535"
+        "policy \"other\": ingress[0].ports[0]: port 0 is out of range 1-65535 (line 8)\n\
+         policy \"other\": ingress[0].ports[1]: port 99999 is out of range 1-65535 (line 8)"
     );
     assert_eq!(engine.list().cloned().collect::<Vec<_>>(), before);
 }

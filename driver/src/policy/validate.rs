@@ -90,6 +90,7 @@ pub(crate) struct CompiledPolicy {
 pub(crate) fn compile(doc: &PolicyDoc) -> Result<CompiledPolicy, Vec<String>> {
     let mut v = Validator {
         policy: doc.name.clone(),
+        source: doc.source.clone(),
         errors: Vec::new(),
         cidrs: BTreeSet::new(),
     };
@@ -140,6 +141,7 @@ pub(crate) fn compile(doc: &PolicyDoc) -> Result<CompiledPolicy, Vec<String>> {
 
 struct Validator {
     policy: String,
+    source: super::lines::SourceLines,
     errors: Vec<String>,
     cidrs: BTreeSet<IpNetwork>,
 }
@@ -151,6 +153,9 @@ impl Validator {
             let _ = write!(line, "{path}: ");
         }
         let _ = write!(line, "{message}");
+        if let Some(n) = self.source.line(path).filter(|_| !path.is_empty()) {
+            let _ = write!(line, " (line {n})");
+        }
         self.errors.push(line);
     }
 
@@ -499,20 +504,20 @@ egress:
 "#,
         );
         let expected = [
-            r#"policy "web-to-db": selector.name: must not be empty (use "*" for any name)"#,
-            r#"policy "web-to-db": ingress[0].from[0]: give either `selector` or `cidr`, not both"#,
-            r#"policy "web-to-db": ingress[0].from[1].cidr: 10.1.2.3/8 has host bits set; the network is 10.0.0.0/8"#,
-            r#"policy "web-to-db": ingress[0].from[2].except[0]: 192.168.0.0/16 is not inside 10.0.0.0/8"#,
-            r#"policy "web-to-db": ingress[0].from[2].except[1]: 10.0.0.0/8 is the whole cidr, so the peer would match nothing"#,
-            r#"policy "web-to-db": ingress[0].from[2].except[2]: invalid CIDR "nonsense" (expected e.g. 10.0.0.0/8, 2001:db8::/32 or an address)"#,
-            r#"policy "web-to-db": ingress[0].from[3]: a peer needs `selector` or `cidr`"#,
-            r#"policy "web-to-db": ingress[0].ports[1]: port range 2000-1000 is reversed"#,
-            r#"policy "web-to-db": ingress[0].ports[2]: icmp has no ports; remove `port`"#,
-            r#"policy "web-to-db": ingress[0].ports[3]: protocol any cannot have a port; list tcp and udp separately"#,
-            r#"policy "web-to-db": ingress[0].ports[4]: port 0 is out of range 1-65535"#,
-            r#"policy "web-to-db": egress[0].to: empty list; omit `to` to match any peer"#,
-            r#"policy "web-to-db": egress[0].ports: empty list; omit `ports` to match every protocol and port"#,
-            r#"policy "web-to-db": egress[1].to[0].except: `except` needs `cidr`"#,
+            r#"policy "web-to-db": selector.name: must not be empty (use "*" for any name) (line 3)"#,
+            r#"policy "web-to-db": ingress[0].from[0]: give either `selector` or `cidr`, not both (line 7)"#,
+            r#"policy "web-to-db": ingress[0].from[1].cidr: 10.1.2.3/8 has host bits set; the network is 10.0.0.0/8 (line 9)"#,
+            r#"policy "web-to-db": ingress[0].from[2].except[0]: 192.168.0.0/16 is not inside 10.0.0.0/8 (line 11)"#,
+            r#"policy "web-to-db": ingress[0].from[2].except[1]: 10.0.0.0/8 is the whole cidr, so the peer would match nothing (line 11)"#,
+            r#"policy "web-to-db": ingress[0].from[2].except[2]: invalid CIDR "nonsense" (expected e.g. 10.0.0.0/8, 2001:db8::/32 or an address) (line 11)"#,
+            r#"policy "web-to-db": ingress[0].from[3]: a peer needs `selector` or `cidr` (line 12)"#,
+            r#"policy "web-to-db": ingress[0].ports[1]: port range 2000-1000 is reversed (line 15)"#,
+            r#"policy "web-to-db": ingress[0].ports[2]: icmp has no ports; remove `port` (line 16)"#,
+            r#"policy "web-to-db": ingress[0].ports[3]: protocol any cannot have a port; list tcp and udp separately (line 17)"#,
+            r#"policy "web-to-db": ingress[0].ports[4]: port 0 is out of range 1-65535 (line 18)"#,
+            r#"policy "web-to-db": egress[0].to: empty list; omit `to` to match any peer (line 21)"#,
+            r#"policy "web-to-db": egress[0].ports: empty list; omit `ports` to match every protocol and port (line 22)"#,
+            r#"policy "web-to-db": egress[1].to[0].except: `except` needs `cidr` (line 24)"#,
         ];
         assert_eq!(errs, expected);
     }
@@ -559,7 +564,7 @@ egress:
         assert_eq!(
             errs,
             [
-                "policy \"m\": egress[0].to[0].cidr: ::ffff:10.0.0.0/104 is an IPv4-mapped IPv6 range; write it as IPv4"
+                "policy \"m\": egress[0].to[0].cidr: ::ffff:10.0.0.0/104 is an IPv4-mapped IPv6 range; write it as IPv4 (line 3)"
             ]
         );
     }
