@@ -1257,13 +1257,22 @@ mod tests {
         const EID2: &str = "1f987eed597ecf3c9843814cfa7aa94478a534ffdc9850a75ed7a99f8135266e";
         let dir = tempfile::tempdir().unwrap();
         let d = driver(dir.path());
-        d.create_network(net_request(NID, "10.20.0.0/24")).await.unwrap();
-        d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24")).await.unwrap();
-        d.create_endpoint(ep_request(NID, EID2, "10.20.0.6/24")).await.unwrap();
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24"))
+            .await
+            .unwrap();
+        d.create_endpoint(ep_request(NID, EID2, "10.20.0.6/24"))
+            .await
+            .unwrap();
         let attached = d.kernel().attached();
         let db = &attached[&names::host_veth(EID)];
         assert_eq!(db.identity, IDENTITY_FIRST_ENDPOINT);
-        assert_eq!(attached[&names::host_veth(EID2)].identity, IDENTITY_FIRST_ENDPOINT + 1);
+        assert_eq!(
+            attached[&names::host_veth(EID2)].identity,
+            IDENTITY_FIRST_ENDPOINT + 1
+        );
         assert_eq!(db.network, 1);
         assert_eq!(db.flags & EP_ISOLATE, EP_ISOLATE, "isolated by default");
         assert_eq!(db.flags & (EP_INGRESS_ENFORCED | EP_IDENTITY_PENDING), 0);
@@ -1315,7 +1324,9 @@ mod tests {
         req.options.insert(OPT_ISOLATE.into(), "false".into());
         req.options.insert(OPT_INGRESS.into(), "deny".into());
         d.create_network(req).await.unwrap();
-        d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24")).await.unwrap();
+        d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24"))
+            .await
+            .unwrap();
         let flags = d.kernel().attached()[&names::host_veth(EID)].flags;
         assert_eq!(flags & EP_ISOLATE, 0);
         assert_eq!(flags & EP_INGRESS_ENFORCED, EP_INGRESS_ENFORCED);
@@ -1328,7 +1339,9 @@ mod tests {
     async fn failed_attach_leaves_no_endpoint() {
         let dir = tempfile::tempdir().unwrap();
         let d = driver(dir.path());
-        d.create_network(net_request(NID, "10.20.0.0/24")).await.unwrap();
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
         // ensure_veth succeeds, attach fails: the endpoint must not exist half-made.
         d.kernel().fail_after("attach_endpoint", "no BPF");
         let err = d

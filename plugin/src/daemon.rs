@@ -160,9 +160,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     });
     let plugin = axum::serve(listener, crate::server::router(driver.clone(), resolver))
         .with_graceful_shutdown(stopped(stop_rx.clone()));
-    let admin_api =
-        axum::serve(admin_listener, admin::router_with_flows(driver, flows))
-            .with_graceful_shutdown(stopped(stop_rx));
+    let admin_api = axum::serve(admin_listener, admin::router_with_flows(driver, flows))
+        .with_graceful_shutdown(stopped(stop_rx));
     let (served, admin_served) = tokio::join!(plugin.into_future(), admin_api.into_future());
     signals.abort();
     remove_socket(&args.plugin_socket).await;
