@@ -36,6 +36,8 @@ use sluice_driver::policy::{Applied, PolicyDoc, PolicyEngine, PolicyError, parse
 use sluice_driver::status::{EndpointStatus, FlowRecord, Status};
 use sluice_driver::store::Store;
 use sluice_driver::{Driver, DriverError, Kernel};
+
+use crate::server::SocketError;
 use tokio::net::UnixStream;
 use tokio::sync::Mutex;
 use tracing::{info, warn};
@@ -442,60 +444,13 @@ async fn remove_handler<A: PolicyAdmin>(
     }
 }
 
-/// Why the admin socket could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminSocketError {
-    /// Another daemon answers on it.
-    #[error("another sluice daemon is already serving the admin API on {0}; stop it first")]
-    InUse(PathBuf),
-    /// File system or bind failure.
-    #[error("{op} {path}: {source}")]
-    Io {
-        /// What was being done.
-        op: &'static str,
-        /// The path.
-        path: PathBuf,
-        /// The error.
-        #[source]
-        source: io::Error,
-    },
-}
-
 /// Binds the admin socket at `path` with mode 0600, creating a missing parent directory
 /// with mode 0700 (an existing one is left as it is) and replacing a stale socket.
 ///
 /// # Errors
 /// When the socket is in use or cannot be bound.
-pub async fn bind(path: &Path) -> Result<tokio::net::UnixListener, AdminSocketError> {
-    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
-    let io = |op, source| AdminSocketError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    };
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
-        && !dir.exists()
-    {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| io("creating the directory of", e))?;
-    }
-    if tokio::fs::symlink_metadata(path).await.is_ok() {
-        if UnixStream::connect(path).await.is_ok() {
-            return Err(AdminSocketError::InUse(path.to_path_buf()));
-        }
-        info!(socket = %path.display(), "replacing stale admin socket");
-        tokio::fs::remove_file(path)
-            .await
-            .map_err(|e| io("removing stale socket", e))?;
-    }
-    let listener = tokio::net::UnixListener::bind(path).map_err(|e| io("binding", e))?;
-    tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .await
-        .map_err(|e| io("setting the mode of", e))?;
-    Ok(listener)
+pub async fn bind(path: &Path) -> Result<tokio::net::UnixListener, SocketError> {
+    crate::server::bind_with_modes(path, Some(0o700), Some(0o600)).await
 }
 
 // ---- client --------------------------------------------------------------------------
@@ -1263,10 +1218,7 @@ mod tests {
         // A second daemon on the same socket is refused.
         let app = h.app.clone();
         let server = tokio::spawn(async move { axum::serve(listener, app).await });
-        assert!(matches!(
-            bind(&socket).await,
-            Err(AdminSocketError::InUse(_))
-        ));
+        assert!(matches!(bind(&socket).await, Err(SocketError::InUse(_))));
 
         let client = AdminClient::new(&socket);
         let applied = client.apply(TWO.into()).await.unwrap();

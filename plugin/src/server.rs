@@ -435,7 +435,7 @@ async fn release_address<K: Kernel>(State(d): State<Shared<K>>, body: Bytes) -> 
 #[derive(Debug, thiserror::Error)]
 pub enum SocketError {
     /// Another process answers on the socket.
-    #[error("another plugin is already serving {0}; stop it first")]
+    #[error("another sluice daemon is already serving {0}; stop it first")]
     InUse(PathBuf),
     /// File system or bind failure.
     #[error("{op} {path}: {source}")]
@@ -456,14 +456,35 @@ pub enum SocketError {
 /// # Errors
 /// When the socket is in use or cannot be bound.
 pub async fn bind(path: &Path) -> Result<tokio::net::UnixListener, SocketError> {
+    bind_with_modes(path, None, None).await
+}
+
+/// As [`bind`], creating a missing parent directory with `dir_mode` (an existing one is
+/// left as it is) and giving the socket `socket_mode` (the admin socket: 0700 and 0600).
+///
+/// # Errors
+/// When the socket is in use or cannot be bound.
+pub async fn bind_with_modes(
+    path: &Path,
+    dir_mode: Option<u32>,
+    socket_mode: Option<u32>,
+) -> Result<tokio::net::UnixListener, SocketError> {
+    use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
     let io = |op, source| SocketError::Io {
         op,
         path: path.to_path_buf(),
         source,
     };
-    if let Some(dir) = path.parent() {
-        tokio::fs::create_dir_all(dir)
-            .await
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        let mut builder = std::fs::DirBuilder::new();
+        builder.recursive(true);
+        if let Some(mode) = dir_mode {
+            builder.mode(mode);
+        }
+        builder
+            .create(dir)
             .map_err(|e| io("creating the directory of", e))?;
     }
     if tokio::fs::symlink_metadata(path).await.is_ok() {
@@ -475,7 +496,13 @@ pub async fn bind(path: &Path) -> Result<tokio::net::UnixListener, SocketError> 
             .await
             .map_err(|e| io("removing stale socket", e))?;
     }
-    tokio::net::UnixListener::bind(path).map_err(|e| io("binding", e))
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| io("binding", e))?;
+    if let Some(mode) = socket_mode {
+        tokio::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .await
+            .map_err(|e| io("setting the mode of", e))?;
+    }
+    Ok(listener)
 }
 
 #[cfg(test)]
