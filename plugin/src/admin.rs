@@ -1,8 +1,8 @@
 //! The admin API: JSON over HTTP on a root-only Unix socket (default
 //! [`DEFAULT_ADMIN_SOCKET`]), used by `sluice policy`. The server side is an axum [`router`]
-//! over a [`PolicyAdmin`] (the daemon backs it; [`EngineAdmin`] is a self-contained one over
-//! a [`PolicyEngine`] and the store); the client side is [`AdminClient`], a small hyper
-//! HTTP/1.1 client on the same socket.
+//! over a [`PolicyAdmin`] (the daemon backs it with the [`Driver`], so the datapath follows
+//! every change); the client side is [`AdminClient`], a small hyper HTTP/1.1 client on the
+//! same socket.
 //!
 //! | request | answer |
 //! | --- | --- |
@@ -32,14 +32,12 @@ use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use sluice_driver::policy::{Applied, PolicyDoc, PolicyEngine, PolicyError, parse_documents};
+use sluice_driver::policy::{Applied, PolicyDoc, PolicyError, parse_documents};
 use sluice_driver::status::{EndpointStatus, FlowRecord, Status};
-use sluice_driver::store::Store;
 use sluice_driver::{Driver, DriverError, Kernel};
 
 use crate::server::SocketError;
 use tokio::net::UnixStream;
-use tokio::sync::Mutex;
 use tracing::{info, warn};
 
 use crate::observe::{FlowLog, render_metrics};
@@ -165,7 +163,7 @@ fn json<T: Serialize>(status: StatusCode, body: &T) -> Response {
 }
 
 /// What the admin API does. The daemon implements it with the driver (so that the
-/// datapath follows every change); [`EngineAdmin`] implements it on its own.
+/// datapath follows every change).
 pub trait PolicyAdmin: Send + Sync + 'static {
     /// Parses, validates and applies every document of `yaml`: all or nothing.
     fn apply_policies(
@@ -185,67 +183,6 @@ pub trait PolicyAdmin: Send + Sync + 'static {
 pub trait StatusAdmin: Send + Sync + 'static {
     /// Endpoints with counters, and the number of policies.
     fn status(&self) -> impl Future<Output = Result<Status, AdminError>> + Send;
-}
-
-/// A [`PolicyAdmin`] over a [`PolicyEngine`] and the store, without the datapath.
-#[derive(Debug)]
-pub struct EngineAdmin {
-    engine: Mutex<PolicyEngine>,
-    store: Store,
-}
-
-impl EngineAdmin {
-    /// Loads the stored policies.
-    ///
-    /// # Errors
-    /// When the store cannot be read or its policies are inconsistent.
-    pub fn open(store: Store) -> Result<Self, AdminError> {
-        let snapshot = store
-            .load()
-            .map_err(|e| AdminError::from(PolicyError::from(e)))?;
-        let engine = PolicyEngine::load(snapshot.policies)?;
-        Ok(Self {
-            engine: Mutex::new(engine),
-            store,
-        })
-    }
-
-    /// A copy of the engine (for tests and status).
-    pub async fn engine(&self) -> PolicyEngine {
-        self.engine.lock().await.clone()
-    }
-}
-
-impl PolicyAdmin for EngineAdmin {
-    async fn apply_policies(&self, yaml: String) -> Result<Vec<Applied>, AdminError> {
-        let docs = parse_documents(&yaml)?;
-        let mut engine = self.engine.lock().await;
-        Ok(engine.apply(&self.store, docs)?)
-    }
-
-    async fn list_policies(&self) -> Result<Vec<PolicyDoc>, AdminError> {
-        Ok(self
-            .engine
-            .lock()
-            .await
-            .list()
-            .map(|p| p.doc.clone())
-            .collect())
-    }
-
-    async fn remove_policy(&self, name: String) -> Result<(), AdminError> {
-        Ok(self.engine.lock().await.remove(&self.store, &name)?)
-    }
-}
-
-/// No endpoints without a driver.
-impl StatusAdmin for EngineAdmin {
-    async fn status(&self) -> Result<Status, AdminError> {
-        Ok(Status {
-            endpoints: Vec::new(),
-            policies: self.engine.lock().await.len(),
-        })
-    }
 }
 
 /// The daemon's [`StatusAdmin`]: one [`Driver::status`] call per request.
@@ -787,18 +724,32 @@ mod tests {
     use axum::body::Body;
     use tower::ServiceExt as _;
 
+    use sluice_driver::store::Store;
+
     use super::*;
+
+    type TestDriver = Driver<sluice_driver::kernel::fake::FakeKernel>;
+
+    /// The daemon's admin backend over an in-memory kernel.
+    fn test_driver(store: Store) -> TestDriver {
+        Driver::open(
+            sluice_driver::kernel::fake::FakeKernel::default(),
+            store,
+            sluice_driver::ipam::IpamConfig::default(),
+        )
+        .unwrap()
+    }
 
     struct Harness {
         app: Router,
-        admin: Arc<EngineAdmin>,
+        admin: Arc<TestDriver>,
         dir: tempfile::TempDir,
     }
 
     fn harness() -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let admin = Arc::new(EngineAdmin::open(store).unwrap());
+        let admin = Arc::new(test_driver(store));
         Harness {
             app: router(admin.clone()),
             admin,
@@ -866,13 +817,13 @@ mod tests {
         let (status, body) = call(&h.app, "DELETE", "/v1/policies/lockdown", "").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body["error"], "no policy named \"lockdown\"");
-        assert_eq!(h.admin.engine().await.len(), 1);
+        assert_eq!(h.admin.policies().await.len(), 1);
 
         // Persisted: once the first handles are gone, a new admin over the same store sees
         // the same.
         let Harness { app, admin, dir } = h;
         drop((app, admin));
-        let again = EngineAdmin::open(Store::open(dir.path()).unwrap()).unwrap();
+        let again = test_driver(Store::open(dir.path()).unwrap());
         let names: Vec<String> = again
             .list_policies()
             .await

@@ -7,9 +7,12 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 
+use sluice_driver::Driver;
+use sluice_driver::ipam::IpamConfig;
+use sluice_driver::kernel::fake::FakeKernel;
 use sluice_driver::status::{DropReason, FlowRecord};
 use sluice_driver::store::Store;
-use sluice_plugin::admin::{self, EngineAdmin};
+use sluice_plugin::admin;
 use sluice_plugin::observe::FlowLog;
 
 fn must<T, E: std::fmt::Display>(r: Result<T, E>, what: &str) -> T {
@@ -62,7 +65,14 @@ fn endpoints_flows_follow_and_metrics() {
         .enable_all()
         .build()
         .unwrap();
-    let admin = Arc::new(EngineAdmin::open(Store::open(state.path()).unwrap()).unwrap());
+    let admin = Arc::new(
+        Driver::open(
+            FakeKernel::default(),
+            Store::open(state.path()).unwrap(),
+            IpamConfig::default(),
+        )
+        .unwrap(),
+    );
     let log = Arc::new(FlowLog::default());
     log.push(record(0, DropReason::PolicyDeny));
     log.push(record(1, DropReason::DefaultDeny));

@@ -5,8 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::Arc;
 
+use sluice_driver::Driver;
+use sluice_driver::ipam::IpamConfig;
+use sluice_driver::kernel::fake::FakeKernel;
 use sluice_driver::store::Store;
-use sluice_plugin::admin::{self, EngineAdmin};
+use sluice_plugin::admin;
 
 /// The value of `r`, or a panic naming `what` (helpers are not `#[test]`s, where clippy
 /// allows `unwrap`).
@@ -61,7 +64,8 @@ fn serve() -> Server {
     );
     let store = must(Store::open(state.path()), "store");
     let admin = Arc::new(must(
-        EngineAdmin::open(store).map_err(|e| e.message),
+        Driver::open(FakeKernel::default(), store, IpamConfig::default())
+            .map_err(|e| e.to_string()),
         "admin",
     ));
     let listener = must(runtime.block_on(admin::bind(&socket)), "binding");
