@@ -1,5 +1,5 @@
 //! `sluice policy …` end to end: the real binary against the admin API served on a Unix
-//! socket in this process (an [`EngineAdmin`] over a temporary store).
+//! socket in this process (the daemon's Driver over the in-memory kernel and a temporary store).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
