@@ -185,7 +185,7 @@ impl LinuxKernel {
         if spec.internal {
             write_sysctl(&format!("net/ipv4/conf/{name}/forwarding"), "0")?;
             // Without IPv6 in the kernel there is nothing to forward.
-            if std::path::Path::new("/proc/sys/net/ipv6/conf").exists() {
+            if link::proc_sys_path("net/ipv6/conf").exists() {
                 write_sysctl(&format!("net/ipv6/conf/{name}/forwarding"), "0")?;
             }
         }

@@ -380,6 +380,24 @@ impl Netlink {
     }
 }
 
+/// Where sysctls are written: `/proc/sys`, or the host's `/proc/sys/net` bind-mounted
+/// elsewhere (a managed plugin's own `/proc/sys` is read-only, see docs/managed-plugin.md).
+static PROC_SYS: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+
+/// Sets the directory [`write_sysctl`] writes under (once, at start; later calls are ignored).
+pub fn set_proc_sys(root: std::path::PathBuf) {
+    let _ = PROC_SYS.set(root);
+}
+
+/// `<proc sys root>/<path>`.
+#[must_use]
+pub fn proc_sys_path(path: &str) -> std::path::PathBuf {
+    PROC_SYS
+        .get()
+        .map_or_else(|| std::path::Path::new("/proc/sys"), |p| p.as_path())
+        .join(path.trim_start_matches('/'))
+}
+
 /// Writes `value` to `/proc/sys/<path>` (`sysctl -w`, with `/` separators:
 /// `net/ipv4/conf/slbr123/forwarding`).
 ///
@@ -390,9 +408,9 @@ impl Netlink {
 /// # Errors
 /// [`KernelError::Os`] if the file cannot be written (e.g. no such interface or no IPv6).
 pub fn write_sysctl(path: &str, value: &str) -> Result<(), KernelError> {
-    let full = format!("/proc/sys/{}", path.trim_start_matches('/'));
+    let full = proc_sys_path(path);
     std::fs::write(&full, value).map_err(|e| KernelError::Os {
-        op: format!("write {value} to {full}"),
+        op: format!("write {value} to {}", full.display()),
         message: e.to_string(),
     })?;
     debug!("sysctl -w {}={value}", path.replace('/', "."));

@@ -16,6 +16,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admin;
 use crate::engine::{Availability, EngineClient, IdentityResolver, ResolverConfig};
+use crate::swarm::Scope;
 
 /// Parent of every daemon's pin directory.
 const DEFAULT_BPF_ROOT: &str = "/sys/fs/bpf/sluice";
@@ -70,6 +71,23 @@ pub struct DaemonArgs {
     /// `/run/sluice/<plugin name>.sock`.
     #[arg(skip)]
     pub admin_socket: Option<PathBuf>,
+    /// `GetCapabilities` scope: `global` for swarm-scoped networks (swarm nodes only: Docker
+    /// refuses global-scope drivers outside swarm), `local` otherwise.
+    #[arg(long, env = "SLUICE_SCOPE", value_enum, default_value_t = Scope::Local)]
+    pub scope: Scope,
+    /// Name that marks this daemon's links (`sluice:<name>`) and names its pin directory and
+    /// admin socket; default: the plugin socket's file name without `.sock`.
+    #[arg(long, env = "SLUICE_NAME")]
+    pub name: Option<String>,
+    /// This node's address for multi-host networking; validated and logged, reserved for the
+    /// multi-host modes (docs/managed-plugin.md).
+    /// (Empty means none: a managed plugin's settable value cannot be unset.)
+    #[arg(long, env = "SLUICE_CLUSTER_ADDRESS", value_parser = crate::swarm::parse_cluster_address)]
+    pub cluster_address: Option<crate::swarm::ClusterAddress>,
+    /// Where the host's `/proc/sys` is (its `net/` is what sluice writes): a managed plugin's
+    /// own `/proc/sys` is read-only, so the plugin mounts the host's `net/` elsewhere.
+    #[arg(long, env = "SLUICE_PROC_SYS", default_value = "/proc/sys")]
+    pub proc_sys: PathBuf,
 }
 
 /// Runs the daemon until a signal arrives.
@@ -77,6 +95,10 @@ pub struct DaemonArgs {
 /// # Errors
 /// When the state, the kernel connection or the socket cannot be set up.
 pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
+    // Before anything is created: a missing capability is named here, not found later as a
+    // half-built network.
+    crate::privileges::check()?;
+    sluice_driver::link::set_proc_sys(args.proc_sys.clone());
     let ipam = IpamConfig::new(
         args.default_address_pool,
         args.default_pool_size,
@@ -85,7 +107,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     )
     .context("invalid default address pools")?;
     let store = Store::open(&args.state_dir).context("opening the state store")?;
-    let name = plugin_name(&args.plugin_socket)?;
+    let name = match &args.name {
+        Some(name) if !name.is_empty() => name.clone(),
+        _ => plugin_name(&args.plugin_socket)?,
+    };
+    info!(name, scope = args.scope.as_str(), cluster_address = ?args.cluster_address.and_then(|a| a.0), "starting");
     let bpf_dir = args
         .bpf_dir
         .clone()
@@ -158,8 +184,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             flows.close();
         }
     });
-    let plugin = axum::serve(listener, crate::server::router(driver.clone(), resolver))
-        .with_graceful_shutdown(stopped(stop_rx.clone()));
+    let router =
+        crate::swarm::with_scope(crate::server::router(driver.clone(), resolver), args.scope);
+    let plugin = axum::serve(listener, router).with_graceful_shutdown(stopped(stop_rx.clone()));
     let admin_api = axum::serve(admin_listener, admin::router_with_flows(driver, flows))
         .with_graceful_shutdown(stopped(stop_rx));
     let (served, admin_served) = tokio::join!(plugin.into_future(), admin_api.into_future());

@@ -7,5 +7,7 @@ pub mod admin;
 pub mod daemon;
 pub mod engine;
 pub mod observe;
+pub mod privileges;
 pub mod server;
+pub mod swarm;
 pub mod wire;

@@ -68,7 +68,7 @@ pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
 /// Version of the map layouts in `sluice-common`; bump on any layout change.
 pub const LAYOUT_VERSION: u32 = 1;
 /// `statfs` magic of bpffs (`BPF_FS_MAGIC`, include/uapi/linux/magic.h).
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
 /// Offset of `ifindex` in `struct __sk_buff` (include/uapi/linux/bpf.h: len, pkt_type, mark,
 /// queue_mapping, protocol, vlan_present, vlan_tci, vlan_proto, priority, ingress_ifindex,
@@ -276,7 +276,8 @@ fn is_bpffs(path: &Path) -> Result<bool> {
         path: path.to_owned(),
         source: e.into(),
     })?;
-    Ok(stat.filesystem_type().0 == BPF_FS_MAGIC)
+    // The field is an i64 with glibc and a u64 with musl (the managed plugin's static build).
+    Ok(u64::try_from(stat.filesystem_type().0).ok() == Some(BPF_FS_MAGIC))
 }
 
 /// Makes sure `root` is a directory on a bpffs. If it does not exist and its parent is not on
