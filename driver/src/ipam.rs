@@ -160,7 +160,14 @@ pub struct Pool {
     pub leases: BTreeMap<IpAddr, LeaseKind>,
     /// Last dynamically allocated address; the next search starts after it.
     pub cursor: Option<IpAddr>,
+    /// In the global address space: a swarm manager's allocation for a swarm-scoped network
+    /// (docs/managed-plugin.md). Its ID starts with [`GLOBAL_POOL_PREFIX`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub global: bool,
 }
+
+/// Prefix of the IDs of global-space pools, which may share a subnet with a local one.
+pub const GLOBAL_POOL_PREFIX: &str = "global:";
 
 /// `RequestPool`, decoded.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -171,6 +178,10 @@ pub struct PoolRequest {
     pub sub_pool: Option<IpNetwork>,
     /// IPv6 family.
     pub v6: bool,
+    /// Requested in the global address space (a swarm manager allocating a swarm-scoped
+    /// network); the node that then creates the network asks for the same subnet in the
+    /// local space, which is allowed: the two are one network.
+    pub global: bool,
 }
 
 /// IPAM errors; each message says what to change.
@@ -329,7 +340,7 @@ impl Ipam {
     pub fn request_pool(&mut self, req: &PoolRequest) -> Result<Pool, IpamError> {
         let (subnet, range, auto) = match req.pool {
             Some(requested) => {
-                let subnet = self.explicit_subnet(requested, req.v6)?;
+                let subnet = self.explicit_subnet(requested, req.v6, req.global)?;
                 let range = req
                     .sub_pool
                     .map(|r| validate_sub_pool(subnet, r))
@@ -347,13 +358,19 @@ impl Ipam {
                 (self.auto_subnet(req.v6)?, None, true)
             }
         };
+        let id = if req.global {
+            format!("{GLOBAL_POOL_PREFIX}{}", pool_id(subnet))
+        } else {
+            pool_id(subnet)
+        };
         let pool = Pool {
-            id: pool_id(subnet),
+            id,
             subnet,
             range,
             auto,
             leases: BTreeMap::new(),
             cursor: None,
+            global: req.global,
         };
         self.pools.insert(pool.id.clone(), pool.clone());
         Ok(pool)
@@ -413,7 +430,14 @@ impl Ipam {
     }
 
     /// Validates an explicit `--subnet` (host bits cleared) against the family and held pools.
-    fn explicit_subnet(&self, requested: IpNetwork, v6: bool) -> Result<IpNetwork, IpamError> {
+    /// A pool of the other address space with exactly this subnet is no overlap: a swarm
+    /// manager's allocation and the node's instance of that network.
+    fn explicit_subnet(
+        &self,
+        requested: IpNetwork,
+        v6: bool,
+        global: bool,
+    ) -> Result<IpNetwork, IpamError> {
         let subnet = normalise(requested);
         if subnet.is_ipv6() != v6 {
             return Err(IpamError::FamilyMismatch {
@@ -430,11 +454,9 @@ impl Ipam {
             return Err(IpamError::InvalidPrefix { subnet, max });
         }
         let span = Span::of(subnet);
-        if let Some(existing) = self
-            .pools
-            .values()
-            .find(|p| Span::of(p.subnet).overlaps(span))
-        {
+        if let Some(existing) = self.pools.values().find(|p| {
+            Span::of(p.subnet).overlaps(span) && (p.global == global || p.subnet != subnet)
+        }) {
             return Err(IpamError::Overlap {
                 subnet,
                 existing: existing.subnet,
@@ -747,6 +769,7 @@ mod tests {
             pool: Some(subnet),
             sub_pool: None,
             v6: subnet.is_ipv6(),
+            global: false,
         }
     }
 
@@ -762,6 +785,7 @@ mod tests {
             pool: None,
             sub_pool: None,
             v6,
+            global: false,
         }
     }
 
@@ -977,6 +1001,7 @@ mod tests {
             pool: None,
             sub_pool: Some(net("10.200.0.0/25")),
             v6: false,
+            global: false,
         };
         assert!(matches!(
             ipam.request_pool(&req),
@@ -1000,6 +1025,46 @@ mod tests {
         let v6 = ipam.request_pool(&explicit("fd00:20::1234/64")).unwrap();
         assert_eq!(v6.id, "fd00:20::/64");
         assert_eq!(v6.subnet, net("fd00:20::/64"));
+    }
+
+    #[test]
+    fn a_swarm_networks_global_and_local_pools_share_their_subnet_only() {
+        let mut ipam = ipam();
+        let global = PoolRequest {
+            global: true,
+            ..explicit("10.50.0.0/24")
+        };
+        let manager = ipam.request_pool(&global).unwrap();
+        assert_eq!(manager.id, "global:10.50.0.0/24");
+        // The node's instance of the same network: same subnet, local space.
+        let node = ipam.request_pool(&explicit("10.50.0.0/24")).unwrap();
+        assert_eq!(node.id, "10.50.0.0/24");
+        assert!(!node.global && manager.global);
+        // Anything else overlapping is refused, in either space.
+        for (subnet, global) in [
+            ("10.50.0.0/24", true),
+            ("10.50.0.0/25", false),
+            ("10.50.0.0/16", true),
+        ] {
+            let req = PoolRequest {
+                global,
+                ..explicit(subnet)
+            };
+            assert!(
+                matches!(ipam.request_pool(&req), Err(IpamError::Overlap { .. })),
+                "{subnet} global={global}"
+            );
+        }
+        // Automatic pools avoid both.
+        let a = ipam
+            .request_pool(&PoolRequest {
+                pool: None,
+                ..explicit("10.200.0.0/24")
+            })
+            .unwrap();
+        assert_ne!(a.subnet, net("10.50.0.0/24"));
+        assert!(ipam.release_pool("global:10.50.0.0/24").is_some());
+        assert!(ipam.pool("10.50.0.0/24").is_some());
     }
 
     #[test]
@@ -1804,6 +1869,7 @@ mod tests {
                         pool: Some(s),
                         sub_pool: None,
                         v6,
+                        global: false,
                     };
                     let _ = ipam.request_pool(&req);
                 }

@@ -517,6 +517,7 @@ impl RequestPoolRequest {
             pool: opt_cidr("Pool", &self.pool)?,
             sub_pool: opt_cidr("SubPool", &self.sub_pool)?,
             v6: self.v6,
+            global: self.address_space == "sluice-global",
         })
     }
 }
