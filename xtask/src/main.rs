@@ -21,6 +21,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod plugin;
+
 /// Tools the daemon, the test suite and `cargo xtask run` need on the host.
 const REQUIRED_TOOLS: &[&str] = &[
     "dockerd",
@@ -71,6 +73,9 @@ enum Task {
         #[arg(value_parser = ["micro"], default_value = "micro")]
         suite: String,
     },
+    /// Build the managed plugin bundle (static binary, rootfs, config.json) and run
+    /// `docker plugin create` (docs/managed-plugin.md).
+    Plugin(plugin::PluginArgs),
     /// Run the whole test suite (needs root for the privileged and Docker tiers).
     Test {
         /// Run only the unit tests (`cargo test --workspace --lib`), which need no root.
@@ -89,6 +94,7 @@ fn main() -> ExitCode {
         Task::Run { args } => run(&args).map(|()| ExitCode::SUCCESS),
         Task::Test { unprivileged, args } => test(unprivileged, &args),
         Task::Bench { suite } => bench(&suite),
+        Task::Plugin(args) => plugin::plugin(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
@@ -105,6 +111,7 @@ fn main() -> ExitCode {
 fn setup() -> Result<ExitCode> {
     install_system_packages()?;
     install_ebpf_toolchain()?;
+    plugin::install_musl_target()?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -432,6 +439,9 @@ fn test(unprivileged: bool, args: &[OsString]) -> Result<ExitCode> {
             bail!("{} was not built", sluice.display());
         }
         println!("test: SLUICE_BIN={}", sluice.display());
+        // The managed-plugin tests run `cargo xtask plugin --debug`: build its static binary
+        // once here, outside their time limits.
+        plugin::build(&root, true)?;
         cmd.env("SLUICE_BIN", &sluice)
             .env("SLUICE_EBPF_REQUIRED", "1");
     }
