@@ -116,6 +116,20 @@ impl Env {
     /// # Errors
     /// When a daemon does not come up, or the test image cannot be built.
     pub fn try_new() -> Result<Env> {
+        Env::try_new_with(true)
+    }
+
+    /// A private dockerd (and the test image) without a sluice daemon: for tests that
+    /// install sluice as a managed plugin (`crate::managed`). [`Env::driver`] then only names
+    /// things (links' owner alias, pin directory, admin socket) that the plugin is told to use.
+    ///
+    /// # Errors
+    /// When dockerd does not come up, or the test image cannot be built.
+    pub fn try_new_dockerd_only() -> Result<Env> {
+        Env::try_new_with(false)
+    }
+
+    fn try_new_with(legacy_sluice: bool) -> Result<Env> {
         static SWEEP: Once = Once::new();
         SWEEP.call_once(sweep_leftovers);
         let n = NEXT_ENV.fetch_add(1, Ordering::SeqCst);
@@ -148,8 +162,10 @@ impl Env {
         });
         register_for_exit(&inner);
         let env = Env { inner };
-        env.inner.spawn_sluice()?;
-        env.inner.wait_sluice()?;
+        if legacy_sluice {
+            env.inner.spawn_sluice()?;
+            env.inner.wait_sluice()?;
+        }
         env.inner.start_dockerd()?;
         env.build_image()?;
         Ok(env)
@@ -1520,4 +1536,12 @@ impl Env {
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
+}
+
+/// Runs `cmd` (stdin from /dev/null) and collects its output; kills it after `timeout`.
+///
+/// # Errors
+/// When it cannot start, or runs longer than `timeout`.
+pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
+    output_with_timeout(cmd, timeout)?.with_context(|| format!("did not finish within {timeout:?}"))
 }

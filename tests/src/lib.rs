@@ -2,4 +2,5 @@
 //! Docker Engine with a sluice daemon ([`docker`]).
 
 pub mod docker;
+pub mod managed;
 pub mod netns;

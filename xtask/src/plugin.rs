@@ -139,6 +139,10 @@ fn lay_out(root: &Path, binary: &Path, dir: &Path, name: &str) -> Result<()> {
             .with_context(|| format!("create {}", rootfs.join(sub).display()))?;
     }
     write_config(root, dir, name)?;
+    std::fs::write(
+        rootfs.join("etc/sluice-plugin"),
+        format!("{name}\nsluice {}\n", env!("CARGO_PKG_VERSION")),
+    )?;
     let target = rootfs.join("sluice");
     std::fs::copy(binary, &target).with_context(|| format!("copy {}", binary.display()))?;
     // Debug info is most of a debug binary's size; the plugin store keeps a copy per tag.
