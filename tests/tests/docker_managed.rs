@@ -306,6 +306,9 @@ fn swarm_service_on_a_sluice_swarm_network() {
         &tag,
         "--ipam-driver",
         &tag,
+        // Reaches the node's CreateNetwork only through what AllocateNetwork returned.
+        "-o",
+        "com.docker.network.driver.mtu=1400",
         net,
     ]);
     let inspect = env.network_inspect(net);
@@ -367,6 +370,11 @@ fn swarm_service_on_a_sluice_swarm_network() {
             net.contains(ip.parse().expect("task IP")),
             "task address {ip} not in {subnet}"
         );
+    }
+    // The driver option went manager -> AllocateNetwork -> the node's CreateNetwork.
+    for task in &tasks {
+        let mtu = env.exec_ok(task, &["cat", "/sys/class/net/eth0/mtu"]);
+        assert_eq!(mtu, "1400", "{task}: eth0 MTU");
     }
     // Every task resolves the service name to all three tasks (Docker's embedded DNS) and
     // reaches each of them, and the service name itself.
