@@ -47,8 +47,8 @@ pub const NEEDED: &[Needed] = &[
         name: "CAP_PERFMON",
         bit: CAP_PERFMON,
         or: &[CAP_SYS_ADMIN],
-        why: "the kernel's verifier accepts the datapath programs' packet-pointer arithmetic \
-              only with it (without it: BPF_PROG_LOAD fails with EACCES)",
+        why: "have the kernel's verifier accept the datapath programs' pointer arithmetic \
+              (without it BPF_PROG_LOAD fails with EACCES)",
     },
 ];
 
