@@ -92,12 +92,7 @@ impl<'a> Plugin<'a> {
     /// The plugin as created from an existing bundle directory (`docker plugin create NAME
     /// DIR`).
     pub fn create_from(env: &'a Env, name: &str, bundle: &Path, pool: &str) -> Plugin<'a> {
-        env.docker_ok([
-            "plugin",
-            "create",
-            name,
-            bundle.to_str().expect("UTF-8 bundle path"),
-        ]);
+        env.docker_ok(["plugin", "create", name, &bundle.to_string_lossy()]);
         Plugin {
             env,
             name: name.to_owned(),
@@ -108,13 +103,15 @@ impl<'a> Plugin<'a> {
     /// `docker plugin set` of what the test environment needs, plus `extra` (`KEY=VALUE`).
     pub fn configure(&self, extra: &[&str]) {
         let state = self.env.dir().join("plugin-state");
-        std::fs::create_dir_all(&state).expect("create the plugin state dir");
-        std::fs::create_dir_all(ADMIN_DIR).expect("create /run/sluice");
+        for dir in [state.as_path(), Path::new(ADMIN_DIR)] {
+            std::fs::create_dir_all(dir)
+                .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        }
         let socket = self
             .env
             .docker_host()
             .strip_prefix("unix://")
-            .expect("unix DOCKER_HOST")
+            .unwrap_or_else(|| panic!("DOCKER_HOST is not unix://"))
             .to_owned();
         let mut args = vec![
             "plugin".to_owned(),
@@ -204,11 +201,12 @@ pub fn bundle_without(bundle: &Path, capability: &str, into: &Path) -> Result<()
 #[must_use]
 pub fn granted_capabilities() -> Vec<String> {
     let text = std::fs::read_to_string(workspace_root().join("plugin/config.json"))
-        .expect("read plugin/config.json");
-    let config: serde_json::Value = serde_json::from_str(&text).expect("config.json is JSON");
+        .unwrap_or_else(|e| panic!("read plugin/config.json: {e}"));
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("plugin/config.json is not JSON: {e}"));
     config["linux"]["capabilities"]
         .as_array()
-        .expect("linux.capabilities")
+        .unwrap_or_else(|| panic!("plugin/config.json has no linux.capabilities"))
         .iter()
         .filter_map(|c| c.as_str().map(str::to_owned))
         .collect()

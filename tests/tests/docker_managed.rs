@@ -258,7 +258,7 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
-        .expect("a free port")
+        .unwrap_or_else(|e| panic!("no free port: {e}"))
 }
 
 #[test]
