@@ -96,6 +96,8 @@ struct Inner {
     dockerd: Mutex<Option<Child>>,
     sluice: Mutex<Option<Child>>,
     cleaned: AtomicBool,
+    /// Network namespace dockerd runs in (`None`: the host's).
+    netns: Option<String>,
 }
 
 impl Env {
@@ -116,7 +118,7 @@ impl Env {
     /// # Errors
     /// When a daemon does not come up, or the test image cannot be built.
     pub fn try_new() -> Result<Env> {
-        Env::try_new_with(true)
+        Env::try_new_with(true, None)
     }
 
     /// A private dockerd (and the test image) without a sluice daemon: for tests that
@@ -126,10 +128,20 @@ impl Env {
     /// # Errors
     /// When dockerd does not come up, or the test image cannot be built.
     pub fn try_new_dockerd_only() -> Result<Env> {
-        Env::try_new_with(false)
+        Env::try_new_with(false, None)
     }
 
-    fn try_new_with(legacy_sluice: bool) -> Result<Env> {
+    /// Like [`Env::try_new_dockerd_only`], with dockerd (and so its containerd, containers
+    /// and host-network plugins) in the named network namespace `/run/netns/NETNS`: one node
+    /// of a multi-node swarm on one machine.
+    ///
+    /// # Errors
+    /// When dockerd does not come up, or the test image cannot be built.
+    pub fn try_new_dockerd_only_in(netns: &str) -> Result<Env> {
+        Env::try_new_with(false, Some(netns.to_owned()))
+    }
+
+    fn try_new_with(legacy_sluice: bool, netns: Option<String>) -> Result<Env> {
         static SWEEP: Once = Once::new();
         SWEEP.call_once(sweep_leftovers);
         let n = NEXT_ENV.fetch_add(1, Ordering::SeqCst);
@@ -159,6 +171,7 @@ impl Env {
             dockerd: Mutex::new(None),
             sluice: Mutex::new(None),
             cleaned: AtomicBool::new(false),
+            netns,
         });
         register_for_exit(&inner);
         let env = Env { inner };
@@ -669,7 +682,16 @@ impl Inner {
         // An empty config file, so /etc/docker/daemon.json of the machine does not apply.
         fs::write(&config, "{}\n")?;
         let log = open_log(&self.dir.join("dockerd.log"))?;
-        let child = Command::new(dockerd)
+        // nsenter execs dockerd: the child is still dockerd itself.
+        let mut command = match &self.netns {
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{netns}")).arg(dockerd);
+                c
+            }
+            None => Command::new(dockerd),
+        };
+        let child = command
             .arg("--config-file")
             .arg(&config)
             .arg("--data-root")

@@ -426,3 +426,202 @@ fn swarm_service_on_a_sluice_swarm_network() {
     );
     assert!(plugin_log(&env, &id).contains("AllocateNetwork"));
 }
+
+/// Two named network namespaces joined by a veth pair (`10.64.0.1/24` and `10.64.0.2/24`):
+/// two "machines" for a two-node swarm. Deleted on drop (after the dockerds in them stopped).
+struct TwoHosts {
+    names: [String; 2],
+}
+
+impl TwoHosts {
+    fn new() -> TwoHosts {
+        let pid = std::process::id();
+        let names = [format!("slsw{pid}a"), format!("slsw{pid}b")];
+        let hosts = TwoHosts { names };
+        let [a, b] = &hosts.names;
+        let (va, vb) = (format!("slsw{pid}va"), format!("slsw{pid}vb"));
+        for args in [
+            vec!["netns", "add", a.as_str()],
+            vec!["netns", "add", b.as_str()],
+            vec!["link", "add", &va, "type", "veth", "peer", "name", &vb],
+            vec!["link", "set", &va, "netns", a],
+            vec!["link", "set", &vb, "netns", b],
+            vec!["-n", a, "addr", "add", "10.64.0.1/24", "dev", &va],
+            vec!["-n", b, "addr", "add", "10.64.0.2/24", "dev", &vb],
+            vec!["-n", a, "link", "set", "lo", "up"],
+            vec!["-n", b, "link", "set", "lo", "up"],
+            vec!["-n", a, "link", "set", &va, "up"],
+            vec!["-n", b, "link", "set", &vb, "up"],
+        ] {
+            let status = std::process::Command::new("ip").args(&args).status();
+            assert!(
+                status.is_ok_and(|s| s.success()),
+                "ip {} failed",
+                args.join(" ")
+            );
+        }
+        hosts
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", name])
+                .status();
+        }
+    }
+}
+
+#[test]
+fn two_node_swarm_service_spans_both_nodes() {
+    if docker::skip_unless_root() {
+        return;
+    }
+    // Declared first: dropped last, after both dockerds stopped.
+    let hosts = TwoHosts::new();
+    let start = |netns: &str| match Env::try_new_dockerd_only_in(netns) {
+        Ok(env) => env,
+        Err(e) => panic!("the private dockerd in {netns} did not start: {e:#}"),
+    };
+    let manager = start(&hosts.names[0]);
+    let worker = start(&hosts.names[1]);
+    // One plugin name on every node; built once, created on both.
+    let tag = format!("sluicetest/{}:swarm2", manager.driver());
+    let on_manager = Plugin::create(&manager, &tag, "10.66.0.0/16");
+    let on_worker = Plugin::create_from(&worker, &tag, &bundle_dir(&manager, &tag), "10.66.0.0/16");
+    for plugin in [&on_manager, &on_worker] {
+        plugin.configure(&["SLUICE_SCOPE=global"]);
+        plugin.enable();
+    }
+
+    let _guards = (SwarmGuard(&worker), SwarmGuard(&manager));
+    manager.docker_ok([
+        "swarm",
+        "init",
+        "--advertise-addr",
+        "10.64.0.1:2377",
+        "--listen-addr",
+        "10.64.0.1:2377",
+    ]);
+    let token = manager.docker_ok(["swarm", "join-token", "-q", "worker"]);
+    worker.docker_ok([
+        "swarm",
+        "join",
+        "--token",
+        &token,
+        "--advertise-addr",
+        "10.64.0.2",
+        "--listen-addr",
+        "10.64.0.2:2377",
+        "10.64.0.1:2377",
+    ]);
+    let nodes = manager.docker_ok(["node", "ls", "--format", "{{.Status}}"]);
+    assert_eq!(
+        nodes.lines().filter(|s| *s == "Ready").count(),
+        2,
+        "{nodes}"
+    );
+
+    let net = "s2-net";
+    manager.docker_ok([
+        "network",
+        "create",
+        "--scope",
+        "swarm",
+        "--attachable",
+        "-d",
+        &tag,
+        "--ipam-driver",
+        &tag,
+        "-o",
+        "com.docker.network.driver.mtu=1400",
+        net,
+    ]);
+    manager.docker_ok([
+        "service",
+        "create",
+        "--detach",
+        "--no-resolve-image",
+        "--name",
+        "web",
+        "--replicas",
+        "4",
+        "--replicas-max-per-node",
+        "2",
+        "--network",
+        net,
+        "--endpoint-mode",
+        "dnsrr",
+        docker::IMAGE,
+        "sh",
+        "-c",
+        "trap 'exit 0' TERM; sleep 3600 & wait",
+    ]);
+    let tasks_on = |env: &Env| {
+        env.docker_ok([
+            "ps",
+            "-q",
+            "--filter",
+            "label=com.docker.swarm.service.name=web",
+            "--filter",
+            "status=running",
+        ])
+        .lines()
+        .map(str::to_owned)
+        .collect::<Vec<_>>()
+    };
+    let spread = wait_until(Duration::from_secs(120), || {
+        tasks_on(&manager).len() == 2 && tasks_on(&worker).len() == 2
+    });
+    assert!(
+        spread,
+        "the service does not run 2 tasks on each node:\n{}\n{}\n{}",
+        manager.docker_ok(["service", "ps", "--no-trunc", "web"]),
+        manager.logs_tail(),
+        worker.logs_tail()
+    );
+
+    // The worker's network is the manager's allocation (subnet, gateway, options).
+    let config = |env: &Env| {
+        let v = env.network_inspect(net);
+        (v["IPAM"]["Config"].clone(), v["Options"].clone())
+    };
+    assert_eq!(config(&manager), config(&worker));
+    let mut all_ips = Vec::new();
+    for env in [&manager, &worker] {
+        let tasks = tasks_on(env);
+        let ips: Vec<String> = tasks.iter().map(|t| env.container_ip(t, net)).collect();
+        for task in &tasks {
+            assert_eq!(
+                env.exec_ok(task, &["cat", "/sys/class/net/eth0/mtu"]),
+                "1400"
+            );
+        }
+        // Tasks on one node reach each other.
+        env.assert_ping(&tasks[0], &ips[1]);
+        env.assert_ping(&tasks[1], &ips[0]);
+        all_ips.extend(ips);
+    }
+    // The manager allocated every task address: four distinct ones.
+    let mut distinct = all_ips.clone();
+    distinct.sort();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "task addresses {all_ips:?}");
+    // Service records are shared across the swarm: on each node, `web` resolves to all four.
+    for env in [&manager, &worker] {
+        let task = tasks_on(env).remove(0);
+        let resolved = wait_until(Duration::from_secs(30), || {
+            let out = env.exec(&task, &["nslookup", "web", "127.0.0.11"]);
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            all_ips.iter().all(|ip| text.contains(ip.as_str()))
+        });
+        assert!(
+            resolved,
+            "`web` does not resolve to all of {all_ips:?}:\n{}",
+            String::from_utf8_lossy(&env.exec(&task, &["nslookup", "web", "127.0.0.11"]).stdout)
+        );
+    }
+    manager.docker_ok(["service", "rm", "web"]);
+}
