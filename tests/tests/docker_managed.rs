@@ -1,9 +1,11 @@
 //! Docker end-to-end: sluice as a managed (v2) plugin (`cargo xtask plugin`, `docker plugin
 //! create/enable/disable/set/rm`), its capabilities, and swarm-scoped networks.
 //!
-//! Each test has a private dockerd without a legacy sluice daemon ([`Env::try_new_dockerd_only`]);
-//! the plugin is built from this checkout. Default pools: 10.60.0.0/16 (lifecycle), 10.61.0.0/16
-//! (swarm), 10.62.0.0/16 (capabilities); explicit subnets under 10.63.0.0/16.
+//! Each test has a private dockerd without a legacy sluice daemon ([`Env::try_new_dockerd_only`];
+//! the two-node swarm test has two, each in a network namespace of its own, joined by a veth
+//! pair on 10.64.0.0/24); the plugin is built from this checkout. Default pools: 10.60.0.0/16
+//! (lifecycle), 10.61.0.0/16 (swarm), 10.62.0.0/16 (capabilities), 10.66.0.0/16 (two-node
+//! swarm, inside its namespaces); explicit subnets under 10.63.0.0/16.
 
 use std::time::Duration;
 
@@ -313,6 +315,46 @@ fn swarm_service_on_a_sluice_swarm_network() {
     ]);
     let inspect = env.network_inspect(net);
     assert_eq!(inspect["Scope"], "swarm");
+    // A typo in an option: Docker allocates swarm networks after `docker network create`
+    // returned, so it shows where the network is used: each task is rejected with sluice's
+    // message. (Refusing it in AllocateNetwork would be worse: the network then stays
+    // unallocated and tasks sit in "New" with no error shown.)
+    env.docker_ok([
+        "network",
+        "create",
+        "--scope",
+        "swarm",
+        "-d",
+        &tag,
+        "--ipam-driver",
+        &tag,
+        "-o",
+        "colour=blue",
+        "s-bad",
+    ]);
+    env.docker_ok([
+        "service",
+        "create",
+        "--detach",
+        "--no-resolve-image",
+        "--name",
+        "bad",
+        "--network",
+        "s-bad",
+        docker::IMAGE,
+        "sleep",
+        "60",
+    ]);
+    let rejected = wait_until(Duration::from_secs(60), || {
+        env.docker_ok(["service", "ps", "--no-trunc", "bad"])
+            .contains("unknown option \"colour\"")
+    });
+    assert!(
+        rejected,
+        "{}",
+        env.docker_ok(["service", "ps", "--no-trunc", "bad"])
+    );
+    env.docker_ok(["service", "rm", "bad"]);
     // The manager's allocation (AllocateNetwork, IPAM in the global space) is in the pool.
     let subnet = inspect["IPAM"]["Config"][0]["Subnet"]
         .as_str()
