@@ -478,6 +478,26 @@ struct TwoHosts {
 impl TwoHosts {
     fn new() -> TwoHosts {
         let pid = std::process::id();
+        // Namespaces of earlier runs that were killed before their clean-up.
+        let listed = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        for name in listed.lines().filter_map(|l| l.split_whitespace().next()) {
+            let owner = name
+                .strip_prefix("slsw")
+                .map(|rest| rest.trim_end_matches(['a', 'b']))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(owner) = owner
+                && owner != pid
+                && !std::path::Path::new(&format!("/proc/{owner}")).exists()
+            {
+                let _ = std::process::Command::new("ip")
+                    .args(["netns", "del", name])
+                    .status();
+            }
+        }
         let names = [format!("slsw{pid}a"), format!("slsw{pid}b")];
         let hosts = TwoHosts { names };
         let [a, b] = &hosts.names;
