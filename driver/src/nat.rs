@@ -11,7 +11,8 @@
 //!
 //! What the table holds, per network, next to Docker's own bridge driver:
 //! - `postrouting` (nat, srcnat): `ip saddr SUBNET oifname != BRIDGE masquerade` (Docker's
-//!   `-s SUBNET ! -o docker0 -j MASQUERADE`), unless masquerade is off; IPv6 only with
+//!   `-s SUBNET ! -o docker0 -j MASQUERADE`; here not towards any sluice bridge, whose
+//!   policies must see the container's own address), unless masquerade is off; IPv6 only with
 //!   `sluice.ipv6-nat=true`. Also `oifname BRIDGE ip saddr 127.0.0.0/8 masquerade` (the host's
 //!   `curl localhost:PORT`, which needs `route_localnet` on the bridge, as Docker does without
 //!   its userland proxy) and hairpin masquerade for a container reaching a published port of
@@ -39,6 +40,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 
 use crate::kernel::KernelError;
+use crate::names;
 
 /// A transport protocol of a published port.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -425,7 +427,12 @@ pub fn render(table: &str, rules: &NatRuleset) -> Nftables<'static> {
                 POSTROUTING,
                 vec![
                     eq(field(net_family(*subnet), "saddr"), prefix(*subnet)),
-                    ne(meta(MetaKey::Oifname), br()),
+                    // Not towards sluice bridges (this one or another network's): containers
+                    // keep their addresses, hence their identities at the peer's policy.
+                    ne(
+                        meta(MetaKey::Oifname),
+                        s(format!("{}*", names::BRIDGE_PREFIX)),
+                    ),
                     masquerade(),
                 ],
                 format!("{}: outbound masquerade", net.bridge),

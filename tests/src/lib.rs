@@ -3,3 +3,4 @@
 
 pub mod docker;
 pub mod netns;
+pub mod outside;
