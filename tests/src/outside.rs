@@ -183,6 +183,35 @@ impl Outside {
         }
     }
 
+    /// Runs `f` on a short-lived thread inside the namespace and returns its result.
+    ///
+    /// # Errors
+    /// When the namespace cannot be entered or `f` panics.
+    pub fn run_in_ns<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let path = format!("/run/netns/{}", self.ns);
+        let ns_file = File::open(&path).with_context(|| format!("open {path}"))?;
+        std::thread::spawn(move || {
+            nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET)
+                .map_err(|e| anyhow::anyhow!("setns: {e}"))?;
+            Ok(f())
+        })
+        .join()
+        .map_err(|_| anyhow::anyhow!("thread in {} panicked", self.ns))?
+    }
+
+    /// `GET http://addr/path` from inside the outside namespace (see [`http_get`]).
+    #[must_use]
+    pub fn http_get(&self, addr: &str, path: &str) -> Option<String> {
+        let (addr, path) = (addr.to_owned(), path.to_owned());
+        self.run_in_ns(move || http_get(&addr, &path))
+            .ok()
+            .flatten()
+    }
+
     /// A TCP service on `<outside ip>:port` that writes the client's address and a newline,
     /// then closes.
     ///
@@ -265,6 +294,33 @@ impl Outside {
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .map_err(|e| anyhow::anyhow!("bind udp {port}: {e}"))
     }
+}
+
+/// A minimal HTTP/1.0 `GET http://addr/path` (`addr` is `ip:port`) from the calling
+/// thread's namespace: the body of a 200 answer, trimmed; `None` on any failure (refused,
+/// timed out after 3 s, another status). The host's static busybox `wget` crashes resolving,
+/// and curl is not always installed.
+#[must_use]
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    use std::io::Read as _;
+    let sock: std::net::SocketAddr = addr.parse().ok()?;
+    let mut stream = std::net::TcpStream::connect_timeout(&sock, Duration::from_secs(3)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    stream
+        .set_write_timeout(Some(Duration::from_secs(3)))
+        .ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).ok()?;
+    let text = String::from_utf8_lossy(&answer);
+    // A CGI's own headers may end with a bare "\n\n".
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .or_else(|| text.split_once("\n\n"))?;
+    head.lines()
+        .next()
+        .is_some_and(|status| status.contains(" 200 "))
+        .then(|| body.trim().to_owned())
 }
 
 impl Drop for Outside {

@@ -20,7 +20,7 @@ use nix::sys::signal::Signal;
 use serde_json::Value;
 use sluice_driver::names;
 use sluice_tests::docker::{self, Env, assert_subnet_free, wait_until};
-use sluice_tests::outside::Outside;
+use sluice_tests::outside::{Outside, http_get};
 
 fn env() -> &'static Env {
     docker::shared()
@@ -181,33 +181,58 @@ const WEB: &[&str] = &[
      chmod +x /www/cgi-bin/ip && exec httpd -f -p 80 -h /www",
 ];
 
-/// `busybox wget -qO- URL` from the outside namespace (or the host with `None`).
-fn wget(outside: Option<&Outside>, url: &str) -> Option<String> {
-    let out = match outside {
-        Some(o) => o.exec("busybox", &["wget", "-qO-", "-T", "3", url]),
-        None => Command::new("busybox")
-            .args(["wget", "-qO-", "-T", "3", url])
-            .output()
-            .unwrap(),
-    };
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+/// `GET http://addr/path` from the outside namespace (or the host with `None`).
+fn wget(outside: Option<&Outside>, addr: &str, path: &str) -> Option<String> {
+    match outside {
+        Some(o) => o.http_get(addr, path),
+        None => http_get(addr, path),
+    }
 }
 
-fn wait_wget(env: &Env, outside: Option<&Outside>, url: &str) -> String {
+fn wait_wget(env: &Env, outside: Option<&Outside>, addr: &str, path: &str) -> String {
     let mut last = None;
     wait_until(Duration::from_secs(20), || {
-        last = wget(outside, url);
+        last = wget(outside, addr, path);
         last.is_some()
     });
     last.unwrap_or_else(|| {
         panic!(
-            "GET {url} from {} failed\n{}",
+            "GET http://{addr}{path} from {} failed\n{}\n{}",
             outside.map_or("the host", |_| "the outside namespace"),
+            diagnose(env),
             env.logs_tail()
         )
     })
+}
+
+/// sluice's table, `DOCKER-USER` and the containers' logs, for failure messages.
+fn diagnose(env: &Env) -> String {
+    let run = |program: &str, args: &[&str]| {
+        let out = Command::new(program).args(args).output().unwrap();
+        format!(
+            "$ {program} {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    let mut text = run("nft", &["list", "table", "inet", &table(env)]);
+    text += &run("iptables", &["-w", "-S", "DOCKER-USER"]);
+    text += &run("iptables", &["-w", "-S", "FORWARD"]);
+    let ps = env.docker(["ps", "-a", "--format", "{{.Names}} {{.Status}}"]);
+    text += &String::from_utf8_lossy(&ps.stdout);
+    for name in String::from_utf8_lossy(&ps.stdout)
+        .lines()
+        .filter_map(|l| l.split(' ').next())
+    {
+        let logs = env.docker(["logs", "--tail", "5", name]);
+        text += &format!(
+            "--- {name}:\n{}{}",
+            String::from_utf8_lossy(&logs.stdout),
+            String::from_utf8_lossy(&logs.stderr)
+        );
+    }
+    text
 }
 
 #[test]
@@ -284,20 +309,22 @@ fn published_port_answers_outside_and_host_sees_the_client_and_closes_on_stop() 
     let web_ip = env.container_ip("ns-web", "ns-pub");
 
     // From another host (the outside namespace), to the host's address.
-    let url = format!("http://{}:8080/", outside.host_ip);
-    assert_eq!(wait_wget(env, Some(&outside), &url), "hello-sluice");
-    // The container sees the real client (DNAT only, no masquerade).
-    let seen = wait_wget(env, Some(&outside), &format!("{url}cgi-bin/ip"));
-    assert_eq!(
-        seen, outside.ip,
-        "the container must see the client's address"
+    let url = format!("{}:8080", outside.host_ip);
+    assert_eq!(wait_wget(env, Some(&outside), &url, "/"), "hello-sluice");
+    // The container sees the real client (DNAT only, no masquerade); busybox httpd shows it
+    // IPv4-mapped (`[::ffff:10.77.42.2]`).
+    let seen = wait_wget(env, Some(&outside), &url, "/cgi-bin/ip");
+    assert!(
+        seen == outside.ip
+            || seen
+                .trim_end_matches(']')
+                .ends_with(&format!(":{}", outside.ip)),
+        "the container must see the client's address {}, saw {seen}",
+        outside.ip
     );
     // From the host itself: loopback and the host's own address.
-    assert_eq!(
-        wait_wget(env, None, "http://127.0.0.1:8080/"),
-        "hello-sluice"
-    );
-    assert_eq!(wait_wget(env, None, &url), "hello-sluice");
+    assert_eq!(wait_wget(env, None, "127.0.0.1:8080", "/"), "hello-sluice");
+    assert_eq!(wait_wget(env, None, &url, "/"), "hello-sluice");
     let dnat: Vec<Value> = nft_rules_with(&web_ip)
         .into_iter()
         .filter(|r| r["table"] == table(env) && r.to_string().contains("8080"))
@@ -351,9 +378,12 @@ fn published_port_answers_outside_and_host_sees_the_client_and_closes_on_stop() 
         "DNAT rules left after docker stop: {:?}",
         nft_rules_with(&web_ip)
     );
-    assert!(wget(Some(&outside), &url).is_none(), "8080 still answers");
     assert!(
-        wget(None, "http://127.0.0.1:8080/").is_none(),
+        wget(Some(&outside), &url, "/").is_none(),
+        "8080 still answers"
+    );
+    assert!(
+        wget(None, "127.0.0.1:8080", "/").is_none(),
         "8080 still answers on the host"
     );
     // ...and free for others.
@@ -448,8 +478,8 @@ fn egress_cidr_policy_blocks_the_outside_live_and_ingress_policy_sees_the_client
         wait_tcp_source(env, "ns-pol-c", &outside.ip, 7000),
         outside.host_ip
     );
-    let url = format!("http://{}:18082/", outside.host_ip);
-    assert_eq!(wait_wget(env, Some(&outside), &url), "hello-sluice");
+    let url = format!("{}:18082", outside.host_ip);
+    assert_eq!(wait_wget(env, Some(&outside), &url, "/"), "hello-sluice");
 
     // Egress: everything but the outside host's link (as "deny 0.0.0.0/0 except …").
     let egress = format!(
@@ -487,7 +517,7 @@ fn egress_cidr_policy_blocks_the_outside_live_and_ingress_policy_sees_the_client
         env.sluice_cli_ok(&["flows"])
     );
     // The web container is not selected: the published port still answers.
-    assert_eq!(wait_wget(env, Some(&outside), &url), "hello-sluice");
+    assert_eq!(wait_wget(env, Some(&outside), &url, "/"), "hello-sluice");
 
     // Ingress through the published port: the policy sees the outside client's address.
     let deny_outside = format!(
@@ -496,7 +526,7 @@ fn egress_cidr_policy_blocks_the_outside_live_and_ingress_policy_sees_the_client
     std::fs::write(&file, deny_outside).unwrap();
     env.sluice_cli_ok(&["policy", "apply", "-f", file.to_str().unwrap()]);
     assert!(
-        wait_until(Duration::from_secs(10), || wget(Some(&outside), &url)
+        wait_until(Duration::from_secs(10), || wget(Some(&outside), &url, "/")
             .is_none()),
         "ingress policy without the client's address still let it in"
     );
@@ -506,7 +536,7 @@ fn egress_cidr_policy_blocks_the_outside_live_and_ingress_policy_sees_the_client
     );
     std::fs::write(&file, allow_client).unwrap();
     env.sluice_cli_ok(&["policy", "apply", "-f", file.to_str().unwrap()]);
-    assert_eq!(wait_wget(env, Some(&outside), &url), "hello-sluice");
+    assert_eq!(wait_wget(env, Some(&outside), &url, "/"), "hello-sluice");
 
     // Removal restores the way out, live.
     env.sluice_cli_ok(&["policy", "rm", "ns-no-outside"]);
@@ -539,7 +569,7 @@ fn north_south_survives_dockerd_and_sluice_restarts_and_rm_leaves_no_table() {
         WEB,
     );
     env.run_container("ns-rst", "ns-rst-c", &["--restart", "always"]);
-    let url = format!("http://{}:18083/", outside.host_ip);
+    let url = format!("{}:18083", outside.host_ip);
     let check = |when: &str| {
         assert_eq!(
             wait_tcp_source(&env, "ns-rst-c", &outside.ip, 7000),
@@ -547,7 +577,7 @@ fn north_south_survives_dockerd_and_sluice_restarts_and_rm_leaves_no_table() {
             "outbound {when}"
         );
         assert_eq!(
-            wait_wget(&env, Some(&outside), &url),
+            wait_wget(&env, Some(&outside), &url, "/"),
             "hello-sluice",
             "published port {when}"
         );
