@@ -520,9 +520,7 @@ fn egress_cidr_policy_blocks_the_outside_live_and_ingress_policy_sees_the_client
     assert_eq!(wait_wget(env, Some(&outside), &url, "/"), "hello-sluice");
 
     // Ingress through the published port: the policy sees the outside client's address.
-    let deny_outside = format!(
-        "name: ns-web-in\nselector: {{network: ns-pol, name: ns-pol-web}}\ningress:\n  - action: allow\n    from: [{{cidr: 10.38.5.0/24}}]\n"
-    );
+    let deny_outside = "name: ns-web-in\nselector: {network: ns-pol, name: ns-pol-web}\ningress:\n  - action: allow\n    from: [{cidr: 10.38.5.0/24}]\n";
     std::fs::write(&file, deny_outside).unwrap();
     env.sluice_cli_ok(&["policy", "apply", "-f", file.to_str().unwrap()]);
     assert!(
