@@ -1234,6 +1234,7 @@ impl<K: Kernel> Driver<K> {
                         ingress: crate::status::DirectionStatus::default(),
                         egress: crate::status::DirectionStatus::default(),
                         counters_error: None,
+                        ports: ep.published.iter().map(ToString::to_string).collect(),
                     }
                 })
                 .collect();

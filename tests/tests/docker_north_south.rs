@@ -332,6 +332,59 @@ fn published_port_answers_outside_and_host_sees_the_client_and_closes_on_stop() 
     assert_eq!(dnat.len(), 1, "one DNAT rule for 8080: {dnat:?}");
     assert_docker_firewall_and_our_rules_only_in_docker_user(env, &bridge);
 
+    // `sluice endpoints` shows what Docker cannot (`docker port` is empty for a remote
+    // driver).
+    let ep = env.endpoint_id("ns-web", "ns-pub");
+    let status = env.sluice_cli_ok(&["endpoints", "--json"]);
+    assert!(
+        status.contains(&ep) && status.contains("0.0.0.0:8080->80/tcp"),
+        "published port not in sluice endpoints: {status}"
+    );
+
+    // An address, a range, a random port, UDP.
+    env.run_container_cmd(
+        "ns-pub",
+        "ns-web-r",
+        &[
+            "-p",
+            "127.0.0.1:18085:80",
+            "-p",
+            "18086-18087:80-81",
+            "-p",
+            "80",
+            "-p",
+            "18088:80/udp",
+        ],
+        WEB,
+    );
+    assert_eq!(wait_wget(env, None, "127.0.0.1:18085", "/"), "hello-sluice");
+    assert!(
+        wget(Some(&outside), &format!("{}:18085", outside.host_ip), "/").is_none(),
+        "a port published on 127.0.0.1 answers on another address"
+    );
+    let range = format!("{}:18086", outside.host_ip);
+    assert_eq!(wait_wget(env, Some(&outside), &range, "/"), "hello-sluice");
+    let r_ip = env.container_ip("ns-web-r", "ns-pub");
+    let rules: Vec<String> = nft_rules_with(&r_ip).iter().map(Value::to_string).collect();
+    assert_eq!(rules.len(), 5, "one DNAT rule per binding: {rules:?}");
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.contains("18087") && r.contains("81")),
+        "{rules:?}"
+    );
+    assert!(
+        rules
+            .iter()
+            .any(|r| r.contains("udp") && r.contains("18088")),
+        "{rules:?}"
+    );
+    env.docker_ok(["rm", "-f", "ns-web-r"]);
+    assert!(
+        nft_rules_with(&r_ip).is_empty(),
+        "rules left after docker rm"
+    );
+
     // The port is taken: by this container for another one, by a host process for any.
     let err = env.docker_fails([
         "run",
