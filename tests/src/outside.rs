@@ -31,6 +31,10 @@ pub struct Outside {
     pub ip: String,
     /// The link's prefix (`10.77.<n>.0/30`).
     pub cidr: String,
+    /// The host's IPv6 address on the link (`fd77:<n>::1`).
+    pub host_ip6: String,
+    /// The outside host's IPv6 address (`fd77:<n>::2`).
+    pub ip6: String,
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
 }
@@ -87,6 +91,8 @@ impl Outside {
             host_ip: format!("10.77.{n}.1"),
             ip: format!("10.77.{n}.2"),
             cidr: format!("10.77.{n}.0/30"),
+            host_ip6: format!("fd77:{n}::1"),
+            ip6: format!("fd77:{n}::2"),
             stop: Arc::new(AtomicBool::new(false)),
             threads: Vec::new(),
         };
@@ -102,6 +108,15 @@ impl Outside {
             "dev",
             &host_if,
         ])?;
+        // nodad: usable at once, no duplicate address detection to wait for.
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/64", outside.host_ip6),
+            "dev",
+            &host_if,
+            "nodad",
+        ])?;
         ip(&["link", "set", &host_if, "up"])?;
         let in_ns = |args: &[&str]| {
             let mut full = vec!["-n", ns.as_str()];
@@ -109,6 +124,14 @@ impl Outside {
             ip(&full)
         };
         in_ns(&["addr", "add", &format!("{}/30", outside.ip), "dev", &peer])?;
+        in_ns(&[
+            "addr",
+            "add",
+            &format!("{}/64", outside.ip6),
+            "dev",
+            &peer,
+            "nodad",
+        ])?;
         in_ns(&["link", "set", &peer, "up"])?;
         in_ns(&["link", "set", "lo", "up"])?;
         Ok(outside)
@@ -145,15 +168,12 @@ impl Outside {
     /// # Errors
     /// When `ip` refuses.
     pub fn route_to(&self, cidr: &str) -> Result<()> {
-        ip(&[
-            "-n",
-            &self.ns,
-            "route",
-            "replace",
-            cidr,
-            "via",
-            &self.host_ip,
-        ])
+        let via = if cidr.contains(':') {
+            &self.host_ip6
+        } else {
+            &self.host_ip
+        };
+        ip(&["-n", &self.ns, "route", "replace", cidr, "via", via])
     }
 
     /// Runs `f` on a new thread inside the namespace until the outside host drops.
@@ -218,7 +238,19 @@ impl Outside {
     /// # Errors
     /// When the port cannot be bound.
     pub fn serve_tcp(&mut self, port: u16) -> Result<()> {
-        let addr = format!("{}:{port}", self.ip);
+        self.serve_tcp_on(format!("{}:{port}", self.ip))
+    }
+
+    /// [`Outside::serve_tcp`] on the outside host's IPv6 address.
+    ///
+    /// # Errors
+    /// When the port cannot be bound.
+    pub fn serve_tcp6(&mut self, port: u16) -> Result<()> {
+        self.serve_tcp_on(format!("[{}]:{port}", self.ip6))
+    }
+
+    fn serve_tcp_on(&mut self, addr: String) -> Result<()> {
+        let port = addr.rsplit(':').next().unwrap_or_default().to_owned();
         let (tx, rx) = std::sync::mpsc::channel();
         self.spawn_in_ns(move |stop| {
             let listener = match TcpListener::bind(&addr).and_then(|l| {

@@ -296,6 +296,58 @@ fn outbound_tcp_and_udp_are_masqueraded_to_the_host_address_unless_turned_off() 
 }
 
 #[test]
+fn ipv6_is_routed_and_masqueraded_only_when_asked() {
+    if docker::skip_unless_root() {
+        return;
+    }
+    let env = env();
+    assert_subnet_free("10.38.7.0/24");
+    assert_subnet_free("10.38.8.0/24");
+    let mut outside = Outside::new(46).unwrap();
+    outside.serve_tcp6(7000).unwrap();
+
+    // Routed: the outside sees the container's own address (and routes back to it).
+    let id = env.create_network(
+        "ns-v6",
+        &[
+            "--ipv6",
+            "--subnet",
+            "10.38.7.0/24",
+            "--subnet",
+            "fd38:7::/64",
+        ],
+    );
+    outside.route_to("fd38:7::/64").unwrap();
+    env.run_container("ns-v6", "ns-v6-c", &[]);
+    let own = env.container_ip6("ns-v6-c", "ns-v6");
+    assert_eq!(wait_tcp_source(env, "ns-v6-c", &outside.ip6, 7000), own);
+
+    // `-o sluice.ipv6-nat=true`: masqueraded to the host's address.
+    let id2 = env.create_network(
+        "ns-v6nat",
+        &[
+            "--ipv6",
+            "--subnet",
+            "10.38.8.0/24",
+            "--subnet",
+            "fd38:8::/64",
+            "-o",
+            "sluice.ipv6-nat=true",
+        ],
+    );
+    env.run_container("ns-v6nat", "ns-v6nat-c", &[]);
+    assert_eq!(
+        wait_tcp_source(env, "ns-v6nat-c", &outside.ip6, 7000),
+        outside.host_ip6
+    );
+
+    env.docker_ok(["rm", "-f", "ns-v6-c", "ns-v6nat-c"]);
+    env.docker_ok(["network", "rm", "ns-v6", "ns-v6nat"]);
+    assert_no_rules_left(env, &names::bridge(&id), "fd38:7::");
+    assert_no_rules_left(env, &names::bridge(&id2), "fd38:8::");
+}
+
+#[test]
 fn published_port_answers_outside_and_host_sees_the_client_and_closes_on_stop() {
     if docker::skip_unless_root() {
         return;
