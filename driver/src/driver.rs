@@ -1617,6 +1617,77 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn published_ports_survive_a_restart_and_go_with_the_endpoint() {
+        use crate::nat::{PortRequest, Proto};
+        let dir = tempfile::tempdir().unwrap();
+        let request = PortRequest {
+            proto: Proto::Tcp,
+            container_port: 80,
+            host_ip: None,
+            host_port: 8080,
+            host_port_end: 8080,
+        };
+        {
+            let d = driver(dir.path());
+            d.create_network(net_request(NID, "10.20.0.0/24"))
+                .await
+                .unwrap();
+            d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24"))
+                .await
+                .unwrap();
+            d.join(NID, EID, "/var/run/docker/netns/x").await.unwrap();
+            d.program_external(NID, EID, vec![request]).await.unwrap();
+            assert_eq!(d.kernel().nat().unwrap().ports.len(), 1);
+        }
+        // A new process (the kernel lost the table, the sockets are gone): reconcile
+        // reserves the same host port again and rewrites the table.
+        let d = driver(dir.path());
+        d.kernel()
+            .insert(&names::host_veth(EID), FakeLink::VethPeer(String::new()));
+        let report = d.reconcile().await;
+        assert!(report.errors.is_empty(), "{report:?}");
+        let nat = d.kernel().nat().unwrap();
+        assert_eq!(nat.ports.len(), 1);
+        assert_eq!(nat.ports[0].binding.host_port, 8080);
+        assert_eq!(nat.ports[0].container_ip.to_string(), "10.20.0.5");
+        assert_eq!(d.kernel().reserved_ports()[EID][0].host_port, 8080);
+        assert_eq!(
+            nat.networks[0].masquerade,
+            vec!["10.20.0.0/24".parse::<IpNetwork>().unwrap()]
+        );
+        // DeleteEndpoint without Revoke (a crash path): rules and port go.
+        d.delete_endpoint(NID, EID).await.unwrap();
+        assert!(d.kernel().nat().unwrap().ports.is_empty());
+        assert!(d.kernel().reserved_ports().is_empty());
+        d.delete_network(NID).await.unwrap();
+        assert!(
+            d.kernel().nat().unwrap().is_empty(),
+            "no table without networks"
+        );
+    }
+
+    #[tokio::test]
+    async fn nat_failure_at_create_leaves_no_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.kernel().fail_after("apply_nat", "no nft");
+        let err = d
+            .create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no nft"), "{err}");
+        assert!(d.networks().await.is_empty());
+        assert!(d.kernel().links().is_empty(), "bridge rolled back");
+        let mut bad = net_request(NID, "10.20.0.0/24");
+        bad.options.insert(OPT_MASQUERADE.into(), "perhaps".into());
+        let err = d.create_network(bad).await.unwrap_err();
+        assert!(
+            err.is_client_error() && err.to_string().contains("true or false"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
     async fn same_network_twice_is_idempotent_but_different_is_conflict() {
         let dir = tempfile::tempdir().unwrap();
         let d = driver(dir.path());

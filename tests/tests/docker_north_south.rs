@@ -384,6 +384,29 @@ fn published_port_answers_outside_and_host_sees_the_client_and_closes_on_stop() 
     assert_eq!(dnat.len(), 1, "one DNAT rule for 8080: {dnat:?}");
     assert_docker_firewall_and_our_rules_only_in_docker_user(env, &bridge);
 
+    // Hairpin: a container of the same network through the host's address.
+    env.run_container("ns-pub", "ns-hairpin", &[]);
+    let hairpin = || {
+        let out = env.exec(
+            "ns-hairpin",
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {} 8080",
+                    outside.host_ip
+                ),
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).contains("hello-sluice")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), hairpin),
+        "a container cannot reach its network's published port through the host's address\n{}",
+        diagnose(env)
+    );
+    env.docker_ok(["rm", "-f", "ns-hairpin"]);
+
     // `sluice endpoints` shows what Docker cannot (`docker port` is empty for a remote
     // driver).
     let ep = env.endpoint_id("ns-web", "ns-pub");
