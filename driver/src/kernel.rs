@@ -94,7 +94,9 @@ pub enum KernelError {
 /// made when a later step fails.
 pub trait Kernel: Send + Sync + 'static {
     /// Creates (or adopts) the bridge, sets MTU, addresses, forwarding and brings it up.
-    /// Also lets traffic between the bridge's ports through the host firewall.
+    /// Also lets traffic between the bridge's ports through the host firewall and, unless
+    /// the network is internal, traffic out of the bridge and back (`DOCKER-USER`), with
+    /// IP forwarding on and `route_localnet` on the bridge.
     fn ensure_bridge(
         &self,
         spec: &BridgeSpec,

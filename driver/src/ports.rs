@@ -19,6 +19,7 @@ use crate::nat::{PortBinding, PortRequest, Proto};
 enum Held {
     Tcp(TcpListener),
     Udp(UdpSocket),
+    Nothing,
 }
 
 /// The sockets held per endpoint.
@@ -38,8 +39,7 @@ fn taken(ip: IpAddr, port: &str, proto: Proto, detail: &str) -> KernelError {
 fn bind(proto: Proto, ip: IpAddr, port: u16) -> std::io::Result<(Held, u16)> {
     let addr = SocketAddr::new(ip, port);
     match proto {
-        // SCTP has no socket in std; its port is not reserved (the DNAT rule still applies).
-        Proto::Tcp | Proto::Sctp => {
+        Proto::Tcp => {
             let l = TcpListener::bind(addr)?;
             let port = l.local_addr()?.port();
             Ok((Held::Tcp(l), port))
@@ -49,6 +49,13 @@ fn bind(proto: Proto, ip: IpAddr, port: u16) -> std::io::Result<(Held, u16)> {
             let port = u.local_addr()?.port();
             Ok((Held::Udp(u), port))
         }
+        // std has no SCTP socket: the port is not reserved (the DNAT rule still applies),
+        // so it cannot be picked either.
+        Proto::Sctp if port == 0 => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "sluice cannot pick a free SCTP port: give one",
+        )),
+        Proto::Sctp => Ok((Held::Nothing, port)),
     }
 }
 

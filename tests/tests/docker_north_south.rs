@@ -686,6 +686,7 @@ fn north_south_survives_dockerd_and_sluice_restarts_and_rm_leaves_no_table() {
     assert_subnet_free("10.38.6.0/24");
     let mut outside = Outside::new(45).unwrap();
     outside.serve_tcp(7000).unwrap();
+    outside.serve_udp(7001).unwrap();
     let id = env.create_network("ns-rst", &["--subnet", "10.38.6.0/24"]);
     let bridge = names::bridge(&id);
     env.run_container_cmd(
@@ -701,6 +702,11 @@ fn north_south_survives_dockerd_and_sluice_restarts_and_rm_leaves_no_table() {
             wait_tcp_source(&env, "ns-rst-c", &outside.ip, 7000),
             outside.host_ip,
             "outbound {when}"
+        );
+        assert_eq!(
+            wait_udp_source(&env, "ns-rst-c", &outside.ip, 7001),
+            outside.host_ip,
+            "outbound UDP {when}"
         );
         assert_eq!(
             wait_wget(&env, Some(&outside), &url, "/"),
