@@ -697,6 +697,32 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_subnets_are_masqueraded_only_when_listed() {
+        let v6: IpNetwork = "fd38:8::/64".parse().unwrap();
+        let mut rules = ruleset();
+        rules.networks[0].subnets.push(v6);
+        let post = |rules: &NatRuleset| -> Vec<String> {
+            rules_of(&render("sluice_t", rules))
+                .iter()
+                .filter(|r| r["chain"] == POSTROUTING && r.to_string().contains("slbr*"))
+                .map(|r| r["expr"].to_string())
+                .collect()
+        };
+        assert!(
+            !post(&rules).iter().any(|r| r.contains("fd38:8::")),
+            "routed by default"
+        );
+        rules.networks[0].masquerade.push(v6);
+        let with_nat = post(&rules);
+        assert!(
+            with_nat
+                .iter()
+                .any(|r| r.contains("fd38:8::") && r.contains("\"ip6\"")),
+            "{with_nat:?}"
+        );
+    }
+
+    #[test]
     fn bindings_print_like_docker_ps() {
         let b = PortBinding {
             proto: Proto::Udp,
