@@ -334,166 +334,202 @@ pub fn render(table: &str, rules: &NatRuleset) -> Nftables<'static> {
         name: PUBLISHED.into(),
         ..Chain::default()
     }));
-    let mut rule = |chain: &'static str, expr: Vec<Statement<'static>>, comment: String| {
+    let jumps = [
+        NatRule::new(
+            PREROUTING,
+            vec![daddr_is_local(), jump(PUBLISHED)],
+            "published ports".into(),
+        ),
+        NatRule::new(
+            OUTPUT,
+            vec![daddr_is_local(), jump(PUBLISHED)],
+            "published ports, from the host".into(),
+        ),
+    ];
+    let network_rules = rules.networks.iter().flat_map(|net| {
+        if net.internal {
+            internal_rules(net)
+        } else {
+            outbound_rules(net)
+        }
+    });
+    let port_rules = rules.ports.iter().map(published_rule);
+    for r in jumps.into_iter().chain(network_rules).chain(port_rules) {
         batch.add(NfListObject::Rule(Rule {
             family: FAMILY,
             table: table.to_owned().into(),
-            chain: chain.into(),
-            expr: expr.into(),
+            chain: r.chain.into(),
+            expr: r.expr.into(),
             handle: None,
             index: None,
-            comment: Some(comment.into()),
+            comment: Some(r.comment.into()),
         }));
-    };
-    let jump = || {
-        Statement::Jump(nftables::stmt::JumpTarget {
-            target: PUBLISHED.into(),
-        })
-    };
-    rule(
-        PREROUTING,
-        vec![daddr_is_local(), jump()],
-        "published ports".into(),
-    );
-    rule(
-        OUTPUT,
-        vec![daddr_is_local(), jump()],
-        "published ports, from the host".into(),
-    );
+    }
+    batch.to_nftables()
+}
 
-    for net in &rules.networks {
-        let br = || s(net.bridge.clone());
-        if net.internal {
-            rule(
-                FORWARD,
-                vec![
-                    eq(meta(MetaKey::Iifname), br()),
-                    ne(meta(MetaKey::Oifname), br()),
-                    drop(),
-                ],
-                format!("{}: internal, nothing routed out", net.bridge),
-            );
-            rule(
-                FORWARD,
-                vec![
-                    eq(meta(MetaKey::Oifname), br()),
-                    ne(meta(MetaKey::Iifname), br()),
-                    drop(),
-                ],
-                format!("{}: internal, nothing routed in", net.bridge),
-            );
-            for (family, fam) in [("ip", "ipv4"), ("ip6", "ipv6")] {
-                let mut allowed: Vec<Expression<'static>> = net
-                    .gateways
-                    .iter()
-                    .filter(|g| family_of(**g).0 == family)
-                    .map(|g| s(g.to_string()))
-                    .collect();
-                if family == "ip6" {
-                    // Neighbour discovery with the gateway uses its link-local address.
-                    allowed.push(raw_prefix("fe80::", 10));
-                }
-                let mut expr = vec![
-                    eq(meta(MetaKey::Iifname), br()),
-                    eq(meta(MetaKey::Nfproto), s(fam)),
-                    daddr_is_local(),
-                ];
-                if !allowed.is_empty() {
-                    expr.push(ne(field(family, "daddr"), addr_set(allowed)));
-                }
-                expr.push(drop());
-                rule(
-                    INPUT,
-                    expr,
-                    format!("{}: internal, no host address but the gateway", net.bridge),
-                );
-            }
-            continue;
+/// One rule of the table, before it is put in the batch.
+struct NatRule {
+    chain: &'static str,
+    expr: Vec<Statement<'static>>,
+    comment: String,
+}
+
+impl NatRule {
+    fn new(chain: &'static str, expr: Vec<Statement<'static>>, comment: String) -> Self {
+        Self {
+            chain,
+            expr,
+            comment,
         }
-        rule(
-            RAW,
+    }
+}
+
+fn jump(chain: &'static str) -> Statement<'static> {
+    Statement::Jump(nftables::stmt::JumpTarget {
+        target: chain.into(),
+    })
+}
+
+/// The fences of an `--internal` network: nothing routed in or out of its bridge, no host
+/// address but the gateway's (and IPv6 link-local, for neighbour discovery).
+fn internal_rules(net: &NetworkNat) -> Vec<NatRule> {
+    let br = || s(net.bridge.clone());
+    let mut rules = vec![
+        NatRule::new(
+            FORWARD,
             vec![
                 eq(meta(MetaKey::Iifname), br()),
-                eq(field("ip", "daddr"), loopback_v4()),
+                ne(meta(MetaKey::Oifname), br()),
                 drop(),
             ],
-            format!(
-                "{}: no loopback from containers (route_localnet)",
-                net.bridge
-            ),
-        );
-        for subnet in &net.masquerade {
-            rule(
-                POSTROUTING,
-                vec![
-                    eq(field(net_family(*subnet), "saddr"), prefix(*subnet)),
-                    // Not towards sluice bridges (this one or another network's): containers
-                    // keep their addresses, hence their identities at the peer's policy.
-                    ne(
-                        meta(MetaKey::Oifname),
-                        s(format!("{}*", names::BRIDGE_PREFIX)),
-                    ),
-                    masquerade(),
-                ],
-                format!("{}: outbound masquerade", net.bridge),
-            );
+            format!("{}: internal, nothing routed out", net.bridge),
+        ),
+        NatRule::new(
+            FORWARD,
+            vec![
+                eq(meta(MetaKey::Oifname), br()),
+                ne(meta(MetaKey::Iifname), br()),
+                drop(),
+            ],
+            format!("{}: internal, nothing routed in", net.bridge),
+        ),
+    ];
+    for (family, nfproto) in [("ip", "ipv4"), ("ip6", "ipv6")] {
+        let mut allowed: Vec<Expression<'static>> = net
+            .gateways
+            .iter()
+            .filter(|g| family_of(**g).0 == family)
+            .map(|g| s(g.to_string()))
+            .collect();
+        if family == "ip6" {
+            allowed.push(raw_prefix("fe80::", 10));
         }
-        rule(
+        let mut expr = vec![
+            eq(meta(MetaKey::Iifname), br()),
+            eq(meta(MetaKey::Nfproto), s(nfproto)),
+            daddr_is_local(),
+        ];
+        if !allowed.is_empty() {
+            expr.push(ne(field(family, "daddr"), addr_set(allowed)));
+        }
+        expr.push(drop());
+        rules.push(NatRule::new(
+            INPUT,
+            expr,
+            format!("{}: internal, no host address but the gateway", net.bridge),
+        ));
+    }
+    rules
+}
+
+/// A network with a way out: masquerade of its listed subnets, the loopback fence that
+/// `route_localnet` needs, masquerade of the host's loopback and of hairpin traffic to
+/// published ports.
+fn outbound_rules(net: &NetworkNat) -> Vec<NatRule> {
+    let br = || s(net.bridge.clone());
+    let mut rules = vec![NatRule::new(
+        RAW,
+        vec![
+            eq(meta(MetaKey::Iifname), br()),
+            eq(field("ip", "daddr"), loopback_v4()),
+            drop(),
+        ],
+        format!(
+            "{}: no loopback from containers (route_localnet)",
+            net.bridge
+        ),
+    )];
+    for subnet in &net.masquerade {
+        rules.push(NatRule::new(
+            POSTROUTING,
+            vec![
+                eq(field(net_family(*subnet), "saddr"), prefix(*subnet)),
+                // Not towards sluice bridges (this one or another network's): containers
+                // keep their addresses, hence their identities at the peer's policy.
+                ne(
+                    meta(MetaKey::Oifname),
+                    s(format!("{}*", names::BRIDGE_PREFIX)),
+                ),
+                masquerade(),
+            ],
+            format!("{}: outbound masquerade", net.bridge),
+        ));
+    }
+    rules.push(NatRule::new(
+        POSTROUTING,
+        vec![
+            eq(meta(MetaKey::Oifname), br()),
+            eq(field("ip", "saddr"), loopback_v4()),
+            masquerade(),
+        ],
+        format!("{}: published ports from the host's loopback", net.bridge),
+    ));
+    for subnet in &net.subnets {
+        rules.push(NatRule::new(
             POSTROUTING,
             vec![
                 eq(meta(MetaKey::Oifname), br()),
-                eq(field("ip", "saddr"), loopback_v4()),
+                eq(field(net_family(*subnet), "saddr"), prefix(*subnet)),
+                eq(
+                    Expression::Named(NamedExpression::CT(nftables::expr::CT {
+                        key: "status".into(),
+                        family: None,
+                        dir: None,
+                    })),
+                    s("dnat"),
+                ),
                 masquerade(),
             ],
-            format!("{}: published ports from the host's loopback", net.bridge),
-        );
-        for subnet in &net.subnets {
-            rule(
-                POSTROUTING,
-                vec![
-                    eq(meta(MetaKey::Oifname), br()),
-                    eq(field(net_family(*subnet), "saddr"), prefix(*subnet)),
-                    eq(
-                        Expression::Named(NamedExpression::CT(nftables::expr::CT {
-                            key: "status".into(),
-                            family: None,
-                            dir: None,
-                        })),
-                        s("dnat"),
-                    ),
-                    masquerade(),
-                ],
-                format!("{}: hairpin to published ports", net.bridge),
-            );
-        }
-    }
-
-    for port in &rules.ports {
-        let b = port.binding;
-        let (family, nat_family) = family_of(port.container_ip);
-        let mut expr = Vec::new();
-        if let Some(ip) = b.host_ip {
-            expr.push(eq(field(family_of(ip).0, "daddr"), s(ip.to_string())));
-        } else {
-            expr.push(eq(
-                meta(MetaKey::Nfproto),
-                s(if family == "ip" { "ipv4" } else { "ipv6" }),
-            ));
-        }
-        expr.push(eq(meta(MetaKey::L4proto), s(b.proto.name())));
-        expr.push(eq(
-            field("th", "dport"),
-            Expression::Number(u32::from(b.host_port)),
+            format!("{}: hairpin to published ports", net.bridge),
         ));
-        expr.push(Statement::DNAT(Some(NAT {
-            addr: Some(s(port.container_ip.to_string())),
-            family: Some(nat_family),
-            port: Some(Expression::Number(u32::from(b.container_port))),
-            flags: None,
-        })));
-        rule(PUBLISHED, expr, format!("{b} ({})", port.container_ip));
     }
-    batch.to_nftables()
+    rules
+}
+
+/// The DNAT of one published port (to local destination addresses, see the jumps).
+fn published_rule(port: &PublishedPort) -> NatRule {
+    let b = port.binding;
+    let (family, nat_family) = family_of(port.container_ip);
+    let mut expr = Vec::new();
+    if let Some(ip) = b.host_ip {
+        expr.push(eq(field(family_of(ip).0, "daddr"), s(ip.to_string())));
+    } else {
+        let nfproto = if family == "ip" { "ipv4" } else { "ipv6" };
+        expr.push(eq(meta(MetaKey::Nfproto), s(nfproto)));
+    }
+    expr.push(eq(meta(MetaKey::L4proto), s(b.proto.name())));
+    expr.push(eq(
+        field("th", "dport"),
+        Expression::Number(u32::from(b.host_port)),
+    ));
+    expr.push(Statement::DNAT(Some(NAT {
+        addr: Some(s(port.container_ip.to_string())),
+        family: Some(nat_family),
+        port: Some(Expression::Number(u32::from(b.container_port))),
+        flags: None,
+    })));
+    NatRule::new(PUBLISHED, expr, format!("{b} ({})", port.container_ip))
 }
 
 fn loopback_v4() -> Expression<'static> {
