@@ -16,6 +16,8 @@ use crate::firewall::Firewall;
 use crate::kernel::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
 use crate::link::{self, Netlink, format_mac, write_sysctl};
 use crate::names;
+use crate::nat::{Nat, NatRuleset, PortBinding, PortRequest};
+use crate::ports::PortReservations;
 
 /// The [`Kernel`] of bridge mode, acting on the network namespace it was created in.
 #[derive(Debug, Clone)]
@@ -28,6 +30,10 @@ pub struct LinuxKernel {
     owner: String,
     /// The loaded eBPF programs and maps; `None` until [`LinuxKernel::with_datapath`].
     datapath: Option<Arc<Mutex<Datapath>>>,
+    /// sluice's nftables table (named after the plugin, like `owner`).
+    nat: Nat,
+    /// Sockets holding the host ports of published ports.
+    ports: Arc<PortReservations>,
 }
 
 /// Alias of links owned by the daemon serving plugin `name`.
@@ -73,6 +79,17 @@ fn host_route(address: IpNetwork) -> IpNetwork {
     IpNetwork::new(ip, prefix).unwrap_or(address)
 }
 
+/// Writes `value` to `/proc/sys/<key>` unless it already holds it.
+fn ensure_sysctl(key: &str, value: &str) -> Result<(), KernelError> {
+    let current = std::fs::read_to_string(format!("/proc/sys/{key}")).unwrap_or_default();
+    if current.trim() == value {
+        return Ok(());
+    }
+    write_sysctl(key, value)?;
+    info!("sysctl {}={value}", key.replace('/', "."));
+    Ok(())
+}
+
 fn missing(op: String, what: &str) -> KernelError {
     KernelError::Os {
         op,
@@ -98,6 +115,8 @@ impl LinuxKernel {
             firewall,
             owner: owner_alias("sluice"),
             datapath: None,
+            nat: Nat::new("sluice"),
+            ports: Arc::new(PortReservations::default()),
         }
     }
 
@@ -147,7 +166,14 @@ impl LinuxKernel {
     #[must_use]
     pub fn owned_by(mut self, name: &str) -> Self {
         self.owner = owner_alias(name);
+        self.nat = Nat::new(name);
         self
+    }
+
+    /// The name of this kernel's nftables table (`sluice_<plugin name>`).
+    #[must_use]
+    pub fn nat_table(&self) -> &str {
+        self.nat.table()
     }
 
     /// The netlink connection, for callers that need lower-level queries.
@@ -188,9 +214,21 @@ impl LinuxKernel {
             if link::proc_sys_path("net/ipv6/conf").exists() {
                 write_sysctl(&format!("net/ipv6/conf/{name}/forwarding"), "0")?;
             }
+        } else {
+            // A way out needs routing, as Docker's bridge driver sets it (`--ip-forward`).
+            // Written only when off: a write that changes it resets every interface's
+            // forwarding flag, internal bridges' included (their nft fences still hold).
+            ensure_sysctl("net/ipv4/ip_forward", "1")?;
+            if spec.addresses.iter().any(IpNetwork::is_ipv6) {
+                ensure_sysctl("net/ipv6/conf/all/forwarding", "1")?;
+            }
+            // The host's `curl localhost:PORT` to a published port is DNATed to the bridge
+            // with its loopback source (then masqueraded): only routable with this. The nft
+            // `raw` chain drops what containers send to 127.0.0.0/8 in return.
+            write_sysctl(&format!("net/ipv4/conf/{name}/route_localnet"), "1")?;
         }
         self.nl.set_up(index).await?;
-        self.firewall.allow_bridge(name).await
+        self.firewall.allow_bridge(name, !spec.internal).await
     }
 
     async fn configure_veth(&self, spec: &VethSpec) -> Result<(), KernelError> {
@@ -408,6 +446,23 @@ impl Kernel for LinuxKernel {
         let op = format!("read counters of {host_veth}");
         let ifindex = self.require_index(host_veth, &op).await?;
         self.with_dp(&op, |dp| dp.read_counters(ifindex))
+    }
+
+    async fn apply_nat(&self, rules: &NatRuleset) -> Result<(), KernelError> {
+        self.nat.apply(rules).await
+    }
+
+    async fn reserve_ports(
+        &self,
+        endpoint: &str,
+        requests: &[PortRequest],
+    ) -> Result<Vec<PortBinding>, KernelError> {
+        self.ports.reserve(endpoint, requests)
+    }
+
+    async fn release_ports(&self, endpoint: &str) -> Result<(), KernelError> {
+        self.ports.release(endpoint);
+        Ok(())
     }
 
     async fn sluice_links(&self) -> Result<Vec<String>, KernelError> {

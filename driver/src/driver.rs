@@ -17,16 +17,25 @@ use crate::ipam::{Ipam, IpamConfig, IpamError, LeaseKind, Pool, PoolRequest};
 use crate::kernel::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
 use crate::model::{
     ContainerIdentity, Endpoint, EndpointCreated, EndpointRequest, JoinInfo, Mode, Network,
-    NetworkRequest, OPT_INGRESS, OPT_ISOLATE, OPT_MODE, OPT_MTU, derive_mac,
+    NetworkRequest, OPT_INGRESS, OPT_IPV6_NAT, OPT_ISOLATE, OPT_MASQUERADE, OPT_MODE, OPT_MTU,
+    derive_mac,
 };
 use crate::names;
+use crate::nat::{NatRuleset, NetworkNat, PortRequest, PublishedPort};
 use crate::policy::{
     Applied, EndpointView, NetworkView, PolicyDoc, PolicyEngine, PolicyError, Resolution,
 };
 use crate::store::{Change, Store, StoreError};
 
 /// Options sluice understands in `docker network create -o`.
-pub const SUPPORTED_OPTIONS: &[&str] = &[OPT_MODE, OPT_MTU, OPT_ISOLATE, OPT_INGRESS];
+pub const SUPPORTED_OPTIONS: &[&str] = &[
+    OPT_MODE,
+    OPT_MTU,
+    OPT_ISOLATE,
+    OPT_INGRESS,
+    OPT_MASQUERADE,
+    OPT_IPV6_NAT,
+];
 
 /// Errors of the driver. [`DriverError::is_client_error`] tells the plugin which are the
 /// caller's fault (HTTP 400) and which are sluice's or the kernel's (HTTP 500).
@@ -135,6 +144,49 @@ impl State {
                 name: n.name.clone(),
             })
             .collect()
+    }
+
+    /// What sluice's nftables table must hold for the networks and published ports now.
+    fn nat_ruleset(&self) -> NatRuleset {
+        let networks = self
+            .networks
+            .values()
+            .map(|n| NetworkNat {
+                bridge: n.bridge.clone(),
+                internal: n.internal,
+                masquerade: if n.internal {
+                    Vec::new()
+                } else {
+                    n.ipv4
+                        .iter()
+                        .filter(|_| n.masquerade)
+                        .chain(n.ipv6.iter().filter(|_| n.ipv6_nat))
+                        .map(|d| d.pool)
+                        .collect()
+                },
+                subnets: n.ipv4.iter().chain(&n.ipv6).map(|d| d.pool).collect(),
+                gateways: n.gateway_addresses().map(|g| g.ip()).collect(),
+            })
+            .collect();
+        let ports = self
+            .endpoints
+            .values()
+            .filter(|e| {
+                self.networks
+                    .get(&e.network_id)
+                    .is_some_and(|n| !n.internal)
+            })
+            .flat_map(|e| {
+                let ip = e.address.map(|a| a.ip());
+                e.published.iter().filter_map(move |b| {
+                    ip.map(|container_ip| PublishedPort {
+                        binding: *b,
+                        container_ip,
+                    })
+                })
+            })
+            .collect();
+        NatRuleset { networks, ports }
     }
 
     /// The datapath's view of `ep`: flags from the network's options, the policies that
@@ -376,8 +428,9 @@ impl<K: Kernel> Driver<K> {
     }
 
     /// Brings the kernel in line with the store: every network's bridge exists and is
-    /// configured, every endpoint that is not inside a container has its veth pair, and
-    /// sluice links that belong to no network or endpoint are removed.
+    /// configured, every endpoint that is not inside a container has its veth pair, the
+    /// published ports of running containers hold their host ports again, sluice's nftables
+    /// table is rebuilt, and sluice links that belong to no network or endpoint are removed.
     pub async fn reconcile(&self) -> ReconcileReport {
         let mut state = self.state.lock().await;
         let mut report = ReconcileReport::default();
@@ -447,6 +500,40 @@ impl<K: Kernel> Driver<K> {
                     .errors
                     .push(format!("endpoint {} datapath: {e}", ep.id));
             }
+        }
+        // Published ports of the containers still running: their host ports are reserved
+        // again; those of containers that went away while sluice was down are forgotten.
+        let mut gone = Vec::new();
+        for ep in state.endpoints.values() {
+            if ep.published.is_empty() {
+                continue;
+            }
+            if ep.sandbox_key.is_none() || !present.contains(&ep.host_veth) {
+                gone.push(ep.id.clone());
+                continue;
+            }
+            let requests: Vec<PortRequest> = ep
+                .published
+                .iter()
+                .map(crate::nat::PortBinding::as_request)
+                .collect();
+            if let Err(e) = self.kernel.reserve_ports(&ep.id, &requests).await {
+                report
+                    .errors
+                    .push(format!("endpoint {} published ports: {e}", ep.id));
+            }
+        }
+        for id in gone {
+            if let Some(ep) = state.endpoints.get_mut(&id) {
+                ep.published.clear();
+                if let Err(e) = self.store.apply(&[Change::PutEndpoint(ep.clone())]) {
+                    report.errors.push(format!("endpoint {id}: {e}"));
+                }
+            }
+        }
+        // sluice's nftables table, rebuilt whole from the state.
+        if let Err(e) = self.kernel.apply_nat(&state.nat_ruleset()).await {
+            report.errors.push(format!("nft: {e}"));
         }
         for name in existing {
             if owned.contains(&name) {
@@ -558,14 +645,37 @@ impl<K: Kernel> Driver<K> {
         }
         net.number = state.next_network_number();
         self.kernel.ensure_bridge(&bridge_spec(&net)).await?;
-        if let Err(e) = self.store.apply(&[Change::PutNetwork(net.clone())]) {
+        state.networks.insert(net.id.clone(), net.clone());
+        // Outbound NAT and the internal fences exist before any container can send.
+        let mut result = self
+            .kernel
+            .apply_nat(&state.nat_ruleset())
+            .await
+            .map_err(DriverError::from);
+        if result.is_ok() {
+            result = self
+                .store
+                .apply(&[Change::PutNetwork(net.clone())])
+                .map_err(DriverError::from);
+        }
+        if let Err(e) = result {
+            state.networks.remove(&net.id);
+            if let Err(undo) = self.kernel.apply_nat(&state.nat_ruleset()).await {
+                warn!(error = %undo, "rollback of nft table failed");
+            }
             if let Err(undo) = self.kernel.delete_bridge(&net.bridge).await {
                 warn!(error = %undo, bridge = %net.bridge, "rollback of bridge failed");
             }
-            return Err(e.into());
+            return Err(e);
         }
-        info!(bridge = %net.bridge, mtu = ?net.mtu, internal = net.internal, "network created");
-        state.networks.insert(net.id.clone(), net);
+        info!(
+            bridge = %net.bridge,
+            mtu = ?net.mtu,
+            internal = net.internal,
+            masquerade = net.masquerade && !net.internal,
+            ipv6_nat = net.ipv6_nat && !net.internal,
+            "network created"
+        );
         Ok(())
     }
 
@@ -591,6 +701,9 @@ impl<K: Kernel> Driver<K> {
         let mut changes = Vec::new();
         for ep in &leftovers {
             warn!(endpoint = %ep.id, "endpoint still present at network delete; removing it");
+            if let Err(e) = self.kernel.release_ports(&ep.id).await {
+                errors.push(e);
+            }
             if let Err(e) = self.kernel.detach_endpoint(&state.datapath_view(ep)).await {
                 errors.push(e);
             }
@@ -608,6 +721,10 @@ impl<K: Kernel> Driver<K> {
             state.endpoints.remove(&ep.id);
         }
         state.networks.remove(network_id);
+        // The network's rules go with it (the last network takes the table along).
+        if let Err(e) = self.kernel.apply_nat(&state.nat_ruleset()).await {
+            errors.push(e);
+        }
         info!(bridge = %net.bridge, "network deleted");
         match errors.len() {
             0 => Ok(()),
@@ -649,6 +766,7 @@ impl<K: Kernel> Driver<K> {
             identity: state.next_identity(),
             ifindex: 0,
             container: None,
+            published: Vec::new(),
         };
         if let Some(existing) = state.endpoints.get(&ep.id) {
             if existing.network_id == ep.network_id
@@ -766,6 +884,122 @@ impl<K: Kernel> Driver<K> {
         Ok(())
     }
 
+    /// `NetworkDriver.ProgramExternalConnectivity`: publishes the container's ports
+    /// (`docker run -p`): reserves each host port (a taken one is an error naming it) and
+    /// DNATs it to the container. Repeating the call replaces what was published. On an
+    /// internal network nothing is published (as with Docker's bridge driver).
+    ///
+    /// # Errors
+    /// Unknown network or endpoint, a taken host port, an unsupported binding, kernel or
+    /// store failures; in every case nothing stays published.
+    pub async fn program_external(
+        &self,
+        network_id: &str,
+        endpoint_id: &str,
+        requests: Vec<PortRequest>,
+    ) -> Result<(), DriverError> {
+        let mut state = self.state.lock().await;
+        let net = state
+            .networks
+            .get(network_id)
+            .cloned()
+            .ok_or_else(|| DriverError::UnknownNetwork(network_id.to_owned()))?;
+        let mut ep = state
+            .endpoints
+            .get(endpoint_id)
+            .filter(|e| e.network_id == network_id)
+            .cloned()
+            .ok_or_else(|| DriverError::UnknownEndpoint(endpoint_id.to_owned()))?;
+        if net.internal {
+            if !requests.is_empty() {
+                warn!("published ports on an internal network are not published");
+            }
+            return Ok(());
+        }
+        if requests.is_empty() && ep.published.is_empty() {
+            return Ok(());
+        }
+        if !requests.is_empty() && ep.address.is_none() {
+            return Err(DriverError::InvalidOption(
+                "published ports need an IPv4 address on the network (sluice publishes IPv4 only)"
+                    .into(),
+            ));
+        }
+        if let Some(r) = requests
+            .iter()
+            .find(|r| r.host_ip.is_some_and(|ip| ip.is_ipv6()))
+        {
+            return Err(DriverError::InvalidOption(format!(
+                "publishing on an IPv6 host address ({}) is not supported by sluice; publish on an IPv4 address or on all addresses",
+                r.host_ip.map(|ip| ip.to_string()).unwrap_or_default()
+            )));
+        }
+        let bindings = self.kernel.reserve_ports(&ep.id, &requests).await?;
+        ep.published = bindings;
+        state.endpoints.insert(ep.id.clone(), ep.clone());
+        let mut result = self
+            .kernel
+            .apply_nat(&state.nat_ruleset())
+            .await
+            .map_err(DriverError::from);
+        if result.is_ok() {
+            result = self
+                .store
+                .apply(&[Change::PutEndpoint(ep.clone())])
+                .map_err(DriverError::from);
+        }
+        if let Err(e) = result {
+            if let Some(stored) = state.endpoints.get_mut(&ep.id) {
+                stored.published.clear();
+            }
+            if let Err(undo) = self.kernel.apply_nat(&state.nat_ruleset()).await {
+                warn!(error = %undo, "rollback of published ports failed");
+            }
+            if let Err(undo) = self.kernel.release_ports(&ep.id).await {
+                warn!(error = %undo, "rollback of host ports failed");
+            }
+            return Err(e);
+        }
+        let shown: Vec<String> = ep.published.iter().map(ToString::to_string).collect();
+        info!(ports = ?shown, "external connectivity programmed");
+        Ok(())
+    }
+
+    /// `NetworkDriver.RevokeExternalConnectivity`: unpublishes the container's ports and
+    /// frees the host ports. Unknown IDs are fine.
+    ///
+    /// # Errors
+    /// Kernel or store failures (the ports are forgotten anyway).
+    pub async fn revoke_external(
+        &self,
+        network_id: &str,
+        endpoint_id: &str,
+    ) -> Result<(), DriverError> {
+        let mut state = self.state.lock().await;
+        let Some(ep) = state
+            .endpoints
+            .get_mut(endpoint_id)
+            .filter(|e| e.network_id == network_id)
+        else {
+            debug!("revoke for an unknown endpoint: nothing to do");
+            return Ok(());
+        };
+        if ep.published.is_empty() {
+            return Ok(());
+        }
+        ep.published.clear();
+        let ep = ep.clone();
+        let nat = self.kernel.apply_nat(&state.nat_ruleset()).await;
+        let released = self.kernel.release_ports(&ep.id).await;
+        self.store.apply(&[Change::PutEndpoint(ep)])?;
+        info!("external connectivity revoked");
+        match (nat, released) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e.into()),
+            (Err(a), Err(b)) => Err(KernelError::Many(vec![a, b]).into()),
+        }
+    }
+
     /// `NetworkDriver.DeleteEndpoint`: removes the veth pair. Unknown IDs are fine.
     ///
     /// # Errors
@@ -789,6 +1023,15 @@ impl<K: Kernel> Driver<K> {
         let deleted = self.kernel.delete_link(&ep.host_veth).await;
         self.store.apply(&[Change::DeleteEndpoint(ep.id.clone())])?;
         state.endpoints.remove(endpoint_id);
+        if !ep.published.is_empty() {
+            // Docker revokes before it deletes; this is for the paths where it does not.
+            if let Err(e) = self.kernel.apply_nat(&state.nat_ruleset()).await {
+                warn!(error = %e, "removing the published ports of a deleted endpoint");
+            }
+        }
+        if let Err(e) = self.kernel.release_ports(&ep.id).await {
+            warn!(error = %e, "releasing the host ports of a deleted endpoint");
+        }
         info!(host_veth = %ep.host_veth, "endpoint deleted");
         if !state.policies.is_empty()
             && let Err(e) = self.resync(&mut state, None).await
@@ -810,10 +1053,17 @@ impl<K: Kernel> Driver<K> {
             .endpoints
             .get(endpoint_id)
             .map(|ep| {
-                BTreeMap::from([
+                let mut info = BTreeMap::from([
                     ("sluice.host_veth".to_owned(), ep.host_veth.clone()),
                     ("sluice.mac".to_owned(), crate::model::format_mac(&ep.mac)),
-                ])
+                ]);
+                if !ep.published.is_empty() {
+                    // Docker cannot read a remote driver's port map here (it arrives as
+                    // plain JSON), so the published ports are shown as text.
+                    let ports: Vec<String> = ep.published.iter().map(ToString::to_string).collect();
+                    info.insert("sluice.ports".to_owned(), ports.join(", "));
+                }
+                info
             })
             .unwrap_or_default()
     }
@@ -865,6 +1115,8 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
     let mut mtu = None;
     let mut isolate = true;
     let mut ingress_deny = false;
+    let mut masquerade = true;
+    let mut ipv6_nat = false;
     for (key, value) in &req.options {
         match key.as_str() {
             OPT_MODE => mode = value.parse().map_err(DriverError::InvalidOption)?,
@@ -887,6 +1139,8 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
                     }
                 };
             }
+            OPT_MASQUERADE => masquerade = parse_bool(OPT_MASQUERADE, value)?,
+            OPT_IPV6_NAT => ipv6_nat = parse_bool(OPT_IPV6_NAT, value)?,
             k if k.starts_with("com.docker.network.") => {
                 warn!(option = %k, "Docker option not used by sluice; ignored");
             }
@@ -928,6 +1182,14 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
         name: None,
         isolate,
         ingress_deny,
+        masquerade,
+        ipv6_nat,
+    })
+}
+
+fn parse_bool(key: &str, value: &str) -> Result<bool, DriverError> {
+    value.trim().parse().map_err(|_| {
+        DriverError::InvalidOption(format!("{key} must be true or false, got {value:?}"))
     })
 }
 
@@ -972,6 +1234,7 @@ impl<K: Kernel> Driver<K> {
                         ingress: crate::status::DirectionStatus::default(),
                         egress: crate::status::DirectionStatus::default(),
                         counters_error: None,
+                        ports: ep.published.iter().map(ToString::to_string).collect(),
                     }
                 })
                 .collect();
@@ -1351,6 +1614,77 @@ mod tests {
         assert!(err.to_string().contains("no BPF"), "{err}");
         assert!(d.endpoints().await.is_empty());
         assert!(!d.kernel().links().contains_key(&names::host_veth(EID)));
+    }
+
+    #[tokio::test]
+    async fn published_ports_survive_a_restart_and_go_with_the_endpoint() {
+        use crate::nat::{PortRequest, Proto};
+        let dir = tempfile::tempdir().unwrap();
+        let request = PortRequest {
+            proto: Proto::Tcp,
+            container_port: 80,
+            host_ip: None,
+            host_port: 8080,
+            host_port_end: 8080,
+        };
+        {
+            let d = driver(dir.path());
+            d.create_network(net_request(NID, "10.20.0.0/24"))
+                .await
+                .unwrap();
+            d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24"))
+                .await
+                .unwrap();
+            d.join(NID, EID, "/var/run/docker/netns/x").await.unwrap();
+            d.program_external(NID, EID, vec![request]).await.unwrap();
+            assert_eq!(d.kernel().nat().unwrap().ports.len(), 1);
+        }
+        // A new process (the kernel lost the table, the sockets are gone): reconcile
+        // reserves the same host port again and rewrites the table.
+        let d = driver(dir.path());
+        d.kernel()
+            .insert(&names::host_veth(EID), FakeLink::VethPeer(String::new()));
+        let report = d.reconcile().await;
+        assert!(report.errors.is_empty(), "{report:?}");
+        let nat = d.kernel().nat().unwrap();
+        assert_eq!(nat.ports.len(), 1);
+        assert_eq!(nat.ports[0].binding.host_port, 8080);
+        assert_eq!(nat.ports[0].container_ip.to_string(), "10.20.0.5");
+        assert_eq!(d.kernel().reserved_ports()[EID][0].host_port, 8080);
+        assert_eq!(
+            nat.networks[0].masquerade,
+            vec!["10.20.0.0/24".parse::<IpNetwork>().unwrap()]
+        );
+        // DeleteEndpoint without Revoke (a crash path): rules and port go.
+        d.delete_endpoint(NID, EID).await.unwrap();
+        assert!(d.kernel().nat().unwrap().ports.is_empty());
+        assert!(d.kernel().reserved_ports().is_empty());
+        d.delete_network(NID).await.unwrap();
+        assert!(
+            d.kernel().nat().unwrap().is_empty(),
+            "no table without networks"
+        );
+    }
+
+    #[tokio::test]
+    async fn nat_failure_at_create_leaves_no_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.kernel().fail_after("apply_nat", "no nft");
+        let err = d
+            .create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("no nft"), "{err}");
+        assert!(d.networks().await.is_empty());
+        assert!(d.kernel().links().is_empty(), "bridge rolled back");
+        let mut bad = net_request(NID, "10.20.0.0/24");
+        bad.options.insert(OPT_MASQUERADE.into(), "perhaps".into());
+        let err = d.create_network(bad).await.unwrap_err();
+        assert!(
+            err.is_client_error() && err.to_string().contains("true or false"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

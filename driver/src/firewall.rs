@@ -1,5 +1,6 @@
-//! The host-firewall side of bridge mode: one `ACCEPT` rule per sluice bridge in Docker's
-//! `DOCKER-USER` chain, for `iptables` and `ip6tables`. Owns nothing else in the firewall:
+//! The host-firewall side of bridge mode: `ACCEPT` rules per sluice bridge in Docker's
+//! `DOCKER-USER` chain, for `iptables` and `ip6tables` (traffic within the bridge; for
+//! networks with a way out, also outbound, replies and published ports). Owns nothing else in the firewall:
 //! it never flushes, reorders or deletes chains, and removes only its own exact rule.
 //!
 //! Why: dockerd (with iptables on) sets the `FORWARD` policy to `DROP`, and with
@@ -32,7 +33,7 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
 /// removing anything cannot loop us forever.
 const MAX_DELETES: usize = 64;
 
-/// Adds and removes the per-bridge `ACCEPT` rule in `DOCKER-USER` (see the module docs).
+/// Adds and removes the per-bridge `ACCEPT` rules in `DOCKER-USER` (see the module docs).
 ///
 /// Commands run in the network namespace of the thread that spawns them.
 #[derive(Debug, Clone)]
@@ -58,7 +59,7 @@ impl Run {
     }
 }
 
-fn find_tool(name: &str) -> Option<PathBuf> {
+pub(crate) fn find_tool(name: &str) -> Option<PathBuf> {
     let path_dirs = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
         .unwrap_or_default();
@@ -74,8 +75,26 @@ fn is_executable(path: &Path) -> bool {
     std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
-fn rule(bridge: &str) -> [&str; 6] {
-    ["-i", bridge, "-o", bridge, "-j", "ACCEPT"]
+/// The `DOCKER-USER` rules of a bridge: traffic between its ports always; for a network
+/// with a way out (not `--internal`) also what its containers send out, and what comes back
+/// or was DNATed to them (published ports), as Docker's own `FORWARD` rules do for its
+/// bridges.
+fn rules(bridge: &str, outbound: bool) -> Vec<Vec<&str>> {
+    let mut rules = vec![vec!["-i", bridge, "-o", bridge, "-j", "ACCEPT"]];
+    if outbound {
+        rules.push(vec!["-i", bridge, "!", "-o", bridge, "-j", "ACCEPT"]);
+        rules.push(vec![
+            "-o",
+            bridge,
+            "-m",
+            "conntrack",
+            "--ctstate",
+            "RELATED,ESTABLISHED,DNAT",
+            "-j",
+            "ACCEPT",
+        ]);
+    }
+    rules
 }
 
 impl Firewall {
@@ -102,58 +121,63 @@ impl Firewall {
         &self.tools
     }
 
-    /// Lets traffic between ports of `bridge` through `FORWARD`:
+    /// Lets the traffic of `bridge` through `FORWARD` ([`rules`]; with `outbound` also what
+    /// leaves the network and comes back):
     /// `iptables -w -N DOCKER-USER` (if missing) and
-    /// `iptables -w -I DOCKER-USER 1 -i BRIDGE -o BRIDGE -j ACCEPT` (if not already there),
-    /// likewise with `ip6tables`. Idempotent.
+    /// `iptables -w -I DOCKER-USER 1 -i BRIDGE -o BRIDGE -j ACCEPT` (each rule, if not already
+    /// there), likewise with `ip6tables`. Idempotent.
     ///
     /// # Errors
     /// [`KernelError::Os`] with the tool's stderr when a command fails.
-    pub async fn allow_bridge(&self, bridge: &str) -> Result<(), KernelError> {
+    pub async fn allow_bridge(&self, bridge: &str, outbound: bool) -> Result<(), KernelError> {
         if self.tools.is_empty() {
-            debug!(bridge, "no iptables: not adding a DOCKER-USER rule");
+            debug!(bridge, "no iptables: not adding DOCKER-USER rules");
         }
         for tool in &self.tools {
             self.ensure_chain(tool).await?;
-            if self.rule_present(tool, bridge).await? {
-                debug!(tool = %tool.display(), bridge, "DOCKER-USER rule already present");
-                continue;
-            }
-            let mut args = vec!["-w", "-t", "filter", "-I", CHAIN, "1"];
-            args.extend(rule(bridge));
-            let run = self.run(tool, &args).await?;
-            if !run.success() {
-                return Err(failure(tool, &args, &run));
-            }
-            info!("{} {}", tool.display(), args.join(" "));
-        }
-        Ok(())
-    }
-
-    /// Removes every copy of the rule [`Firewall::allow_bridge`] adds, for both tools; a
-    /// missing rule or chain is fine. Touches nothing else.
-    /// (`iptables -w -D DOCKER-USER -i BRIDGE -o BRIDGE -j ACCEPT` until it is gone.)
-    ///
-    /// # Errors
-    /// [`KernelError::Os`] with the tool's stderr when a command fails.
-    pub async fn remove_bridge(&self, bridge: &str) -> Result<(), KernelError> {
-        for tool in &self.tools {
-            let mut deleted = 0;
-            while self.rule_present(tool, bridge).await? {
-                if deleted >= MAX_DELETES {
-                    return Err(KernelError::Os {
-                        op: format!("{} -D {CHAIN} {}", tool.display(), rule(bridge).join(" ")),
-                        message: format!("rule still present after {MAX_DELETES} deletions"),
-                    });
+            for rule in rules(bridge, outbound) {
+                if self.rule_present(tool, &rule).await? {
+                    debug!(tool = %tool.display(), bridge, "DOCKER-USER rule already present");
+                    continue;
                 }
-                let mut args = vec!["-w", "-t", "filter", "-D", CHAIN];
-                args.extend(rule(bridge));
+                let mut args = vec!["-w", "-t", "filter", "-I", CHAIN, "1"];
+                args.extend(&rule);
                 let run = self.run(tool, &args).await?;
                 if !run.success() {
                     return Err(failure(tool, &args, &run));
                 }
                 info!("{} {}", tool.display(), args.join(" "));
-                deleted += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes every copy of every rule [`Firewall::allow_bridge`] may have added for
+    /// `bridge`, for both tools; a missing rule or chain is fine. Touches nothing else.
+    /// (`iptables -w -D DOCKER-USER -i BRIDGE -o BRIDGE -j ACCEPT` until it is gone, etc.)
+    ///
+    /// # Errors
+    /// [`KernelError::Os`] with the tool's stderr when a command fails.
+    pub async fn remove_bridge(&self, bridge: &str) -> Result<(), KernelError> {
+        for tool in &self.tools {
+            for rule in rules(bridge, true) {
+                let mut deleted = 0;
+                while self.rule_present(tool, &rule).await? {
+                    if deleted >= MAX_DELETES {
+                        return Err(KernelError::Os {
+                            op: format!("{} -D {CHAIN} {}", tool.display(), rule.join(" ")),
+                            message: format!("rule still present after {MAX_DELETES} deletions"),
+                        });
+                    }
+                    let mut args = vec!["-w", "-t", "filter", "-D", CHAIN];
+                    args.extend(&rule);
+                    let run = self.run(tool, &args).await?;
+                    if !run.success() {
+                        return Err(failure(tool, &args, &run));
+                    }
+                    info!("{} {}", tool.display(), args.join(" "));
+                    deleted += 1;
+                }
             }
         }
         Ok(())
@@ -161,9 +185,9 @@ impl Firewall {
 
     /// `-C`: exit 0 means present; exit 1 means absent (also when the chain is missing:
     /// "Bad rule (does a matching rule exist in that chain?)"); anything else is an error.
-    async fn rule_present(&self, tool: &Path, bridge: &str) -> Result<bool, KernelError> {
+    async fn rule_present(&self, tool: &Path, rule: &[&str]) -> Result<bool, KernelError> {
         let mut args = vec!["-w", "-t", "filter", "-C", CHAIN];
-        args.extend(rule(bridge));
+        args.extend(rule);
         let run = self.run(tool, &args).await?;
         match run.code {
             Some(0) => Ok(true),
@@ -248,7 +272,7 @@ mod tests {
     #[tokio::test]
     async fn without_tools_everything_is_a_no_op() {
         let fw = Firewall::with_tools(Vec::new());
-        fw.allow_bridge("slbrtest").await.unwrap();
+        fw.allow_bridge("slbrtest", true).await.unwrap();
         fw.remove_bridge("slbrtest").await.unwrap();
     }
 
@@ -259,7 +283,7 @@ mod tests {
             return;
         };
         let fw = Firewall::with_tools(vec![tool]);
-        let err = fw.allow_bridge("slbrtest").await.unwrap_err();
+        let err = fw.allow_bridge("slbrtest", false).await.unwrap_err();
         let text = err.to_string();
         assert!(text.contains("-N DOCKER-USER"), "{text}");
         assert!(text.contains("exit status 1"), "{text}");
@@ -268,10 +292,15 @@ mod tests {
     }
 
     #[test]
-    fn rule_matches_traffic_within_one_bridge() {
+    fn rules_match_traffic_within_and_out_of_one_bridge() {
         assert_eq!(
-            rule("slbr1"),
-            ["-i", "slbr1", "-o", "slbr1", "-j", "ACCEPT"]
+            rules("slbr1", false),
+            vec![vec!["-i", "slbr1", "-o", "slbr1", "-j", "ACCEPT"]]
         );
+        let out = rules("slbr1", true);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[1], ["-i", "slbr1", "!", "-o", "slbr1", "-j", "ACCEPT"]);
+        assert!(out[2].contains(&"RELATED,ESTABLISHED,DNAT"));
+        assert!(out.iter().all(|r| r.contains(&"slbr1")));
     }
 }

@@ -7,6 +7,7 @@ use std::future::Future;
 use ipnetwork::IpNetwork;
 
 use crate::datapath::{CompiledPolicy, DatapathError, EndpointCounters};
+use crate::nat::{NatRuleset, PortBinding, PortRequest};
 
 /// A bridge-mode network as the kernel should see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,7 +94,9 @@ pub enum KernelError {
 /// made when a later step fails.
 pub trait Kernel: Send + Sync + 'static {
     /// Creates (or adopts) the bridge, sets MTU, addresses, forwarding and brings it up.
-    /// Also lets traffic between the bridge's ports through the host firewall.
+    /// Also lets traffic between the bridge's ports through the host firewall and, unless
+    /// the network is internal, traffic out of the bridge and back (`DOCKER-USER`), with
+    /// IP forwarding on and `route_localnet` on the bridge.
     fn ensure_bridge(
         &self,
         spec: &BridgeSpec,
@@ -139,6 +142,24 @@ pub trait Kernel: Send + Sync + 'static {
         &self,
         host_veth: &str,
     ) -> impl Future<Output = Result<EndpointCounters, KernelError>> + Send;
+
+    /// Makes sluice's own nftables table hold exactly `rules` (outbound masquerade,
+    /// published ports, internal fences; see [`crate::nat`]), in one transaction; an empty
+    /// ruleset removes the table.
+    fn apply_nat(&self, rules: &NatRuleset)
+    -> impl Future<Output = Result<(), KernelError>> + Send;
+
+    /// Reserves a host port for each request on behalf of `endpoint` (replacing what it
+    /// held), all or nothing; returns the ports chosen.
+    fn reserve_ports(
+        &self,
+        endpoint: &str,
+        requests: &[PortRequest],
+    ) -> impl Future<Output = Result<Vec<PortBinding>, KernelError>> + Send;
+
+    /// Gives up the host ports of `endpoint`. Idempotent.
+    fn release_ports(&self, endpoint: &str)
+    -> impl Future<Output = Result<(), KernelError>> + Send;
 }
 
 /// An in-memory [`Kernel`] for tests of the protocol and state logic without root. It
@@ -150,6 +171,7 @@ pub mod fake {
 
     use super::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
     use crate::datapath::{CompiledPolicy, EndpointCounters};
+    use crate::nat::{NatRuleset, PortBinding, PortRequest, Proto};
 
     /// A link the fake kernel holds.
     #[derive(Debug, Clone, PartialEq, Eq)]
@@ -170,6 +192,9 @@ pub mod fake {
         fail_op: Mutex<Option<(String, String)>>,
         attached: Mutex<BTreeMap<String, EndpointDatapath>>,
         policy: Mutex<Option<CompiledPolicy>>,
+        nat: Mutex<Option<NatRuleset>>,
+        ports: Mutex<BTreeMap<String, Vec<PortBinding>>>,
+        taken: Mutex<Vec<(Proto, u16)>>,
     }
 
     impl FakeKernel {
@@ -203,6 +228,25 @@ pub mod fake {
         #[must_use]
         pub fn policy(&self) -> Option<CompiledPolicy> {
             self.policy.lock().ok().and_then(|p| p.clone())
+        }
+
+        /// The last NAT ruleset written (`None`: never written).
+        #[must_use]
+        pub fn nat(&self) -> Option<NatRuleset> {
+            self.nat.lock().ok().and_then(|n| n.clone())
+        }
+
+        /// Host ports reserved, per endpoint.
+        #[must_use]
+        pub fn reserved_ports(&self) -> BTreeMap<String, Vec<PortBinding>> {
+            self.ports.lock().map(|p| p.clone()).unwrap_or_default()
+        }
+
+        /// Marks a host port as used by some other process.
+        pub fn take_port(&self, proto: Proto, port: u16) {
+            if let Ok(mut t) = self.taken.lock() {
+                t.push((proto, port));
+            }
         }
 
         /// Adds a link behind sluice's back (a leftover from a crash, say).
@@ -329,6 +373,71 @@ pub mod fake {
         ) -> Result<EndpointCounters, KernelError> {
             self.check("endpoint_counters")?;
             Ok(EndpointCounters::default())
+        }
+
+        async fn apply_nat(&self, rules: &NatRuleset) -> Result<(), KernelError> {
+            self.check("apply_nat")?;
+            if let Ok(mut n) = self.nat.lock() {
+                *n = Some(rules.clone());
+            }
+            Ok(())
+        }
+
+        async fn reserve_ports(
+            &self,
+            endpoint: &str,
+            requests: &[PortRequest],
+        ) -> Result<Vec<PortBinding>, KernelError> {
+            self.check("reserve_ports")?;
+            let taken = self.taken.lock().map(|t| t.clone()).unwrap_or_default();
+            let mut ports = match self.ports.lock() {
+                Ok(p) => p,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            ports.remove(endpoint);
+            let in_use = |proto: Proto, port: u16, got: &[PortBinding]| {
+                taken.contains(&(proto, port))
+                    || got.iter().any(|b| b.proto == proto && b.host_port == port)
+                    || ports
+                        .values()
+                        .flatten()
+                        .any(|b| b.proto == proto && b.host_port == port)
+            };
+            let mut got = Vec::new();
+            for req in requests {
+                let (first, last) = if req.host_port == 0 {
+                    (49153, 65535)
+                } else {
+                    (req.host_port, req.host_port_end.max(req.host_port))
+                };
+                let Some(port) = (first..=last).find(|p| !in_use(req.proto, *p, &got)) else {
+                    return Err(KernelError::Os {
+                        op: format!("publish port {}/{}", req.host_port, req.proto),
+                        message: format!(
+                            "Bind for 0.0.0.0:{} failed: port is already allocated",
+                            req.host_port
+                        ),
+                    });
+                };
+                got.push(PortBinding {
+                    proto: req.proto,
+                    host_ip: req.host_ip,
+                    host_port: port,
+                    container_port: req.container_port,
+                });
+            }
+            if !got.is_empty() {
+                ports.insert(endpoint.to_owned(), got.clone());
+            }
+            Ok(got)
+        }
+
+        async fn release_ports(&self, endpoint: &str) -> Result<(), KernelError> {
+            self.check("release_ports")?;
+            if let Ok(mut p) = self.ports.lock() {
+                p.remove(endpoint);
+            }
+            Ok(())
         }
     }
 }

@@ -14,7 +14,9 @@ pub mod kernel;
 pub mod link;
 pub mod model;
 pub mod names;
+pub mod nat;
 pub mod policy;
+pub mod ports;
 pub mod status;
 pub mod store;
 

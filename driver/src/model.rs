@@ -15,6 +15,11 @@ pub const OPT_MODE: &str = "mode";
 pub const OPT_ISOLATE: &str = "sluice.isolate";
 /// Option key for the network's default ingress verdict (`allow` by default, or `deny`).
 pub const OPT_INGRESS: &str = "sluice.ingress";
+/// Option key turning outbound IPv4 masquerade off (`false`), Docker's own name.
+pub const OPT_MASQUERADE: &str = "com.docker.network.bridge.enable_ip_masquerade";
+/// Option key turning outbound IPv6 masquerade on (`true`; IPv6 is routed, not NATed, by
+/// default).
+pub const OPT_IPV6_NAT: &str = "sluice.ipv6-nat";
 
 /// How a network connects its endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -99,6 +104,14 @@ pub struct Network {
     /// Ingress is default-deny for every endpoint (`-o sluice.ingress=deny`).
     #[serde(default)]
     pub ingress_deny: bool,
+    /// Outbound IPv4 is masqueraded to the host's address (`-o
+    /// com.docker.network.bridge.enable_ip_masquerade`, on by default; never on internal
+    /// networks).
+    #[serde(default = "default_true")]
+    pub masquerade: bool,
+    /// Outbound IPv6 is masqueraded too (`-o sluice.ipv6-nat=true`).
+    #[serde(default)]
+    pub ipv6_nat: bool,
 }
 
 fn default_true() -> bool {
@@ -170,6 +183,10 @@ pub struct Endpoint {
     /// The container, once resolved from the Docker Engine API.
     #[serde(default)]
     pub container: Option<ContainerIdentity>,
+    /// Published ports (`docker run -p`), with the host ports sluice reserved; set by
+    /// ProgramExternalConnectivity, cleared by RevokeExternalConnectivity.
+    #[serde(default)]
+    pub published: Vec<crate::nat::PortBinding>,
 }
 
 /// What `Join` answers.

@@ -66,6 +66,10 @@ pub struct EndpointStatus {
     /// Why the counters could not be read (they are zero then).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub counters_error: Option<String>,
+    /// Published ports (`0.0.0.0:8080->80/tcp`), with the host ports sluice chose: Docker
+    /// cannot show a remote driver's ports in `docker port` / `docker ps`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
 }
 
 impl EndpointStatus {

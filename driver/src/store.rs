@@ -321,6 +321,8 @@ mod tests {
             number: 1,
             isolate: true,
             ingress_deny: false,
+            masquerade: true,
+            ipv6_nat: false,
             name: None,
         }
     }

@@ -380,6 +380,7 @@ mod tests {
                 dropped: Count::default(),
             },
             counters_error: None,
+            ports: Vec::new(),
         }
     }
 

@@ -167,6 +167,14 @@ pub fn router<K: Kernel>(driver: Shared<K>, resolver: Option<IdentityResolver>) 
         .route("/NetworkDriver.DeleteEndpoint", post(delete_endpoint::<K>))
         .route("/NetworkDriver.Join", post(join::<K>))
         .route("/NetworkDriver.Leave", post(leave::<K>))
+        .route(
+            "/NetworkDriver.ProgramExternalConnectivity",
+            post(program_external::<K>),
+        )
+        .route(
+            "/NetworkDriver.RevokeExternalConnectivity",
+            post(revoke_external::<K>),
+        )
         .route("/NetworkDriver.DiscoverNew", post(discover))
         .route("/NetworkDriver.DiscoverDelete", post(discover))
         .route("/IpamDriver.GetCapabilities", post(ipam_capabilities))
@@ -347,6 +355,38 @@ async fn leave<K: Kernel>(State(d): State<Shared<K>>, body: Bytes) -> Response {
         let span = info_span!("Leave", network = %short(&req.network_id), endpoint = %short(&req.endpoint_id));
         async move {
             d.leave(&req.network_id, &req.endpoint_id).await?;
+            Ok(empty())
+        }
+        .instrument(span)
+        .await
+    })
+    .await
+}
+
+/// Published ports (`docker run -p`): called after Join for the endpoint that gives the
+/// container its gateway. An error fails `docker run` with its message.
+async fn program_external<K: Kernel>(State(d): State<Shared<K>>, body: Bytes) -> Response {
+    respond(async move {
+        let req: crate::wire::ProgramExternalRequest = decode(&body)?;
+        let span = info_span!("ProgramExternalConnectivity", network = %short(&req.network_id), endpoint = %short(&req.endpoint_id));
+        async move {
+            let ports = req.port_requests()?;
+            d.program_external(&req.network_id, &req.endpoint_id, ports)
+                .await?;
+            Ok(empty())
+        }
+        .instrument(span)
+        .await
+    })
+    .await
+}
+
+async fn revoke_external<K: Kernel>(State(d): State<Shared<K>>, body: Bytes) -> Response {
+    respond(async move {
+        let req: EndpointIdRequest = decode(&body)?;
+        let span = info_span!("RevokeExternalConnectivity", network = %short(&req.network_id), endpoint = %short(&req.endpoint_id));
+        async move {
+            d.revoke_external(&req.network_id, &req.endpoint_id).await?;
             Ok(empty())
         }
         .instrument(span)
@@ -599,7 +639,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_methods_are_404() {
         let h = harness();
-        let (s, _) = call(&h.app, "NetworkDriver.ProgramExternalConnectivity", "{}").await;
+        let (s, _) = call(&h.app, "NetworkDriver.GwAllocCheck", "{}").await;
         assert_eq!(s, StatusCode::NOT_FOUND);
         let (s, _) = call(&h.app, "VolumeDriver.Create", "{}").await;
         assert_eq!(s, StatusCode::NOT_FOUND);

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_driver::ipam::{LeaseKind, PoolRequest};
 use sluice_driver::model::{EndpointRequest, IpData, NetworkRequest, parse_mac};
+use sluice_driver::nat::{PortRequest, Proto};
 
 /// Docker's option keys.
 pub mod keys {
@@ -26,6 +27,8 @@ pub mod keys {
     pub const REQUEST_ADDRESS_TYPE: &str = "RequestAddressType";
     /// Its value for the gateway.
     pub const GATEWAY: &str = "com.docker.network.gateway";
+    /// Published ports (`docker run -p`) in Join / ProgramExternalConnectivity options.
+    pub const PORTMAP: &str = "com.docker.network.portmap";
 }
 
 /// A request the plugin could not decode into something sensible.
@@ -245,6 +248,43 @@ pub struct JoinResponse {
     /// sluice provides its own way out; never attach docker_gwbridge.
     #[serde(rename = "DisableGatewayService")]
     pub disable_gateway_service: bool,
+}
+
+/// `/NetworkDriver.ProgramExternalConnectivity` request.
+#[derive(Debug, Deserialize)]
+pub struct ProgramExternalRequest {
+    /// Network ID.
+    #[serde(rename = "NetworkID")]
+    pub network_id: String,
+    /// Endpoint ID.
+    #[serde(rename = "EndpointID")]
+    pub endpoint_id: String,
+    /// The sandbox's options: `com.docker.network.portmap` and exposed ports.
+    #[serde(rename = "Options", default)]
+    pub options: Option<HashMap<String, Value>>,
+}
+
+/// One element of `com.docker.network.portmap` (Go's `types.PortBinding`).
+#[derive(Debug, Deserialize)]
+pub struct PortBindingWire {
+    /// IP protocol number: 6 tcp, 17 udp, 132 sctp.
+    #[serde(rename = "Proto")]
+    pub proto: u64,
+    /// Container address (unused: sluice knows the endpoint's).
+    #[serde(rename = "IP", default)]
+    pub ip: String,
+    /// Port in the container.
+    #[serde(rename = "Port")]
+    pub port: u16,
+    /// Host address, `""` for all.
+    #[serde(rename = "HostIP", default)]
+    pub host_ip: String,
+    /// First host port, 0 for any.
+    #[serde(rename = "HostPort", default)]
+    pub host_port: u16,
+    /// Last host port of a range (0 or equal to `HostPort` for one port).
+    #[serde(rename = "HostPortEnd", default)]
+    pub host_port_end: u16,
 }
 
 /// `/NetworkDriver.DiscoverNew` / `DiscoverDelete` request.
@@ -505,6 +545,59 @@ fn decode_base64_mac(v: &Value) -> Result<[u8; 6], BadRequest> {
     bytes
         .try_into()
         .map_err(|b: Vec<u8>| bad(format!("{}: expected 6 bytes, got {}", keys::MAC, b.len())))
+}
+
+impl ProgramExternalRequest {
+    /// The published ports (`com.docker.network.portmap`; absent or `null` = none).
+    ///
+    /// # Errors
+    /// A port map that is not a list of port bindings, an unknown protocol, a bad host
+    /// address or an inverted range.
+    pub fn port_requests(&self) -> Result<Vec<PortRequest>, BadRequest> {
+        let Some(value) = self.options.as_ref().and_then(|o| o.get(keys::PORTMAP)) else {
+            return Ok(Vec::new());
+        };
+        if value.is_null() {
+            return Ok(Vec::new());
+        }
+        let wire: Vec<PortBindingWire> = serde_json::from_value(value.clone())
+            .map_err(|e| bad(format!("{}: {e}", keys::PORTMAP)))?;
+        wire.into_iter()
+            .map(|b| {
+                let proto = Proto::from_number(b.proto).ok_or_else(|| {
+                    bad(format!(
+                        "{}: unknown protocol number {} (tcp, udp and sctp are supported)",
+                        keys::PORTMAP,
+                        b.proto
+                    ))
+                })?;
+                let host_ip = if b.host_ip.is_empty() {
+                    None
+                } else {
+                    Some(parse_ip_or_cidr(&b.host_ip)?).filter(|ip| !ip.is_unspecified())
+                };
+                let end = if b.host_port_end == 0 {
+                    b.host_port
+                } else {
+                    b.host_port_end
+                };
+                if end < b.host_port {
+                    return Err(bad(format!(
+                        "{}: host port range {}-{end} is inverted",
+                        keys::PORTMAP,
+                        b.host_port
+                    )));
+                }
+                Ok(PortRequest {
+                    proto,
+                    container_port: b.port,
+                    host_ip,
+                    host_port: b.host_port,
+                    host_port_end: end,
+                })
+            })
+            .collect()
+    }
 }
 
 impl RequestPoolRequest {

@@ -4,3 +4,4 @@
 pub mod docker;
 pub mod managed;
 pub mod netns;
+pub mod outside;

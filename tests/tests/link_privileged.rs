@@ -515,8 +515,8 @@ fn firewall_rule_is_added_once_kept_first_and_removed_exactly() {
             run(tool, &["-w", "-A", "DOCKER-USER", "-j", "RETURN"]).unwrap();
         }
         let fw = Firewall::new();
-        fw.allow_bridge(BR).await.unwrap();
-        fw.allow_bridge(BR).await.unwrap();
+        fw.allow_bridge(BR, false).await.unwrap();
+        fw.allow_bridge(BR, false).await.unwrap();
         for tool in &tools {
             assert_eq!(docker_user_rules(tool, BR), 1, "{tool}");
             let listing = run(tool, &["-w", "-S", "DOCKER-USER"]).unwrap();
@@ -566,14 +566,31 @@ fn firewall_creates_a_missing_docker_user_chain() {
         let tools = iptables_tools();
         let fw = Firewall::new();
         fw.remove_bridge(BR).await.unwrap(); // no chain yet: nothing to do
-        fw.allow_bridge(BR).await.unwrap();
+        fw.allow_bridge(BR, true).await.unwrap();
+        fw.allow_bridge(BR, true).await.unwrap();
         for tool in &tools {
             assert_eq!(docker_user_rules(tool, BR), 1, "{tool}");
+            // With a way out: also out of the bridge, and back in (replies, DNAT), once each.
+            let listing = run(tool, &["-w", "-S", "DOCKER-USER"]).unwrap();
+            let ours: Vec<&str> = listing.lines().filter(|l| l.contains(BR)).collect();
+            assert_eq!(ours.len(), 3, "{tool}: {ours:?}");
+            assert!(
+                ours.contains(&format!("-A DOCKER-USER -i {BR} ! -o {BR} -j ACCEPT").as_str()),
+                "{tool}: {ours:?}"
+            );
+            assert!(
+                ours.iter().any(
+                    |l| l.starts_with(&format!("-A DOCKER-USER -o {BR} -m conntrack"))
+                        && l.contains("DNAT")
+                ),
+                "{tool}: {ours:?}"
+            );
         }
         fw.remove_bridge(BR).await.unwrap();
         for tool in &tools {
             assert_eq!(docker_user_rules(tool, BR), 0, "{tool}");
-            run(tool, &["-w", "-S", "DOCKER-USER"]).unwrap(); // the chain stays
+            let listing = run(tool, &["-w", "-S", "DOCKER-USER"]).unwrap(); // the chain stays
+            assert!(!listing.contains(BR), "{tool}: {listing}");
         }
     });
 }

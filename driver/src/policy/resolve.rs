@@ -363,6 +363,7 @@ mod tests {
             identity: 300,
             ifindex: 0,
             container: None,
+            published: Vec::new(),
         };
         let v = EndpointView::new(&ep, 300, None);
         assert_eq!(v.name, None);
