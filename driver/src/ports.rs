@@ -28,11 +28,21 @@ pub struct PortReservations {
     held: Mutex<BTreeMap<String, Vec<(PortBinding, Held)>>>,
 }
 
-/// Docker's words for a taken port, so users recognise it.
-fn taken(ip: IpAddr, port: &str, proto: Proto, detail: &str) -> KernelError {
+/// Docker's words for a taken port, so users recognise it; any other failure (no such
+/// address, a privileged port without `CAP_NET_BIND_SERVICE`) is reported as what it is.
+fn taken(ip: IpAddr, port: &str, proto: Proto, error: Option<&std::io::Error>) -> KernelError {
+    let message = match error {
+        None => format!(
+            "Bind for {ip}:{port} failed: port is already allocated (no port of the range is free)"
+        ),
+        Some(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            format!("Bind for {ip}:{port} failed: port is already allocated ({e})")
+        }
+        Some(e) => format!("Bind for {ip}:{port} failed: {e}"),
+    };
     KernelError::Os {
         op: format!("publish port {port}/{proto}"),
-        message: format!("Bind for {ip}:{port} failed: port is already allocated ({detail})"),
+        message,
     }
 }
 
@@ -101,16 +111,12 @@ impl PortReservations {
                 }
             }
             let Some((held, port)) = result else {
-                let detail = last_error.map_or_else(
-                    || "no port of the range is free".to_owned(),
-                    |e| e.to_string(),
-                );
                 let shown = if first == last {
                     first.to_string()
                 } else {
                     format!("{first}-{last}")
                 };
-                return Err(taken(ip, &shown, req.proto, &detail));
+                return Err(taken(ip, &shown, req.proto, last_error.as_ref()));
             };
             let binding = PortBinding {
                 proto: req.proto,
@@ -182,6 +188,17 @@ mod tests {
         assert!(err.contains("port is already allocated"), "{err}");
         assert!(err.contains(&port.to_string()), "{err}");
         assert!(r.held("ep").is_empty(), "all or nothing");
+    }
+
+    #[test]
+    fn an_address_the_host_lacks_is_not_called_a_taken_port() {
+        let r = PortReservations::default();
+        let mut bad = req(Proto::Tcp, 18_099, 18_099);
+        // TEST-NET-1: never a local address here, so the bind fails with EADDRNOTAVAIL.
+        bad.host_ip = Some("192.0.2.1".parse().unwrap());
+        let err = r.reserve("ep", &[bad]).unwrap_err().to_string();
+        assert!(err.contains("Bind for 192.0.2.1:18099 failed"), "{err}");
+        assert!(!err.contains("already allocated"), "{err}");
     }
 
     #[test]
