@@ -116,6 +116,35 @@ mod programs {
         }
     }
 
+    /// macvlan: attach to the TCX **egress** hook of the container's own interface (there is
+    /// no host-side peer), which sees what the container sends. Unlike [`sluice_egress`], an
+    /// interface missing from `ENDPOINTS` drops (fail closed): these programs only ever sit on
+    /// sluice endpoints, and a miss means the entry is not (or no longer) there.
+    #[classifier]
+    fn sluice_sandbox_egress(ctx: TcContext) -> i32 {
+        classify_sandboxed(&ctx, DIR_EGRESS)
+    }
+
+    /// macvlan: attach to the TCX **ingress** hook of the container's own interface: what
+    /// the container receives. Fails closed like [`sluice_sandbox_egress`].
+    #[classifier]
+    fn sluice_sandbox_ingress(ctx: TcContext) -> i32 {
+        classify_sandboxed(&ctx, DIR_INGRESS)
+    }
+
+    #[inline(always)]
+    fn classify_sandboxed(ctx: &TcContext, dir: u8) -> i32 {
+        // SAFETY: as in `classify`: a plain context read the verifier permits.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        if endpoint(ifindex).is_none() {
+            return TC_ACT_SHOT;
+        }
+        match classify(ctx, dir) {
+            Ok(action) => action,
+            Err(action) => action,
+        }
+    }
+
     /// Why a packet is dropped, for counters and events.
     struct Denied {
         reason: u8,
