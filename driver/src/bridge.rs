@@ -499,7 +499,9 @@ impl Kernel for LinuxKernel {
             .link_index(base)
             .await?
             .ok_or_else(|| missing(op.clone(), &format!("parent interface {base}")))?;
-        self.nl.create_vlan(&spec.name, base_index, *id, &alias).await?;
+        self.nl
+            .create_vlan(&spec.name, base_index, *id, &alias)
+            .await?;
         info!("ip link add {} link {base} type vlan id {id}", spec.name);
         let up = match self.nl.link_index(&spec.name).await? {
             Some(index) => self.nl.set_up(index).await,
@@ -546,7 +548,10 @@ impl Kernel for LinuxKernel {
             }
             return Err(e);
         }
-        info!("ip link add {} link {} type macvlan mode {}", spec.name, spec.parent, spec.mode);
+        info!(
+            "ip link add {} link {} type macvlan mode {}",
+            spec.name, spec.parent, spec.mode
+        );
         Ok(())
     }
 

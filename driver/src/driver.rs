@@ -15,12 +15,12 @@ use crate::datapath::layout::{
 };
 use crate::ipam::{Ipam, IpamConfig, IpamError, LeaseKind, Pool, PoolRequest};
 use crate::kernel::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
+use crate::macvlan::{MacvlanConfig, MacvlanSpec, OPT_MACVLAN_MODE, OPT_PARENT, ParentSpec};
 use crate::model::{
     ContainerIdentity, Endpoint, EndpointCreated, EndpointRequest, JoinInfo, Mode, Network,
     NetworkRequest, OPT_INGRESS, OPT_IPV6_NAT, OPT_ISOLATE, OPT_MASQUERADE, OPT_MODE, OPT_MTU,
     derive_mac,
 };
-use crate::macvlan::{MacvlanConfig, MacvlanSpec, OPT_MACVLAN_MODE, OPT_PARENT, ParentSpec};
 use crate::names;
 use crate::nat::{NatRuleset, NetworkNat, PortRequest, PublishedPort};
 use crate::policy::{
@@ -825,7 +825,11 @@ impl<K: Kernel> Driver<K> {
             )));
         }
         match &net.macvlan {
-            Some(mv) => self.kernel.ensure_macvlan(&macvlan_spec(&net, mv, &ep)).await?,
+            Some(mv) => {
+                self.kernel
+                    .ensure_macvlan(&macvlan_spec(&net, mv, &ep))
+                    .await?
+            }
             None => self.kernel.ensure_veth(&veth_spec(&net, &ep)).await?,
         }
         // The new identity may be selected by policies, or be a peer in other endpoints'

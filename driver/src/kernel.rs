@@ -176,8 +176,10 @@ pub trait Kernel: Send + Sync + 'static {
 
     /// macvlan: removes the VLAN sub-interface `name` if sluice created it (its alias says
     /// so); one that sluice did not create is left alone. Idempotent.
-    fn delete_parent_vlan(&self, name: &str)
-    -> impl Future<Output = Result<(), KernelError>> + Send;
+    fn delete_parent_vlan(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send;
 
     /// macvlan: creates (or adopts) an endpoint's macvlan link in the host namespace, down.
     fn ensure_macvlan(
@@ -194,8 +196,8 @@ pub mod fake {
     use std::sync::Mutex;
 
     use super::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
-    use crate::macvlan::{MacvlanSpec, ParentSpec};
     use crate::datapath::{CompiledPolicy, EndpointCounters};
+    use crate::macvlan::{MacvlanSpec, ParentSpec};
     use crate::nat::{NatRuleset, PortBinding, PortRequest, Proto};
 
     /// A link the fake kernel holds.
@@ -370,6 +372,8 @@ pub mod fake {
                     .position(|k| *k == ep.host_veth)
                     .and_then(|i| u32::try_from(i + 1).ok())
             });
+            // A macvlan link moved into its container: known by its ifindex.
+            let index = index.or((ep.sandboxed && ep.ifindex != 0).then_some(ep.ifindex));
             let Some(index) = index else {
                 return Err(KernelError::Os {
                     op: format!("attach programs to {}", ep.host_veth),

@@ -207,7 +207,9 @@ impl Netlink {
             .add(message)
             .execute()
             .await
-            .map_err(nl_error(format!("create vlan {name} (id {id}) on #{parent}")))?;
+            .map_err(nl_error(format!(
+                "create vlan {name} (id {id}) on #{parent}"
+            )))?;
         debug!("ip link add {name} link #{parent} type vlan id {id}; alias {alias}");
         Ok(())
     }

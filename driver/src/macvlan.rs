@@ -170,11 +170,267 @@ mod tests {
         assert!(e.contains("between 1 and 4094"), "{e}");
         let e = MacvlanConfig::from_options(&opts(&[("parent", "eth0.0")])).unwrap_err();
         assert!(e.contains("between 1 and 4094"), "{e}");
-        let e = MacvlanConfig::from_options(&opts(&[("parent", "averyveryverylongname")]))
-            .unwrap_err();
+        let e =
+            MacvlanConfig::from_options(&opts(&[("parent", "averyveryverylongname")])).unwrap_err();
         assert!(e.contains("not a valid interface name"), "{e}");
         let e = MacvlanConfig::from_options(&opts(&[("parent", "eth0"), ("macvlan_mode", "x")]))
             .unwrap_err();
         assert!(e.contains("bridge, private, vepa, passthru"), "{e}");
+    }
+}
+
+/// The driver's macvlan lifecycle against the fake kernel.
+#[cfg(test)]
+mod driver_tests {
+    use std::collections::BTreeMap;
+
+    use crate::datapath::layout::EP_INGRESS_ENFORCED;
+    use crate::ipam::IpamConfig;
+    use crate::kernel::fake::{FakeKernel, FakeLink};
+    use crate::model::{EndpointRequest, IpData, Mode, NetworkRequest};
+    use crate::store::Store;
+    use crate::{Driver, DriverError, Kernel as _, names};
+
+    const N1: &str = "aa11432b9218efa3a4cdb1c360f5d3859f2c76d21ec9701c194cb39579b6a3fc";
+    const N2: &str = "bb22432b9218efa3a4cdb1c360f5d3859f2c76d21ec9701c194cb39579b6a3fc";
+    const E1: &str = "0f987eed597ecf3c9843814cfa7aa94478a534ffdc9850a75ed7a99f8135266e";
+
+    fn driver(dir: &std::path::Path) -> Driver<FakeKernel> {
+        let store = Store::open(dir).unwrap();
+        let kernel = FakeKernel::default();
+        kernel.insert("lan0", FakeLink::Foreign);
+        Driver::open(kernel, store, IpamConfig::default()).unwrap()
+    }
+
+    fn request(id: &str, opts: &[(&str, &str)]) -> NetworkRequest {
+        NetworkRequest {
+            id: id.into(),
+            options: opts
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+            internal: false,
+            ipv6: false,
+            ipv4: vec![IpData {
+                pool: "10.78.0.0/24".parse().unwrap(),
+                gateway: Some("10.78.0.1/24".parse().unwrap()),
+                aux: BTreeMap::new(),
+            }],
+            ipv6_data: vec![],
+        }
+    }
+
+    fn endpoint(nid: &str, eid: &str, addr: &str) -> EndpointRequest {
+        EndpointRequest {
+            network_id: nid.into(),
+            endpoint_id: eid.into(),
+            address: Some(addr.parse().unwrap()),
+            address_v6: None,
+            mac: None,
+            options: BTreeMap::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn endpoint_is_a_macvlan_on_the_parent_with_sandbox_programs_and_no_nat() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(request(N1, &[("mode", "macvlan"), ("parent", "lan0")]))
+            .await
+            .unwrap();
+        let net = &d.networks().await[0];
+        assert_eq!(net.mode, Mode::Macvlan);
+        // No bridge, and nothing in sluice's nft table for it.
+        assert!(!d.kernel().links().contains_key(&names::bridge(N1)));
+        assert!(d.kernel().nat().unwrap().networks.is_empty());
+
+        d.create_endpoint(endpoint(N1, E1, "10.78.0.5/24"))
+            .await
+            .unwrap();
+        let link = names::macvlan(E1);
+        assert!(
+            matches!(d.kernel().links().get(&link), Some(FakeLink::Macvlan(m)) if m.parent == "lan0" && m.mode == "bridge" && m.mac == [2, 0x42, 10, 78, 0, 5])
+        );
+        let attached = d.kernel().attached();
+        assert!(
+            attached[&link].sandboxed,
+            "programs go on the container's own link"
+        );
+
+        let join = d.join(N1, E1, "/var/run/docker/netns/abc").await.unwrap();
+        assert_eq!(join.src_name, link);
+        assert_eq!(join.gateway, Some("10.78.0.1".parse().unwrap()));
+
+        // Published ports are not published (the container is on the LAN).
+        d.program_external(
+            N1,
+            E1,
+            vec![crate::nat::PortRequest {
+                proto: crate::nat::Proto::Tcp,
+                host_ip: None,
+                host_port: 8080,
+                host_port_end: 0,
+                container_port: 80,
+            }],
+        )
+        .await
+        .unwrap();
+        assert!(d.kernel().reserved_ports().is_empty());
+
+        d.leave(N1, E1).await.unwrap();
+        d.delete_endpoint(N1, E1).await.unwrap();
+        assert!(!d.kernel().links().contains_key(&link));
+        d.delete_network(N1).await.unwrap();
+        // The parent is the user's: never removed.
+        assert!(d.kernel().links().contains_key("lan0"));
+    }
+
+    #[tokio::test]
+    async fn policy_flags_reach_a_macvlan_endpoint() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(request(
+            N1,
+            &[
+                ("mode", "macvlan"),
+                ("parent", "lan0"),
+                ("sluice.ingress", "deny"),
+            ],
+        ))
+        .await
+        .unwrap();
+        d.create_endpoint(endpoint(N1, E1, "10.78.0.5/24"))
+            .await
+            .unwrap();
+        let view = &d.kernel().attached()[&names::macvlan(E1)];
+        assert!(view.sandboxed);
+        assert_ne!(view.flags & EP_INGRESS_ENFORCED, 0);
+    }
+
+    #[tokio::test]
+    async fn vlan_parent_is_created_shared_and_removed_with_the_last_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        let opts = [("mode", "macvlan"), ("parent", "lan0.10")];
+        d.create_network(request(N1, &opts)).await.unwrap();
+        assert!(matches!(
+            d.kernel().links().get("lan0.10"),
+            Some(FakeLink::Vlan(true))
+        ));
+        // The same request again is a no-op, not a conflict.
+        d.create_network(request(N1, &opts)).await.unwrap();
+        let mut second = request(N2, &opts);
+        second.ipv4[0].pool = "10.78.1.0/24".parse().unwrap();
+        second.ipv4[0].gateway = Some("10.78.1.1/24".parse().unwrap());
+        d.create_network(second).await.unwrap();
+        assert!(
+            d.networks()
+                .await
+                .iter()
+                .all(|n| n.macvlan.as_ref().is_some_and(|m| m.vlan_owned))
+        );
+
+        d.delete_network(N1).await.unwrap();
+        assert!(
+            d.kernel().links().contains_key("lan0.10"),
+            "still used by the second network"
+        );
+        // The ownership survives a restart (it is in the store).
+        let kernel_links = d.kernel().links();
+        drop(d);
+        let store = Store::open(dir.path()).unwrap();
+        let kernel = FakeKernel::default();
+        for (name, link) in kernel_links {
+            kernel.insert(&name, link);
+        }
+        let d = Driver::open(kernel, store, IpamConfig::default()).unwrap();
+        d.delete_network(N2).await.unwrap();
+        assert!(!d.kernel().links().contains_key("lan0.10"));
+        assert!(d.kernel().links().contains_key("lan0"));
+    }
+
+    #[tokio::test]
+    async fn vlan_parent_that_existed_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.kernel().insert("lan0.20", FakeLink::Vlan(false));
+        d.create_network(request(N1, &[("mode", "macvlan"), ("parent", "lan0.20")]))
+            .await
+            .unwrap();
+        d.delete_network(N1).await.unwrap();
+        assert!(d.kernel().links().contains_key("lan0.20"));
+    }
+
+    #[tokio::test]
+    async fn missing_or_bad_parent_is_a_clear_error_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        let e = d
+            .create_network(request(N1, &[("mode", "macvlan")]))
+            .await
+            .unwrap_err();
+        assert!(e.is_client_error());
+        assert!(e.to_string().contains("needs -o parent"), "{e}");
+        let e = d
+            .create_network(request(N1, &[("mode", "macvlan"), ("parent", "nope0")]))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("parent interface nope0 does not exist"),
+            "{e}"
+        );
+        let e = d
+            .create_network(request(N1, &[("mode", "macvlan"), ("parent", "nope0.5")]))
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("parent interface nope0 does not exist"),
+            "{e}"
+        );
+        let e = d
+            .create_network(request(N1, &[("parent", "lan0")]))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, DriverError::InvalidOption(_)), "{e}");
+        assert!(d.networks().await.is_empty());
+        assert_eq!(d.kernel().links().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn failed_store_write_removes_the_vlan_sluice_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.kernel().fail_after("apply_nat", "nft is broken");
+        let e = d
+            .create_network(request(N1, &[("mode", "macvlan"), ("parent", "lan0.30")]))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("nft is broken"), "{e}");
+        assert!(!d.kernel().links().contains_key("lan0.30"));
+        assert!(d.networks().await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn reconcile_recreates_a_lost_vlan_and_keeps_macvlan_endpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(request(N1, &[("mode", "macvlan"), ("parent", "lan0.40")]))
+            .await
+            .unwrap();
+        d.create_endpoint(endpoint(N1, E1, "10.78.0.5/24"))
+            .await
+            .unwrap();
+        d.join(N1, E1, "/var/run/docker/netns/abc").await.unwrap();
+        // Docker moved the link into the container: the host no longer sees it.
+        d.kernel().delete_link(&names::macvlan(E1)).await.unwrap();
+        d.kernel().delete_parent_vlan("lan0.40").await.unwrap();
+        let report = d.reconcile().await;
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert!(d.kernel().links().contains_key("lan0.40"));
+        assert_eq!(report.endpoints_repaired, 0);
+        assert!(report.removed_links.is_empty());
+        assert!(d.kernel().attached()[&names::macvlan(E1)].sandboxed);
     }
 }

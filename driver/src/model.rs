@@ -41,7 +41,9 @@ impl std::str::FromStr for Mode {
             "vxlan" => Err(format!(
                 "mode {s:?} is not available in this version of sluice (supported: bridge, macvlan)"
             )),
-            other => Err(format!("unknown mode {other:?} (supported: bridge, macvlan)")),
+            other => Err(format!(
+                "unknown mode {other:?} (supported: bridge, macvlan)"
+            )),
         }
     }
 }

@@ -52,7 +52,8 @@ use sluice_common::{
     CounterKey, CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointInfo,
     IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_CONNTRACK, MAP_COUNTERS,
     MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_NAMES, MAP_POLICY, MAP_SETTINGS,
-    PROG_EGRESS, PROG_INGRESS, PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PolicyKey, PolicyValue, Settings, VERDICT_ALLOW, VERDICT_DENY,
+    PROG_EGRESS, PROG_INGRESS, PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PolicyKey, PolicyValue,
+    Settings, VERDICT_ALLOW, VERDICT_DENY,
 };
 use tracing::{debug, info};
 
@@ -354,7 +355,8 @@ const SANDBOX_HOOKS: [(&str, TcAttachType); 2] = [
 ];
 
 /// Every program and its hook: loaded, pinned and detached alike.
-const ALL_HOOKS: [(&str, TcAttachType); 4] = [HOOKS[0], HOOKS[1], SANDBOX_HOOKS[0], SANDBOX_HOOKS[1]];
+const ALL_HOOKS: [(&str, TcAttachType); 4] =
+    [HOOKS[0], HOOKS[1], SANDBOX_HOOKS[0], SANDBOX_HOOKS[1]];
 
 /// Expected kernel map type, key size and value size of each map.
 fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
@@ -582,7 +584,10 @@ impl Datapath {
     /// by this call may remain attached; call [`Datapath::detach`] to clean up.
     pub fn attach(&mut self, ifindex: u32) -> Result<()> {
         self.attach_hooks(ifindex, HOOKS)?;
-        info!(ifindex, "attached datapath (tcx ingress {PROG_EGRESS}, tcx egress {PROG_INGRESS})");
+        info!(
+            ifindex,
+            "attached datapath (tcx ingress {PROG_EGRESS}, tcx egress {PROG_INGRESS})"
+        );
         Ok(())
     }
 
@@ -598,11 +603,18 @@ impl Datapath {
     /// As [`Datapath::attach`].
     pub fn attach_sandboxed(&mut self, ifindex: u32) -> Result<()> {
         self.attach_hooks(ifindex, SANDBOX_HOOKS)?;
-        info!(ifindex, "attached datapath (tcx egress {PROG_SANDBOX_EGRESS}, tcx ingress {PROG_SANDBOX_INGRESS})");
+        info!(
+            ifindex,
+            "attached datapath (tcx egress {PROG_SANDBOX_EGRESS}, tcx ingress {PROG_SANDBOX_INGRESS})"
+        );
         Ok(())
     }
 
-    fn attach_hooks(&mut self, ifindex: u32, hooks: [(&'static str, TcAttachType); 2]) -> Result<()> {
+    fn attach_hooks(
+        &mut self,
+        ifindex: u32,
+        hooks: [(&'static str, TcAttachType); 2],
+    ) -> Result<()> {
         let ifname = interface_name(ifindex)?;
         for (program, hook) in hooks {
             if let Some(pins) = self.pins.clone() {
