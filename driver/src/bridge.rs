@@ -484,6 +484,12 @@ impl Kernel for LinuxKernel {
         Ok(())
     }
 
+    async fn endpoint_counters_at(&self, ifindex: u32) -> Result<EndpointCounters, KernelError> {
+        self.with_dp(&format!("read counters of ifindex {ifindex}"), |dp| {
+            dp.read_counters(ifindex)
+        })
+    }
+
     async fn ensure_parent(&self, spec: &ParentSpec) -> Result<bool, KernelError> {
         let op = format!("macvlan parent {}", spec.name);
         let alias = crate::macvlan::vlan_alias(&self.owner);

@@ -1347,7 +1347,13 @@ impl<K: Kernel> Driver<K> {
             (endpoints, state.policies.len())
         };
         for ep in &mut endpoints {
-            match self.kernel.endpoint_counters(&ep.host_veth).await {
+            // A macvlan link inside its container cannot be found by name here.
+            let counters = if ep.host_veth.starts_with(names::MACVLAN_PREFIX) && ep.ifindex != 0 {
+                self.kernel.endpoint_counters_at(ep.ifindex).await
+            } else {
+                self.kernel.endpoint_counters(&ep.host_veth).await
+            };
+            match counters {
                 Ok(c) => ep.set_counters(&c),
                 Err(e) => ep.counters_error = Some(e.to_string()),
             }

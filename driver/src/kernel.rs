@@ -166,6 +166,13 @@ pub trait Kernel: Send + Sync + 'static {
     fn release_ports(&self, endpoint: &str)
     -> impl Future<Output = Result<(), KernelError>> + Send;
 
+    /// Like [`Kernel::endpoint_counters`], for the endpoint whose programs sit on `ifindex`
+    /// (a macvlan link inside its container, not visible by name in the host namespace).
+    fn endpoint_counters_at(
+        &self,
+        ifindex: u32,
+    ) -> impl Future<Output = Result<EndpointCounters, KernelError>> + Send;
+
     /// macvlan: checks that the parent interface exists; a missing VLAN sub-interface is
     /// created (marked [`crate::macvlan::vlan_alias`]) on an existing base and brought up.
     /// Returns whether sluice owns the VLAN sub-interface (created it now or before).
@@ -473,6 +480,14 @@ pub mod fake {
                 p.remove(endpoint);
             }
             Ok(())
+        }
+
+        async fn endpoint_counters_at(
+            &self,
+            _ifindex: u32,
+        ) -> Result<EndpointCounters, KernelError> {
+            self.check("endpoint_counters")?;
+            Ok(EndpointCounters::default())
         }
 
         async fn ensure_parent(&self, spec: &ParentSpec) -> Result<bool, KernelError> {
