@@ -505,9 +505,24 @@ impl Kernel for LinuxKernel {
             .link_index(base)
             .await?
             .ok_or_else(|| missing(op.clone(), &format!("parent interface {base}")))?;
-        self.nl
+        if let Err(e) = self
+            .nl
             .create_vlan(&spec.name, base_index, *id, &alias)
-            .await?;
+            .await
+        {
+            if link::errno(&e) == Some(libc::EOPNOTSUPP) {
+                return Err(KernelError::Os {
+                    op,
+                    message: format!(
+                        "cannot create VLAN interface {name}: this kernel has no 802.1Q support \
+                         (CONFIG_VLAN_8021Q, module 8021q); create {name} yourself, or use a \
+                         parent without .VLAN",
+                        name = spec.name
+                    ),
+                });
+            }
+            return Err(e);
+        }
         info!("ip link add {} link {base} type vlan id {id}", spec.name);
         let up = match self.nl.link_index(&spec.name).await? {
             Some(index) => self.nl.set_up(index).await,
