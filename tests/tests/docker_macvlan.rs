@@ -419,3 +419,66 @@ fn macvlan_without_a_usable_parent_is_refused_clearly() {
             .any(|l| l == "mvbad")
     );
 }
+
+/// sluice killed and started again: the macvlan links inside the containers are not in the
+/// host namespace, so reconciliation must neither "repair" nor remove them; the policy keeps
+/// being enforced while the daemon is down (pinned programs) and is updated by ifindex after
+/// the restart; `sluice endpoints` reads their counters.
+#[test]
+fn restart_keeps_macvlan_endpoints_and_their_policy() {
+    if docker::skip_unless_root() {
+        return;
+    }
+    // Its own environment: the daemon gets killed.
+    let env = &Env::start();
+    let lan = Lan::new(7);
+    macvlan_network(env, "mvrs", &lan.parent, &lan.subnet, &lan.host_ip);
+    env.run_container("mvrs", "mvrs-a", &["--label", "sluice.role=mvguard"]);
+    let a = env.container_ip("mvrs-a", "mvrs");
+    let ep = env.endpoint_id("mvrs-a", "mvrs");
+    assert!(
+        wait_until(Duration::from_secs(10), || lan.pings(&a)),
+        "the LAN host cannot reach mvrs-a"
+    );
+    let file = env.dir().join("mv-guard.yaml");
+    std::fs::write(&file, GUARD.replace("LANHOST", &lan.host_ip)).unwrap();
+    env.sluice_cli_ok(&["policy", "apply", "-f", file.to_str().unwrap()]);
+    assert!(
+        wait_until(Duration::from_secs(10), || !lan.pings(&a)),
+        "policy not enforced"
+    );
+
+    env.kill_sluice(nix::sys::signal::Signal::SIGKILL);
+    assert!(!lan.pings(&a), "policy lost while sluice was down");
+    env.assert_ping("mvrs-a", &lan.host_ip);
+    env.start_sluice();
+    assert!(!lan.pings(&a), "policy lost after the restart");
+    env.assert_ping("mvrs-a", &lan.host_ip);
+    let status: Value = serde_json::from_str(&env.sluice_cli_ok(&["endpoints", "--json"])).unwrap();
+    let list = status
+        .get("endpoints")
+        .and_then(Value::as_array)
+        .or_else(|| status.as_array())
+        .cloned()
+        .unwrap_or_default();
+    let mine = list
+        .iter()
+        .find(|e| e["id"].as_str() == Some(ep.as_str()))
+        .unwrap_or_else(|| panic!("{ep} not in sluice endpoints: {status}"));
+    assert!(mine["counters_error"].is_null(), "{mine}");
+    assert!(
+        mine["ingress"]["dropped"]["packets"].as_u64().unwrap_or(0) > 0,
+        "{mine}"
+    );
+
+    // Removing the policy after the restart reaches the link inside the container.
+    env.sluice_cli_ok(&["policy", "rm", "mv-guard"]);
+    assert!(
+        wait_until(Duration::from_secs(10), || lan.pings(&a)),
+        "removing the policy after the restart did not restore access\n{}",
+        env.sluice_log()
+    );
+    env.docker_ok(["rm", "-f", "mvrs-a"]);
+    env.docker_ok(["network", "rm", "mvrs"]);
+    assert!(!host_links().contains(&names::macvlan(&ep)));
+}
