@@ -6,6 +6,10 @@
 //! | [`sluice_egress`] | ingress | sends | egress policy |
 //! | [`sluice_ingress`] | egress | receives | ingress policy |
 //!
+//! macvlan endpoints have no host-side peer: [`sluice_sandbox_egress`] (TCX egress) and
+//! [`sluice_sandbox_ingress`] (TCX ingress) run the same checks on the container's own
+//! interface, and drop everything on an interface missing from `ENDPOINTS` (fail closed).
+//!
 //! Per packet, in order (the map layouts are in `sluice-common`):
 //! 1. `ENDPOINTS[skb->ifindex]` (hash). Missing: not a sluice endpoint, pass uncounted.
 //! 2. Parse. ARP, IPv6 ND and MLD pass. Other non-IP frames pass unless the direction is enforced
