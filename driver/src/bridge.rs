@@ -419,7 +419,7 @@ impl Kernel for LinuxKernel {
                 )?;
             }
             if moved {
-                Ok(())
+                dp.refresh_sandboxed(ifindex)
             } else if ep.sandboxed {
                 dp.attach_sandboxed(ifindex)
             } else {

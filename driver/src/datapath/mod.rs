@@ -583,7 +583,8 @@ impl Datapath {
     /// [`DatapathError::NoSuchInterface`], attach and pin errors. On error, a hook attached
     /// by this call may remain attached; call [`Datapath::detach`] to clean up.
     pub fn attach(&mut self, ifindex: u32) -> Result<()> {
-        self.attach_hooks(ifindex, HOOKS)?;
+        let ifname = interface_name(ifindex)?;
+        self.attach_hooks(ifindex, Some(&ifname), HOOKS)?;
         info!(
             ifindex,
             "attached datapath (tcx ingress {PROG_EGRESS}, tcx egress {PROG_INGRESS})"
@@ -602,7 +603,8 @@ impl Datapath {
     /// # Errors
     /// As [`Datapath::attach`].
     pub fn attach_sandboxed(&mut self, ifindex: u32) -> Result<()> {
-        self.attach_hooks(ifindex, SANDBOX_HOOKS)?;
+        let ifname = interface_name(ifindex)?;
+        self.attach_hooks(ifindex, Some(&ifname), SANDBOX_HOOKS)?;
         info!(
             ifindex,
             "attached datapath (tcx egress {PROG_SANDBOX_EGRESS}, tcx ingress {PROG_SANDBOX_INGRESS})"
@@ -610,20 +612,34 @@ impl Datapath {
         Ok(())
     }
 
+    /// For a macvlan link already moved into its container (not visible by name here): puts
+    /// this load's programs into its pinned links (after an upgrade, say), found by
+    /// `ifindex` alone. Idempotent.
+    ///
+    /// # Errors
+    /// [`DatapathError::NoSuchInterface`] when the link has no programs to update (they can
+    /// only be attached before the move); update and pin errors.
+    pub fn refresh_sandboxed(&mut self, ifindex: u32) -> Result<()> {
+        self.attach_hooks(ifindex, None, SANDBOX_HOOKS)
+    }
+
+    /// `ifname`: the device's name in this namespace, `None` when it is not here (then only
+    /// existing links are updated).
     fn attach_hooks(
         &mut self,
         ifindex: u32,
+        ifname: Option<&str>,
         hooks: [(&'static str, TcAttachType); 2],
     ) -> Result<()> {
-        let ifname = interface_name(ifindex)?;
         for (program, hook) in hooks {
             if let Some(pins) = self.pins.clone() {
-                self.attach_pinned(&pins, ifindex, &ifname, program, hook)?;
+                self.attach_pinned(&pins, ifindex, ifname, program, hook)?;
             } else if !self.links.contains_key(&(ifindex, program)) {
+                let ifname = ifname.ok_or(DatapathError::NoSuchInterface(ifindex))?;
                 let prog = classifier_mut(&mut self.ebpf, program)?;
                 let id = prog
                     .attach_with_options(
-                        &ifname,
+                        ifname,
                         hook,
                         TcAttachOptions::TcxOrder(LinkOrder::default()),
                     )
@@ -635,7 +651,7 @@ impl Datapath {
                 self.links.insert((ifindex, program), id);
             }
         }
-        debug!(ifindex, %ifname, "programs attached");
+        debug!(ifindex, ?ifname, "programs attached");
         Ok(())
     }
 
@@ -643,7 +659,7 @@ impl Datapath {
         &mut self,
         pins: &Pins,
         ifindex: u32,
-        ifname: &str,
+        ifname: Option<&str>,
         program: &'static str,
         hook: TcAttachType,
     ) -> Result<()> {
@@ -700,6 +716,7 @@ impl Datapath {
                 });
             }
         }
+        let ifname = ifname.ok_or(DatapathError::NoSuchInterface(ifindex))?;
         let id = prog
             .attach_with_options(
                 ifname,
