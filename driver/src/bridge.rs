@@ -15,6 +15,7 @@ use crate::datapath::{CompiledPolicy, Datapath, DatapathError, EndpointCounters}
 use crate::firewall::Firewall;
 use crate::kernel::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
 use crate::link::{self, Netlink, format_mac, write_sysctl};
+use crate::macvlan::{MacvlanSpec, ParentSpec};
 use crate::names;
 use crate::nat::{Nat, NatRuleset, PortBinding, PortRequest};
 use crate::ports::PortReservations;
@@ -383,7 +384,19 @@ impl Kernel for LinuxKernel {
 
     async fn attach_endpoint(&self, ep: &EndpointDatapath) -> Result<u32, KernelError> {
         let op = format!("attach datapath to {}", ep.host_veth);
-        let ifindex = self.require_index(&ep.host_veth, &op).await?;
+        // A macvlan link that Docker has moved into the sandbox is no longer visible here; its
+        // programs went with it, and it keeps its ifindex (see `crate::macvlan`): only its map
+        // entries are updated.
+        let moved = if ep.sandboxed && ep.ifindex != 0 {
+            self.nl.link_index(&ep.host_veth).await? != Some(ep.ifindex)
+        } else {
+            false
+        };
+        let ifindex = if moved {
+            ep.ifindex
+        } else {
+            self.require_index(&ep.host_veth, &op).await?
+        };
         let v4 = ep.addresses.iter().find_map(|a| match a.ip() {
             std::net::IpAddr::V4(v4) => Some(v4.octets()),
             std::net::IpAddr::V6(_) => None,
@@ -405,7 +418,13 @@ impl Kernel for LinuxKernel {
                     },
                 )?;
             }
-            dp.attach(ifindex)
+            if moved {
+                dp.refresh_sandboxed(ifindex)
+            } else if ep.sandboxed {
+                dp.attach_sandboxed(ifindex)
+            } else {
+                dp.attach(ifindex)
+            }
         })?;
         debug!(veth = %ep.host_veth, ifindex, identity = ep.identity, flags = ep.flags, "datapath attached");
         Ok(ifindex)
@@ -462,6 +481,98 @@ impl Kernel for LinuxKernel {
 
     async fn release_ports(&self, endpoint: &str) -> Result<(), KernelError> {
         self.ports.release(endpoint);
+        Ok(())
+    }
+
+    async fn endpoint_counters_at(&self, ifindex: u32) -> Result<EndpointCounters, KernelError> {
+        self.with_dp(&format!("read counters of ifindex {ifindex}"), |dp| {
+            dp.read_counters(ifindex)
+        })
+    }
+
+    async fn ensure_parent(&self, spec: &ParentSpec) -> Result<bool, KernelError> {
+        let op = format!("macvlan parent {}", spec.name);
+        let alias = crate::macvlan::vlan_alias(&self.owner);
+        if let Some(existing) = self.nl.link_alias(&spec.name).await? {
+            // Ours only if sluice marked it when it created it.
+            return Ok(spec.vlan.is_some() && existing.as_deref() == Some(alias.as_str()));
+        }
+        let Some((base, id)) = &spec.vlan else {
+            return Err(missing(op, &format!("parent interface {}", spec.name)));
+        };
+        let base_index = self
+            .nl
+            .link_index(base)
+            .await?
+            .ok_or_else(|| missing(op.clone(), &format!("parent interface {base}")))?;
+        if let Err(e) = self
+            .nl
+            .create_vlan(&spec.name, base_index, *id, &alias)
+            .await
+        {
+            if link::errno(&e) == Some(libc::EOPNOTSUPP) {
+                return Err(KernelError::Os {
+                    op,
+                    message: format!(
+                        "cannot create VLAN interface {name}: this kernel has no 802.1Q support \
+                         (CONFIG_VLAN_8021Q, module 8021q); create {name} yourself, or use a \
+                         parent without .VLAN",
+                        name = spec.name
+                    ),
+                });
+            }
+            return Err(e);
+        }
+        info!("ip link add {} link {base} type vlan id {id}", spec.name);
+        let up = match self.nl.link_index(&spec.name).await? {
+            Some(index) => self.nl.set_up(index).await,
+            None => Err(missing(op, &format!("link {}", spec.name))),
+        };
+        if let Err(e) = up {
+            if let Err(undo) = self.nl.delete_link(&spec.name).await {
+                warn!(error = %undo, vlan = %spec.name, "rollback of vlan failed");
+            }
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    async fn delete_parent_vlan(&self, name: &str) -> Result<(), KernelError> {
+        let alias = crate::macvlan::vlan_alias(&self.owner);
+        match self.nl.link_alias(name).await? {
+            Some(Some(a)) if a == alias => {
+                self.nl.delete_link(name).await?;
+                info!("ip link del {name}");
+            }
+            Some(_) => info!(vlan = name, "VLAN interface not created by sluice; kept"),
+            None => debug!(vlan = name, "VLAN interface already gone"),
+        }
+        Ok(())
+    }
+
+    async fn ensure_macvlan(&self, spec: &MacvlanSpec) -> Result<(), KernelError> {
+        let op = format!("create macvlan {} on {}", spec.name, spec.parent);
+        if self.nl.link_index(&spec.name).await?.is_some() {
+            debug!(link = %spec.name, "macvlan exists; adopted");
+            return Ok(());
+        }
+        let parent = self.require_index(&spec.parent, &op).await?;
+        // passthru takes over the parent's MAC; the others get the endpoint's own.
+        let mac = (spec.mode != "passthru").then_some(spec.mac);
+        self.nl
+            .create_macvlan(&spec.name, parent, &spec.mode, mac, spec.mtu)
+            .await?;
+        let index = self.require_index(&spec.name, &op).await?;
+        if let Err(e) = self.nl.set_alias(index, &self.owner).await {
+            if let Err(undo) = self.nl.delete_link(&spec.name).await {
+                warn!(error = %undo, link = %spec.name, "rollback of macvlan failed");
+            }
+            return Err(e);
+        }
+        info!(
+            "ip link add {} link {} type macvlan mode {}",
+            spec.name, spec.parent, spec.mode
+        );
         Ok(())
     }
 

@@ -15,6 +15,7 @@ use crate::datapath::layout::{
 };
 use crate::ipam::{Ipam, IpamConfig, IpamError, LeaseKind, Pool, PoolRequest};
 use crate::kernel::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
+use crate::macvlan::{MacvlanConfig, MacvlanSpec, OPT_MACVLAN_MODE, OPT_PARENT, ParentSpec};
 use crate::model::{
     ContainerIdentity, Endpoint, EndpointCreated, EndpointRequest, JoinInfo, Mode, Network,
     NetworkRequest, OPT_INGRESS, OPT_IPV6_NAT, OPT_ISOLATE, OPT_MASQUERADE, OPT_MODE, OPT_MTU,
@@ -35,6 +36,8 @@ pub const SUPPORTED_OPTIONS: &[&str] = &[
     OPT_INGRESS,
     OPT_MASQUERADE,
     OPT_IPV6_NAT,
+    OPT_PARENT,
+    OPT_MACVLAN_MODE,
 ];
 
 /// Errors of the driver. [`DriverError::is_client_error`] tells the plugin which are the
@@ -151,6 +154,8 @@ impl State {
         let networks = self
             .networks
             .values()
+            // macvlan endpoints are on the LAN itself: no bridge, nothing to NAT.
+            .filter(|n| n.mode != Mode::Macvlan)
             .map(|n| NetworkNat {
                 bridge: n.bridge.clone(),
                 internal: n.internal,
@@ -174,7 +179,7 @@ impl State {
             .filter(|e| {
                 self.networks
                     .get(&e.network_id)
-                    .is_some_and(|n| !n.internal)
+                    .is_some_and(|n| !n.internal && n.mode != Mode::Macvlan)
             })
             .flat_map(|e| {
                 let ip = e.address.map(|a| a.ip());
@@ -218,6 +223,7 @@ impl State {
             network: net.map_or(0, |n| n.number),
             flags,
             addresses: ep.address.into_iter().chain(ep.address_v6).collect(),
+            sandboxed: net.is_some_and(|n| n.mode == Mode::Macvlan),
         }
     }
 }
@@ -435,6 +441,14 @@ impl<K: Kernel> Driver<K> {
         let mut state = self.state.lock().await;
         let mut report = ReconcileReport::default();
         for net in state.networks.values() {
+            if let Some(mv) = &net.macvlan {
+                // A VLAN parent sluice made comes back if it went away.
+                match self.kernel.ensure_parent(&ParentSpec::from(mv)).await {
+                    Ok(_) => report.networks += 1,
+                    Err(e) => report.errors.push(format!("network {}: {e}", net.id)),
+                }
+                continue;
+            }
             match self.kernel.ensure_bridge(&bridge_spec(net)).await {
                 Ok(()) => report.networks += 1,
                 Err(e) => report.errors.push(format!("network {}: {e}", net.id)),
@@ -459,7 +473,11 @@ impl<K: Kernel> Driver<K> {
             let Some(net) = state.networks.get(&ep.network_id) else {
                 continue;
             };
-            match self.kernel.ensure_veth(&veth_spec(net, ep)).await {
+            let repaired = match &net.macvlan {
+                Some(mv) => self.kernel.ensure_macvlan(&macvlan_spec(net, mv, ep)).await,
+                None => self.kernel.ensure_veth(&veth_spec(net, ep)).await,
+            };
+            match repaired {
                 Ok(()) => report.endpoints_repaired += 1,
                 Err(e) => report.errors.push(format!("endpoint {}: {e}", ep.id)),
             }
@@ -492,10 +510,14 @@ impl<K: Kernel> Driver<K> {
             Err(e) => report.errors.push(format!("policy: {e}")),
         }
         for ep in state.endpoints.values() {
-            if !present.contains(&ep.host_veth) {
+            let view = state.datapath_view(ep);
+            // A macvlan link inside its container is not visible here, but its map entries
+            // are updated all the same (by ifindex).
+            let in_sandbox = view.sandboxed && ep.sandbox_key.is_some() && ep.ifindex != 0;
+            if !present.contains(&ep.host_veth) && !in_sandbox {
                 continue;
             }
-            if let Err(e) = self.kernel.attach_endpoint(&state.datapath_view(ep)).await {
+            if let Err(e) = self.kernel.attach_endpoint(&view).await {
                 report
                     .errors
                     .push(format!("endpoint {} datapath: {e}", ep.id));
@@ -635,6 +657,9 @@ impl<K: Kernel> Driver<K> {
         if let Some(existing) = state.networks.get(&net.id) {
             net.number = existing.number;
             net.name.clone_from(&existing.name);
+            if let (Some(mv), Some(old)) = (net.macvlan.as_mut(), existing.macvlan.as_ref()) {
+                mv.vlan_owned = old.vlan_owned;
+            }
             if *existing == net {
                 return Ok(());
             }
@@ -644,7 +669,14 @@ impl<K: Kernel> Driver<K> {
             )));
         }
         net.number = state.next_network_number();
-        self.kernel.ensure_bridge(&bridge_spec(&net)).await?;
+        if let Some(mv) = net.macvlan.as_mut() {
+            // Owned if sluice creates the VLAN now, or did for a network that still uses it.
+            let owned = self.kernel.ensure_parent(&ParentSpec::from(&*mv)).await?;
+            mv.vlan_owned = mv.vlan.is_some()
+                && (owned || uses_parent(&state, &mv.parent).any(|m| m.vlan_owned));
+        } else {
+            self.kernel.ensure_bridge(&bridge_spec(&net)).await?;
+        }
         state.networks.insert(net.id.clone(), net.clone());
         // Outbound NAT and the internal fences exist before any container can send.
         let mut result = self
@@ -663,8 +695,8 @@ impl<K: Kernel> Driver<K> {
             if let Err(undo) = self.kernel.apply_nat(&state.nat_ruleset()).await {
                 warn!(error = %undo, "rollback of nft table failed");
             }
-            if let Err(undo) = self.kernel.delete_bridge(&net.bridge).await {
-                warn!(error = %undo, bridge = %net.bridge, "rollback of bridge failed");
+            if let Err(undo) = self.remove_network_links(&state, &net).await {
+                warn!(error = %undo, "rollback of network links failed");
             }
             return Err(e);
         }
@@ -712,15 +744,15 @@ impl<K: Kernel> Driver<K> {
             }
             changes.push(Change::DeleteEndpoint(ep.id.clone()));
         }
-        if let Err(e) = self.kernel.delete_bridge(&net.bridge).await {
-            errors.push(e);
-        }
         changes.push(Change::DeleteNetwork(net.id.clone()));
         self.store.apply(&changes)?;
         for ep in &leftovers {
             state.endpoints.remove(&ep.id);
         }
         state.networks.remove(network_id);
+        if let Err(e) = self.remove_network_links(&state, &net).await {
+            errors.push(e);
+        }
         // The network's rules go with it (the last network takes the table along).
         if let Err(e) = self.kernel.apply_nat(&state.nat_ruleset()).await {
             errors.push(e);
@@ -751,11 +783,21 @@ impl<K: Kernel> Driver<K> {
             .cloned()
             .ok_or_else(|| DriverError::UnknownNetwork(req.network_id.clone()))?;
         let chosen_mac = req.mac.is_none();
+        // macvlan: one link, the container's own; it stands in for both veth ends.
+        let (host_veth, peer_veth) = if net.macvlan.is_some() {
+            let name = names::macvlan(&req.endpoint_id);
+            (name.clone(), name)
+        } else {
+            (
+                names::host_veth(&req.endpoint_id),
+                names::peer_veth(&req.endpoint_id),
+            )
+        };
         let mut ep = Endpoint {
             id: req.endpoint_id.clone(),
             network_id: req.network_id.clone(),
-            host_veth: names::host_veth(&req.endpoint_id),
-            peer_veth: names::peer_veth(&req.endpoint_id),
+            host_veth,
+            peer_veth,
             address: req.address,
             address_v6: req.address_v6,
             mac: req
@@ -782,7 +824,14 @@ impl<K: Kernel> Driver<K> {
                 ep.id
             )));
         }
-        self.kernel.ensure_veth(&veth_spec(&net, &ep)).await?;
+        match &net.macvlan {
+            Some(mv) => {
+                self.kernel
+                    .ensure_macvlan(&macvlan_spec(&net, mv, &ep))
+                    .await?
+            }
+            None => self.kernel.ensure_veth(&veth_spec(&net, &ep)).await?,
+        }
         // The new identity may be selected by policies, or be a peer in other endpoints'
         // rules: resolve with it before its programs see a packet.
         state.endpoints.insert(ep.id.clone(), ep.clone());
@@ -910,9 +959,11 @@ impl<K: Kernel> Driver<K> {
             .filter(|e| e.network_id == network_id)
             .cloned()
             .ok_or_else(|| DriverError::UnknownEndpoint(endpoint_id.to_owned()))?;
-        if net.internal {
+        if net.internal || net.mode == Mode::Macvlan {
             if !requests.is_empty() {
-                warn!("published ports on an internal network are not published");
+                // As Docker's own macvlan driver: the container is on the LAN, reachable on
+                // its own address; there is nothing to publish.
+                warn!(mode = ?net.mode, "published ports on an internal or macvlan network are not published");
             }
             return Ok(());
         }
@@ -1088,6 +1139,18 @@ impl<K: Kernel> Driver<K> {
     pub async fn pools(&self) -> Vec<Pool> {
         self.state.lock().await.ipam.pools().cloned().collect()
     }
+
+    /// Removes what `net` (no longer in `state`) had in the kernel: its bridge, or, for
+    /// macvlan, the VLAN sub-interface sluice created for it once no network uses it.
+    async fn remove_network_links(&self, state: &State, net: &Network) -> Result<(), KernelError> {
+        match &net.macvlan {
+            None => self.kernel.delete_bridge(&net.bridge).await,
+            Some(mv) if mv.vlan_owned && uses_parent(state, &mv.parent).next().is_none() => {
+                self.kernel.delete_parent_vlan(&mv.parent).await
+            }
+            Some(_) => Ok(()),
+        }
+    }
 }
 
 fn bridge_spec(net: &Network) -> BridgeSpec {
@@ -1097,6 +1160,25 @@ fn bridge_spec(net: &Network) -> BridgeSpec {
         addresses: net.gateway_addresses().collect(),
         internal: net.internal,
     }
+}
+
+fn macvlan_spec(net: &Network, mv: &MacvlanConfig, ep: &Endpoint) -> MacvlanSpec {
+    MacvlanSpec {
+        name: ep.host_veth.clone(),
+        parent: mv.parent.clone(),
+        mode: mv.mode.clone(),
+        mac: ep.mac,
+        mtu: net.mtu,
+    }
+}
+
+/// The macvlan settings of the networks in `state` whose parent is `parent`.
+fn uses_parent<'a>(state: &'a State, parent: &'a str) -> impl Iterator<Item = &'a MacvlanConfig> {
+    state
+        .networks
+        .values()
+        .filter_map(|n| n.macvlan.as_ref())
+        .filter(move |m| m.parent == parent)
 }
 
 fn veth_spec(net: &Network, ep: &Endpoint) -> VethSpec {
@@ -1141,6 +1223,8 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
             }
             OPT_MASQUERADE => masquerade = parse_bool(OPT_MASQUERADE, value)?,
             OPT_IPV6_NAT => ipv6_nat = parse_bool(OPT_IPV6_NAT, value)?,
+            // Read below, with the mode.
+            OPT_PARENT | OPT_MACVLAN_MODE => {}
             k if k.starts_with("com.docker.network.") => {
                 warn!(option = %k, "Docker option not used by sluice; ignored");
             }
@@ -1152,6 +1236,27 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
             }
         }
     }
+    let macvlan = match mode {
+        Mode::Macvlan => {
+            if req.internal {
+                return Err(DriverError::InvalidOption(
+                    "mode=macvlan networks cannot be --internal: their endpoints are on the parent's LAN".into(),
+                ));
+            }
+            Some(MacvlanConfig::from_options(&req.options).map_err(DriverError::InvalidOption)?)
+        }
+        _ => {
+            if let Some(k) = [OPT_PARENT, OPT_MACVLAN_MODE]
+                .into_iter()
+                .find(|k| req.options.contains_key(*k))
+            {
+                return Err(DriverError::InvalidOption(format!(
+                    "option {k:?} is only for -o mode=macvlan"
+                )));
+            }
+            None
+        }
+    };
     if req.ipv4.is_empty() && req.ipv6_data.is_empty() {
         return Err(DriverError::InvalidOption(
             "the network has no IPv4 or IPv6 pool; give --subnet or use --ipam-driver sluice"
@@ -1184,6 +1289,7 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
         ingress_deny,
         masquerade,
         ipv6_nat,
+        macvlan,
     })
 }
 
@@ -1241,7 +1347,13 @@ impl<K: Kernel> Driver<K> {
             (endpoints, state.policies.len())
         };
         for ep in &mut endpoints {
-            match self.kernel.endpoint_counters(&ep.host_veth).await {
+            // A macvlan link inside its container cannot be found by name here.
+            let counters = if ep.host_veth.starts_with(names::MACVLAN_PREFIX) && ep.ifindex != 0 {
+                self.kernel.endpoint_counters_at(ep.ifindex).await
+            } else {
+                self.kernel.endpoint_counters(&ep.host_veth).await
+            };
+            match counters {
                 Ok(c) => ep.set_counters(&c),
                 Err(e) => ep.counters_error = Some(e.to_string()),
             }

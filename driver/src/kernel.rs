@@ -7,6 +7,7 @@ use std::future::Future;
 use ipnetwork::IpNetwork;
 
 use crate::datapath::{CompiledPolicy, DatapathError, EndpointCounters};
+use crate::macvlan::{MacvlanSpec, ParentSpec};
 use crate::nat::{NatRuleset, PortBinding, PortRequest};
 
 /// A bridge-mode network as the kernel should see it.
@@ -53,6 +54,10 @@ pub struct EndpointDatapath {
     pub flags: u32,
     /// The endpoint's addresses (host routes in the ipcache).
     pub addresses: Vec<IpNetwork>,
+    /// macvlan: `host_veth` is the container's own interface (no host-side peer); the
+    /// programs go on it with the directions swapped, and once Docker has moved it into the
+    /// sandbox only the map entries are updated (found by `ifindex`, not by name).
+    pub sandboxed: bool,
 }
 
 /// Errors from the kernel side.
@@ -160,6 +165,34 @@ pub trait Kernel: Send + Sync + 'static {
     /// Gives up the host ports of `endpoint`. Idempotent.
     fn release_ports(&self, endpoint: &str)
     -> impl Future<Output = Result<(), KernelError>> + Send;
+
+    /// Like [`Kernel::endpoint_counters`], for the endpoint whose programs sit on `ifindex`
+    /// (a macvlan link inside its container, not visible by name in the host namespace).
+    fn endpoint_counters_at(
+        &self,
+        ifindex: u32,
+    ) -> impl Future<Output = Result<EndpointCounters, KernelError>> + Send;
+
+    /// macvlan: checks that the parent interface exists; a missing VLAN sub-interface is
+    /// created (marked [`crate::macvlan::vlan_alias`]) on an existing base and brought up.
+    /// Returns whether sluice owns the VLAN sub-interface (created it now or before).
+    fn ensure_parent(
+        &self,
+        spec: &ParentSpec,
+    ) -> impl Future<Output = Result<bool, KernelError>> + Send;
+
+    /// macvlan: removes the VLAN sub-interface `name` if sluice created it (its alias says
+    /// so); one that sluice did not create is left alone. Idempotent.
+    fn delete_parent_vlan(
+        &self,
+        name: &str,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send;
+
+    /// macvlan: creates (or adopts) an endpoint's macvlan link in the host namespace, down.
+    fn ensure_macvlan(
+        &self,
+        spec: &MacvlanSpec,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send;
 }
 
 /// An in-memory [`Kernel`] for tests of the protocol and state logic without root. It
@@ -171,6 +204,7 @@ pub mod fake {
 
     use super::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
     use crate::datapath::{CompiledPolicy, EndpointCounters};
+    use crate::macvlan::{MacvlanSpec, ParentSpec};
     use crate::nat::{NatRuleset, PortBinding, PortRequest, Proto};
 
     /// A link the fake kernel holds.
@@ -182,6 +216,12 @@ pub mod fake {
         VethHost(VethSpec),
         /// The container end of a veth pair.
         VethPeer(String),
+        /// A VLAN sub-interface; `true` when sluice created it.
+        Vlan(bool),
+        /// An interface sluice did not create (a LAN interface, say).
+        Foreign,
+        /// An endpoint's macvlan link.
+        Macvlan(MacvlanSpec),
     }
 
     /// The fake.
@@ -339,6 +379,8 @@ pub mod fake {
                     .position(|k| *k == ep.host_veth)
                     .and_then(|i| u32::try_from(i + 1).ok())
             });
+            // A macvlan link moved into its container: known by its ifindex.
+            let index = index.or((ep.sandboxed && ep.ifindex != 0).then_some(ep.ifindex));
             let Some(index) = index else {
                 return Err(KernelError::Os {
                     op: format!("attach programs to {}", ep.host_veth),
@@ -438,6 +480,60 @@ pub mod fake {
                 p.remove(endpoint);
             }
             Ok(())
+        }
+
+        async fn endpoint_counters_at(
+            &self,
+            _ifindex: u32,
+        ) -> Result<EndpointCounters, KernelError> {
+            self.check("endpoint_counters")?;
+            Ok(EndpointCounters::default())
+        }
+
+        async fn ensure_parent(&self, spec: &ParentSpec) -> Result<bool, KernelError> {
+            self.check("ensure_parent")?;
+            self.with_links(|l| {
+                let missing = |name: &str| KernelError::Os {
+                    op: format!("macvlan parent {}", spec.name),
+                    message: format!("parent interface {name} does not exist"),
+                };
+                match (l.get(&spec.name), &spec.vlan) {
+                    (Some(FakeLink::Vlan(owned)), _) => Ok(*owned),
+                    (Some(_), _) => Ok(false),
+                    (None, None) => Err(missing(&spec.name)),
+                    (None, Some((base, _))) => {
+                        if !l.contains_key(base) {
+                            return Err(missing(base));
+                        }
+                        l.insert(spec.name.clone(), FakeLink::Vlan(true));
+                        Ok(true)
+                    }
+                }
+            })
+        }
+
+        async fn delete_parent_vlan(&self, name: &str) -> Result<(), KernelError> {
+            self.check("delete_parent_vlan")?;
+            self.with_links(|l| {
+                if matches!(l.get(name), Some(FakeLink::Vlan(true))) {
+                    l.remove(name);
+                }
+            });
+            Ok(())
+        }
+
+        async fn ensure_macvlan(&self, spec: &MacvlanSpec) -> Result<(), KernelError> {
+            self.check("ensure_macvlan")?;
+            self.with_links(|l| {
+                if !l.contains_key(&spec.parent) {
+                    return Err(KernelError::Os {
+                        op: format!("create macvlan {} on {}", spec.name, spec.parent),
+                        message: "no such parent".into(),
+                    });
+                }
+                l.insert(spec.name.clone(), FakeLink::Macvlan(spec.clone()));
+                Ok(())
+            })
         }
     }
 }

@@ -12,6 +12,7 @@ pub mod firewall;
 pub mod ipam;
 pub mod kernel;
 pub mod link;
+pub mod macvlan;
 pub mod model;
 pub mod names;
 pub mod nat;

@@ -142,6 +142,102 @@ impl Netlink {
         Ok(())
     }
 
+    /// Creates a macvlan link on `parent`, down, with its MAC and MTU if given
+    /// (`ip link add NAME link PARENT [address MAC] [mtu MTU] type macvlan mode MODE`).
+    /// `mode` is `bridge`, `private`, `vepa` or `passthru`.
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`], with errno `EEXIST` if the name is taken; [`KernelError::Os`]
+    /// for an unknown mode.
+    pub async fn create_macvlan(
+        &self,
+        name: &str,
+        parent: u32,
+        mode: &str,
+        mac: Option<[u8; 6]>,
+        mtu: Option<u32>,
+    ) -> Result<(), KernelError> {
+        use netlink_packet_route::link::MacVlanMode;
+        let kernel_mode = match mode {
+            "bridge" => MacVlanMode::Bridge,
+            "private" => MacVlanMode::Private,
+            "vepa" => MacVlanMode::Vepa,
+            "passthru" => MacVlanMode::Passthrough,
+            other => {
+                return Err(KernelError::Os {
+                    op: format!("create macvlan {name}"),
+                    message: format!("unknown macvlan mode {other:?}"),
+                });
+            }
+        };
+        let mut builder = rtnetlink::LinkMacVlan::new(name, parent, kernel_mode);
+        if let Some(mac) = mac {
+            builder = builder.address(mac.to_vec());
+        }
+        if let Some(mtu) = mtu {
+            builder = builder.mtu(mtu);
+        }
+        self.handle
+            .link()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(nl_error(format!("create macvlan {name} on #{parent}")))?;
+        debug!("ip link add {name} link #{parent} type macvlan mode {mode}");
+        Ok(())
+    }
+
+    /// Creates an 802.1Q sub-interface of `parent`, down, with an alias
+    /// (`ip link add NAME link PARENT type vlan id ID; ip link set NAME alias ALIAS`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`], with errno `EEXIST` if the name is taken.
+    pub async fn create_vlan(
+        &self,
+        name: &str,
+        parent: u32,
+        id: u16,
+        alias: &str,
+    ) -> Result<(), KernelError> {
+        let message = rtnetlink::LinkVlan::new(name, parent, id)
+            .alias(alias)
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(nl_error(format!(
+                "create vlan {name} (id {id}) on #{parent}"
+            )))?;
+        debug!("ip link add {name} link #{parent} type vlan id {id}; alias {alias}");
+        Ok(())
+    }
+
+    /// The alias of link `name` (`ip link show NAME`, `alias`), `Ok(None)` when it has none,
+    /// and an outer `None` when there is no such link.
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] for failures other than "no such device".
+    pub async fn link_alias(&self, name: &str) -> Result<Option<Option<String>>, KernelError> {
+        let mut links = pin!(
+            self.handle
+                .link()
+                .get()
+                .match_name(name.to_owned())
+                .execute()
+        );
+        match links.try_next().await {
+            Ok(Some(link)) => Ok(Some(link.attributes.into_iter().find_map(|a| match a {
+                LinkAttribute::IfAlias(alias) => Some(alias),
+                _ => None,
+            }))),
+            Ok(None) => Ok(None),
+            Err(e) if rtnetlink_errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(nl_error(format!("look up link {name}"))(e)),
+        }
+    }
+
     /// Creates a veth pair, both ends down, with the MTU on both ends if given
     /// (`ip link add HOST [mtu MTU] type veth peer name PEER [mtu MTU]`).
     ///

@@ -28,6 +28,8 @@ pub enum Mode {
     /// A Linux bridge per network and a veth pair per endpoint.
     #[default]
     Bridge,
+    /// A macvlan link per endpoint on a parent interface (see [`crate::macvlan`]).
+    Macvlan,
 }
 
 impl std::str::FromStr for Mode {
@@ -35,10 +37,13 @@ impl std::str::FromStr for Mode {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "bridge" | "" => Ok(Self::Bridge),
-            "macvlan" | "vxlan" => Err(format!(
-                "mode {s:?} is not available in this version of sluice (supported: bridge)"
+            "macvlan" => Ok(Self::Macvlan),
+            "vxlan" => Err(format!(
+                "mode {s:?} is not available in this version of sluice (supported: bridge, macvlan)"
             )),
-            other => Err(format!("unknown mode {other:?} (supported: bridge)")),
+            other => Err(format!(
+                "unknown mode {other:?} (supported: bridge, macvlan)"
+            )),
         }
     }
 }
@@ -112,6 +117,9 @@ pub struct Network {
     /// Outbound IPv6 is masqueraded too (`-o sluice.ipv6-nat=true`).
     #[serde(default)]
     pub ipv6_nat: bool,
+    /// macvlan mode's parent interface and mode (`None` in other modes).
+    #[serde(default)]
+    pub macvlan: Option<crate::macvlan::MacvlanConfig>,
 }
 
 fn default_true() -> bool {
@@ -270,6 +278,7 @@ mod tests {
     #[test]
     fn modes() {
         assert_eq!("bridge".parse::<Mode>(), Ok(Mode::Bridge));
+        assert_eq!("macvlan".parse::<Mode>(), Ok(Mode::Macvlan));
         assert!(
             "vxlan"
                 .parse::<Mode>()

@@ -42,12 +42,26 @@ pub fn peer_veth(endpoint_id: &str) -> String {
     derive(PEER_VETH_PREFIX, endpoint_id)
 }
 
+/// Prefix of an endpoint's macvlan link (macvlan mode).
+pub const MACVLAN_PREFIX: &str = "slmv";
+
+/// Name of the macvlan link of endpoint `endpoint_id` (Join's `SrcName` in macvlan mode).
+#[must_use]
+pub fn macvlan(endpoint_id: &str) -> String {
+    derive(MACVLAN_PREFIX, endpoint_id)
+}
+
 /// True for names sluice may have created.
 #[must_use]
 pub fn is_sluice_link(name: &str) -> bool {
-    [BRIDGE_PREFIX, HOST_VETH_PREFIX, PEER_VETH_PREFIX]
-        .iter()
-        .any(|p| name.starts_with(p))
+    [
+        BRIDGE_PREFIX,
+        HOST_VETH_PREFIX,
+        PEER_VETH_PREFIX,
+        MACVLAN_PREFIX,
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
 }
 
 #[cfg(test)]

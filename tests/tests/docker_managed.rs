@@ -356,7 +356,9 @@ fn swarm_service_on_a_sluice_swarm_network() {
     );
     env.docker_ok(["service", "rm", "bad"]);
     // The manager's allocation (AllocateNetwork, IPAM in the global space) is in the pool.
-    let subnet = inspect["IPAM"]["Config"][0]["Subnet"]
+    // Inspected again: the manager allocates after `docker network create` returned, so the
+    // first inspect may not show it yet (seen once under a loaded full run).
+    let subnet = env.network_inspect(net)["IPAM"]["Config"][0]["Subnet"]
         .as_str()
         .unwrap_or_default()
         .to_owned();

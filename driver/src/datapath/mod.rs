@@ -52,7 +52,8 @@ use sluice_common::{
     CounterKey, CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointInfo,
     IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_CONNTRACK, MAP_COUNTERS,
     MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_NAMES, MAP_POLICY, MAP_SETTINGS,
-    PROG_EGRESS, PROG_INGRESS, PolicyKey, PolicyValue, Settings, VERDICT_ALLOW, VERDICT_DENY,
+    PROG_EGRESS, PROG_INGRESS, PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PolicyKey, PolicyValue,
+    Settings, VERDICT_ALLOW, VERDICT_DENY,
 };
 use tracing::{debug, info};
 
@@ -346,6 +347,17 @@ const HOOKS: [(&str, TcAttachType); 2] = [
     (PROG_INGRESS, TcAttachType::Egress),
 ];
 
+/// Where the macvlan programs go on the container's own interface: the directions are the
+/// other way round from a host-side veth (TCX egress is what the container sends).
+const SANDBOX_HOOKS: [(&str, TcAttachType); 2] = [
+    (PROG_SANDBOX_EGRESS, TcAttachType::Egress),
+    (PROG_SANDBOX_INGRESS, TcAttachType::Ingress),
+];
+
+/// Every program and its hook: loaded, pinned and detached alike.
+const ALL_HOOKS: [(&str, TcAttachType); 4] =
+    [HOOKS[0], HOOKS[1], SANDBOX_HOOKS[0], SANDBOX_HOOKS[1]];
+
 /// Expected kernel map type, key size and value size of each map.
 fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
     let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
@@ -483,7 +495,7 @@ impl Datapath {
             }
         }
 
-        for (program, _) in HOOKS {
+        for (program, _) in ALL_HOOKS {
             let prog = classifier_mut(&mut ebpf, program)?;
             prog.load().map_err(|source| DatapathError::Program {
                 op: "load".into(),
@@ -572,14 +584,62 @@ impl Datapath {
     /// by this call may remain attached; call [`Datapath::detach`] to clean up.
     pub fn attach(&mut self, ifindex: u32) -> Result<()> {
         let ifname = interface_name(ifindex)?;
-        for (program, hook) in HOOKS {
+        self.attach_hooks(ifindex, Some(&ifname), HOOKS)?;
+        info!(
+            ifindex,
+            "attached datapath (tcx ingress {PROG_EGRESS}, tcx egress {PROG_INGRESS})"
+        );
+        Ok(())
+    }
+
+    /// Attaches the macvlan programs to the endpoint's **own** interface `ifindex` (there is
+    /// no host-side peer): `sluice_sandbox_egress` on its TCX egress hook and
+    /// `sluice_sandbox_ingress` on its TCX ingress hook. Attach while the interface is still
+    /// in the host namespace, before Docker moves it into the container: TCX links stay on
+    /// the device across the move and the rename (checked on 6.18), so the interface never
+    /// passes a packet unfiltered; and these programs drop when the interface is not
+    /// registered ([`Datapath::set_endpoint`]). Pinned as [`Datapath::attach`]. Idempotent.
+    ///
+    /// # Errors
+    /// As [`Datapath::attach`].
+    pub fn attach_sandboxed(&mut self, ifindex: u32) -> Result<()> {
+        let ifname = interface_name(ifindex)?;
+        self.attach_hooks(ifindex, Some(&ifname), SANDBOX_HOOKS)?;
+        info!(
+            ifindex,
+            "attached datapath (tcx egress {PROG_SANDBOX_EGRESS}, tcx ingress {PROG_SANDBOX_INGRESS})"
+        );
+        Ok(())
+    }
+
+    /// For a macvlan link already moved into its container (not visible by name here): puts
+    /// this load's programs into its pinned links (after an upgrade, say), found by
+    /// `ifindex` alone. Idempotent.
+    ///
+    /// # Errors
+    /// [`DatapathError::NoSuchInterface`] when the link has no programs to update (they can
+    /// only be attached before the move); update and pin errors.
+    pub fn refresh_sandboxed(&mut self, ifindex: u32) -> Result<()> {
+        self.attach_hooks(ifindex, None, SANDBOX_HOOKS)
+    }
+
+    /// `ifname`: the device's name in this namespace, `None` when it is not here (then only
+    /// existing links are updated).
+    fn attach_hooks(
+        &mut self,
+        ifindex: u32,
+        ifname: Option<&str>,
+        hooks: [(&'static str, TcAttachType); 2],
+    ) -> Result<()> {
+        for (program, hook) in hooks {
             if let Some(pins) = self.pins.clone() {
-                self.attach_pinned(&pins, ifindex, &ifname, program, hook)?;
+                self.attach_pinned(&pins, ifindex, ifname, program, hook)?;
             } else if !self.links.contains_key(&(ifindex, program)) {
+                let ifname = ifname.ok_or(DatapathError::NoSuchInterface(ifindex))?;
                 let prog = classifier_mut(&mut self.ebpf, program)?;
                 let id = prog
                     .attach_with_options(
-                        &ifname,
+                        ifname,
                         hook,
                         TcAttachOptions::TcxOrder(LinkOrder::default()),
                     )
@@ -591,7 +651,7 @@ impl Datapath {
                 self.links.insert((ifindex, program), id);
             }
         }
-        info!(ifindex, %ifname, "attached datapath (tcx ingress {PROG_EGRESS}, tcx egress {PROG_INGRESS})");
+        debug!(ifindex, ?ifname, "programs attached");
         Ok(())
     }
 
@@ -599,7 +659,7 @@ impl Datapath {
         &mut self,
         pins: &Pins,
         ifindex: u32,
-        ifname: &str,
+        ifname: Option<&str>,
         program: &'static str,
         hook: TcAttachType,
     ) -> Result<()> {
@@ -656,6 +716,7 @@ impl Datapath {
                 });
             }
         }
+        let ifname = ifname.ok_or(DatapathError::NoSuchInterface(ifindex))?;
         let id = prog
             .attach_with_options(
                 ifname,
@@ -686,7 +747,7 @@ impl Datapath {
     /// # Errors
     /// If a pin cannot be removed or a held link cannot be detached.
     pub fn detach(&mut self, ifindex: u32) -> Result<()> {
-        for (program, _) in HOOKS {
+        for (program, _) in ALL_HOOKS {
             if let Some(pins) = &self.pins {
                 let path = pins.link(ifindex, program);
                 match PinnedLink::from_pin(&path) {

@@ -52,6 +52,14 @@ pub const PROG_EGRESS: &str = "sluice_egress";
 /// container *receives*, so it applies the endpoint's **ingress** policy.
 pub const PROG_INGRESS: &str = "sluice_ingress";
 
+/// Program for the **TCX egress** hook of a macvlan endpoint's own interface (inside the
+/// container, no host-side peer): what the container *sends*, so its **egress** policy. An
+/// unregistered interface drops.
+pub const PROG_SANDBOX_EGRESS: &str = "sluice_sandbox_egress";
+/// Program for the **TCX ingress** hook of a macvlan endpoint's own interface: what the
+/// container *receives*, so its **ingress** policy. An unregistered interface drops.
+pub const PROG_SANDBOX_INGRESS: &str = "sluice_sandbox_ingress";
+
 /// Default `max_entries` of [`MAP_ENDPOINTS`].
 pub const DEFAULT_MAX_ENDPOINTS: u32 = 16_384;
 /// Default `max_entries` of [`MAP_IPCACHE`].

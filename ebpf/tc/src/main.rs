@@ -6,6 +6,10 @@
 //! | [`sluice_egress`] | ingress | sends | egress policy |
 //! | [`sluice_ingress`] | egress | receives | ingress policy |
 //!
+//! macvlan endpoints have no host-side peer: [`sluice_sandbox_egress`] (TCX egress) and
+//! [`sluice_sandbox_ingress`] (TCX ingress) run the same checks on the container's own
+//! interface, and drop everything on an interface missing from `ENDPOINTS` (fail closed).
+//!
 //! Per packet, in order (the map layouts are in `sluice-common`):
 //! 1. `ENDPOINTS[skb->ifindex]` (hash). Missing: not a sluice endpoint, pass uncounted.
 //! 2. Parse. ARP, IPv6 ND and MLD pass. Other non-IP frames pass unless the direction is enforced
@@ -111,6 +115,35 @@ mod programs {
     #[classifier]
     fn sluice_ingress(ctx: TcContext) -> i32 {
         match classify(&ctx, DIR_INGRESS) {
+            Ok(action) => action,
+            Err(action) => action,
+        }
+    }
+
+    /// macvlan: attach to the TCX **egress** hook of the container's own interface (there is
+    /// no host-side peer), which sees what the container sends. Unlike [`sluice_egress`], an
+    /// interface missing from `ENDPOINTS` drops (fail closed): these programs only ever sit on
+    /// sluice endpoints, and a miss means the entry is not (or no longer) there.
+    #[classifier]
+    fn sluice_sandbox_egress(ctx: TcContext) -> i32 {
+        classify_sandboxed(&ctx, DIR_EGRESS)
+    }
+
+    /// macvlan: attach to the TCX **ingress** hook of the container's own interface: what
+    /// the container receives. Fails closed like [`sluice_sandbox_egress`].
+    #[classifier]
+    fn sluice_sandbox_ingress(ctx: TcContext) -> i32 {
+        classify_sandboxed(&ctx, DIR_INGRESS)
+    }
+
+    #[inline(always)]
+    fn classify_sandboxed(ctx: &TcContext, dir: u8) -> i32 {
+        // SAFETY: as in `classify`: a plain context read the verifier permits.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        if endpoint(ifindex).is_none() {
+            return TC_ACT_SHOT;
+        }
+        match classify(ctx, dir) {
             Ok(action) => action,
             Err(action) => action,
         }
