@@ -35,6 +35,9 @@ pub const SUPPORTED_OPTIONS: &[&str] = &[
     OPT_INGRESS,
     OPT_MASQUERADE,
     OPT_IPV6_NAT,
+    crate::vxlan::OPT_VNI,
+    crate::vxlan::OPT_VXLAN_PORT,
+    crate::vxlan::OPT_CLUSTER_NETWORK,
 ];
 
 /// Errors of the driver. [`DriverError::is_client_error`] tells the plugin which are the
@@ -65,6 +68,9 @@ pub enum DriverError {
     /// A policy was refused, or the stored ones are inconsistent.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// The cluster store (`--cluster`) refused or failed.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl DriverError {
@@ -78,6 +84,7 @@ impl DriverError {
             | Self::InvalidOption(_)
             | Self::Conflict(_) => true,
             Self::Policy(e) => e.is_client_error(),
+            Self::Cluster(e) => matches!(e, crate::cluster::ClusterError::Conflict(_)),
             Self::Store(_) | Self::Kernel(_) => false,
         }
     }
@@ -106,6 +113,8 @@ struct State {
     /// The policies resolved against the current endpoints: rules, enforced directions,
     /// pending identities.
     resolution: Resolution,
+    /// Endpoints of other hosts on this host's `mode=vxlan` networks, by endpoint ID.
+    remote: BTreeMap<String, crate::cluster::EndpointLocation>,
 }
 
 impl State {
@@ -133,6 +142,7 @@ impl State {
         self.endpoints
             .values()
             .map(|e| EndpointView::new(e, e.identity, e.container.as_ref()))
+            .chain(self.remote_views())
             .collect()
     }
 
@@ -228,7 +238,14 @@ pub struct Driver<K: Kernel> {
     kernel: K,
     store: Store,
     state: Mutex<State>,
+    /// The multi-host control plane (`--cluster`); `None`: single host.
+    cluster: Option<std::sync::Arc<dyn crate::cluster::Cluster>>,
+    /// `--docker-host none`: endpoints are identified from their options at once.
+    identify_from_options: bool,
 }
+
+#[path = "cluster/driver_hooks.rs"]
+mod cluster_hooks;
 
 impl<K: Kernel> Driver<K> {
     /// Loads the state from `store`.
@@ -258,6 +275,7 @@ impl<K: Kernel> Driver<K> {
                 .collect(),
             policies: PolicyEngine::load(snap.policies)?,
             resolution: Resolution::default(),
+            remote: BTreeMap::new(),
         };
         // Records written before the datapath existed get their numbers now.
         let mut upgraded = Vec::new();
@@ -293,6 +311,8 @@ impl<K: Kernel> Driver<K> {
             kernel,
             store,
             state: Mutex::new(state),
+            cluster: None,
+            identify_from_options: false,
         })
     }
 
@@ -337,11 +357,15 @@ impl<K: Kernel> Driver<K> {
     /// Invalid documents (nothing changes), store or datapath failures.
     pub async fn apply_policies(&self, docs: Vec<PolicyDoc>) -> Result<Vec<Applied>, DriverError> {
         let mut state = self.state.lock().await;
+        let published = self.cluster.is_some().then(|| docs.clone());
         let plan = state.policies.plan_apply(docs)?;
         self.store.apply(plan.changes())?;
         let applied = state.policies.commit(plan);
         info!(policies = applied.len(), "policies applied");
         self.resync(&mut state, None).await?;
+        if let (Some(cluster), Some(docs)) = (&self.cluster, published) {
+            cluster.publish_policies(&docs).await?;
+        }
         Ok(applied)
     }
 
@@ -355,6 +379,9 @@ impl<K: Kernel> Driver<K> {
         self.store.apply(plan.changes())?;
         state.policies.commit(plan);
         info!(policy = %name, "policy removed");
+        if let Some(cluster) = &self.cluster {
+            cluster.withdraw_policy(name).await?;
+        }
         self.resync(&mut state, None).await
     }
 
@@ -439,6 +466,11 @@ impl<K: Kernel> Driver<K> {
                 Ok(()) => report.networks += 1,
                 Err(e) => report.errors.push(format!("network {}: {e}", net.id)),
             }
+            if let Some(spec) = cluster_hooks::vxlan_spec(net)
+                && let Err(e) = self.kernel.ensure_vxlan(&spec).await
+            {
+                report.errors.push(format!("network {} vxlan: {e}", net.id));
+            }
         }
         let existing = match self.kernel.sluice_links().await {
             Ok(l) => l,
@@ -468,6 +500,12 @@ impl<K: Kernel> Driver<K> {
             .networks
             .values()
             .map(|n| n.bridge.clone())
+            .chain(
+                state
+                    .networks
+                    .values()
+                    .filter_map(|n| n.vxlan.as_ref().map(|v| v.device.clone())),
+            )
             .chain(
                 state
                     .endpoints
@@ -594,7 +632,19 @@ impl<K: Kernel> Driver<K> {
         kind: LeaseKind,
     ) -> Result<IpNetwork, DriverError> {
         let mut state = self.state.lock().await;
-        let addr = state.ipam.request_address(pool_id, preferred, kind)?;
+        let addr = match &self.cluster {
+            Some(cluster) if kind != LeaseKind::Gateway => {
+                cluster_hooks::claim_address(
+                    cluster.as_ref(),
+                    &mut state.ipam,
+                    pool_id,
+                    preferred,
+                    kind,
+                )
+                .await?
+            }
+            _ => state.ipam.request_address(pool_id, preferred, kind)?,
+        };
         let pool = state.ipam.pool(pool_id).cloned();
         if let Some(pool) = pool
             && let Err(e) = self.store.apply(&[Change::PutPool(pool)])
@@ -613,6 +663,12 @@ impl<K: Kernel> Driver<K> {
     /// Store failures.
     pub async fn release_address(&self, pool_id: &str, addr: IpAddr) -> Result<(), DriverError> {
         let mut state = self.state.lock().await;
+        if let (Some(cluster), Some(pool)) = (&self.cluster, state.ipam.pool(pool_id)) {
+            let is_gateway = pool.leases.get(&addr) == Some(&LeaseKind::Gateway);
+            if !is_gateway {
+                cluster.release_address(pool.subnet, addr).await?;
+            }
+        }
         if state.ipam.release_address(pool_id, addr)? {
             if let Some(pool) = state.ipam.pool(pool_id).cloned() {
                 self.store.apply(&[Change::PutPool(pool)])?;
@@ -635,6 +691,10 @@ impl<K: Kernel> Driver<K> {
         if let Some(existing) = state.networks.get(&net.id) {
             net.number = existing.number;
             net.name.clone_from(&existing.name);
+            if existing.vxlan.is_some() && !net.options.contains_key(OPT_MTU) {
+                net.mtu = existing.mtu;
+            }
+            net.vxlan.clone_from(&existing.vxlan);
             if *existing == net {
                 return Ok(());
             }
@@ -644,7 +704,18 @@ impl<K: Kernel> Driver<K> {
             )));
         }
         net.number = state.next_network_number();
+        if net.mode == Mode::Vxlan {
+            self.prepare_vxlan(&mut net).await?;
+        }
         self.kernel.ensure_bridge(&bridge_spec(&net)).await?;
+        if let Some(spec) = cluster_hooks::vxlan_spec(&net)
+            && let Err(e) = self.kernel.ensure_vxlan(&spec).await
+        {
+            if let Err(undo) = self.kernel.delete_bridge(&net.bridge).await {
+                warn!(error = %undo, bridge = %net.bridge, "rollback of bridge failed");
+            }
+            return Err(e.into());
+        }
         state.networks.insert(net.id.clone(), net.clone());
         // Outbound NAT and the internal fences exist before any container can send.
         let mut result = self
@@ -666,7 +737,15 @@ impl<K: Kernel> Driver<K> {
             if let Err(undo) = self.kernel.delete_bridge(&net.bridge).await {
                 warn!(error = %undo, bridge = %net.bridge, "rollback of bridge failed");
             }
+            if let Some(v) = &net.vxlan
+                && let Err(undo) = self.kernel.delete_link(&v.device).await
+            {
+                warn!(error = %undo, device = %v.device, "rollback of vxlan device failed");
+            }
             return Err(e);
+        }
+        if net.vxlan.is_some() {
+            self.program_remotes_of(&mut state, &net.id).await;
         }
         info!(
             bridge = %net.bridge,
@@ -711,6 +790,15 @@ impl<K: Kernel> Driver<K> {
                 errors.push(e);
             }
             changes.push(Change::DeleteEndpoint(ep.id.clone()));
+        }
+        if let Some(v) = &net.vxlan {
+            for ep in &leftovers {
+                self.withdraw(&v.cluster_network, &ep.id).await;
+            }
+            if let Err(e) = self.kernel.delete_link(&v.device).await {
+                errors.push(e);
+            }
+            self.forget_remotes_of(&mut state, &net).await;
         }
         if let Err(e) = self.kernel.delete_bridge(&net.bridge).await {
             errors.push(e);
@@ -768,6 +856,9 @@ impl<K: Kernel> Driver<K> {
             container: None,
             published: Vec::new(),
         };
+        if self.identify_from_options {
+            ep.container = Some(cluster_hooks::identity_from_options(&ep));
+        }
         if let Some(existing) = state.endpoints.get(&ep.id) {
             if existing.network_id == ep.network_id
                 && existing.address == ep.address
@@ -781,6 +872,12 @@ impl<K: Kernel> Driver<K> {
                 "endpoint {} already exists with different settings",
                 ep.id
             )));
+        }
+        if let Some(cluster) = &self.cluster
+            && !state.endpoints.contains_key(&ep.id)
+        {
+            // Identities are cluster-wide: remote hosts' policies name this one too.
+            ep.identity = cluster.allocate_identity().await?;
         }
         self.kernel.ensure_veth(&veth_spec(&net, &ep)).await?;
         // The new identity may be selected by policies, or be a peer in other endpoints'
@@ -798,6 +895,18 @@ impl<K: Kernel> Driver<K> {
                 }
                 Err(e) => Err(e.into()),
             };
+        }
+        if result.is_ok()
+            && let Some(location) = cluster_hooks::location(self.cluster.as_deref(), &net, &ep)
+            && let Some(cluster) = &self.cluster
+        {
+            result = cluster
+                .publish_endpoint(&location)
+                .await
+                .map_err(DriverError::from);
+            if result.is_err() {
+                let _ = self.store.apply(&[Change::DeleteEndpoint(ep.id.clone())]);
+            }
         }
         if let Err(e) = result {
             if let Err(undo) = self.kernel.detach_endpoint(&state.datapath_view(&ep)).await {
@@ -1019,6 +1128,13 @@ impl<K: Kernel> Driver<K> {
             debug!("delete of unknown endpoint: nothing to do");
             return Ok(());
         };
+        if let Some(v) = state
+            .networks
+            .get(network_id)
+            .and_then(|n| n.vxlan.as_ref())
+        {
+            self.withdraw(&v.cluster_network, &ep.id).await;
+        }
         let detached = self.kernel.detach_endpoint(&state.datapath_view(&ep)).await;
         let deleted = self.kernel.delete_link(&ep.host_veth).await;
         self.store.apply(&[Change::DeleteEndpoint(ep.id.clone())])?;
@@ -1141,6 +1257,10 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
             }
             OPT_MASQUERADE => masquerade = parse_bool(OPT_MASQUERADE, value)?,
             OPT_IPV6_NAT => ipv6_nat = parse_bool(OPT_IPV6_NAT, value)?,
+            // Checked with the mode below and parsed when the network joins the cluster.
+            crate::vxlan::OPT_VNI
+            | crate::vxlan::OPT_VXLAN_PORT
+            | crate::vxlan::OPT_CLUSTER_NETWORK => {}
             k if k.starts_with("com.docker.network.") => {
                 warn!(option = %k, "Docker option not used by sluice; ignored");
             }
@@ -1151,6 +1271,19 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
                 )));
             }
         }
+    }
+    if mode != Mode::Vxlan
+        && let Some(k) = [
+            crate::vxlan::OPT_VNI,
+            crate::vxlan::OPT_VXLAN_PORT,
+            crate::vxlan::OPT_CLUSTER_NETWORK,
+        ]
+        .iter()
+        .find(|k| req.options.contains_key(**k))
+    {
+        return Err(DriverError::InvalidOption(format!(
+            "option {k} is only for mode=vxlan"
+        )));
     }
     if req.ipv4.is_empty() && req.ipv6_data.is_empty() {
         return Err(DriverError::InvalidOption(
@@ -1184,6 +1317,7 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
         ingress_deny,
         masquerade,
         ipv6_nat,
+        vxlan: None,
     })
 }
 

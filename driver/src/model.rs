@@ -28,6 +28,9 @@ pub enum Mode {
     /// A Linux bridge per network and a veth pair per endpoint.
     #[default]
     Bridge,
+    /// Bridge mode plus a VXLAN port on the bridge: one network across hosts
+    /// (`sluice daemon --cluster`, docs/multi-host.md).
+    Vxlan,
 }
 
 impl std::str::FromStr for Mode {
@@ -35,10 +38,11 @@ impl std::str::FromStr for Mode {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "bridge" | "" => Ok(Self::Bridge),
-            "macvlan" | "vxlan" => Err(format!(
-                "mode {s:?} is not available in this version of sluice (supported: bridge)"
+            "vxlan" => Ok(Self::Vxlan),
+            "macvlan" => Err(format!(
+                "mode {s:?} is not available in this version of sluice (supported: bridge, vxlan)"
             )),
-            other => Err(format!("unknown mode {other:?} (supported: bridge)")),
+            other => Err(format!("unknown mode {other:?} (supported: bridge, vxlan)")),
         }
     }
 }
@@ -112,6 +116,9 @@ pub struct Network {
     /// Outbound IPv6 is masqueraded too (`-o sluice.ipv6-nat=true`).
     #[serde(default)]
     pub ipv6_nat: bool,
+    /// `mode=vxlan`: the VXLAN port and the cluster-wide name (docs/multi-host.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<crate::vxlan::VxlanConfig>,
 }
 
 fn default_true() -> bool {
@@ -270,8 +277,9 @@ mod tests {
     #[test]
     fn modes() {
         assert_eq!("bridge".parse::<Mode>(), Ok(Mode::Bridge));
+        assert_eq!("vxlan".parse::<Mode>(), Ok(Mode::Vxlan));
         assert!(
-            "vxlan"
+            "macvlan"
                 .parse::<Mode>()
                 .unwrap_err()
                 .contains("not available")

@@ -45,9 +45,14 @@ pub fn peer_veth(endpoint_id: &str) -> String {
 /// True for names sluice may have created.
 #[must_use]
 pub fn is_sluice_link(name: &str) -> bool {
-    [BRIDGE_PREFIX, HOST_VETH_PREFIX, PEER_VETH_PREFIX]
-        .iter()
-        .any(|p| name.starts_with(p))
+    [
+        BRIDGE_PREFIX,
+        HOST_VETH_PREFIX,
+        PEER_VETH_PREFIX,
+        crate::vxlan::DEVICE_PREFIX,
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
 }
 
 #[cfg(test)]

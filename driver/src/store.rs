@@ -324,6 +324,7 @@ mod tests {
             masquerade: true,
             ipv6_nat: false,
             name: None,
+            vxlan: None,
         }
     }
 
