@@ -75,9 +75,16 @@ impl Tls {
             "-out",
             &s(&p("ca.pem")),
         ]))?;
+        // rustls (webpki) takes X.509 v3 certificates only, the client's own included: both
+        // get extensions.
         let ext = p("server.ext");
-        std::fs::write(&ext, format!("subjectAltName=IP:{ETCD_IP},IP:127.0.0.1\n"))?;
-        for (name, cn, extfile) in [("server", "etcd", Some(&ext)), ("client", "root", None)] {
+        std::fs::write(
+            &ext,
+            format!("subjectAltName=IP:{ETCD_IP},IP:127.0.0.1\nextendedKeyUsage=serverAuth\n"),
+        )?;
+        let client_ext = p("client.ext");
+        std::fs::write(&client_ext, "extendedKeyUsage=clientAuth\n")?;
+        for (name, cn, extfile) in [("server", "etcd", &ext), ("client", "root", &client_ext)] {
             run(Command::new("openssl").args([
                 "req",
                 "-newkey",
@@ -106,9 +113,7 @@ impl Tls {
                 "-out",
                 &s(&p(&format!("{name}.pem"))),
             ]);
-            if let Some(e) = extfile {
-                c.args(["-extfile", &s(e)]);
-            }
+            c.args(["-extfile", &s(extfile)]);
             run(&mut c)?;
         }
         Ok(Self {
@@ -156,6 +161,7 @@ pub struct Lab {
     counter: usize,
     /// The `--cluster` URL.
     pub url: String,
+    tls: Option<Tls>,
 }
 
 /// A simulated container attached to a network.
@@ -192,6 +198,7 @@ impl Lab {
             containers: Vec::new(),
             counter: 0,
             url: scheme_url,
+            tls: tls.cloned(),
         };
         ip(&["netns", "add", &underlay])?;
         run(&mut in_ns(
@@ -319,11 +326,27 @@ impl Lab {
 
     /// `etcdctl` against the lab's etcd (from the underlay).
     pub fn etcdctl(&self, args: &[&str], extra: &[String]) -> Output {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let endpoints = format!("{scheme}://{ETCD_IP}:2379");
         let mut c = in_ns(
             &self.underlay,
             "etcdctl",
-            &["--endpoints", &format!("http://{ETCD_IP}:2379")],
+            &[
+                "--endpoints",
+                &endpoints,
+                "--dial-timeout",
+                "5s",
+                "--command-timeout",
+                "10s",
+            ],
         );
+        if let Some(t) = &self.tls {
+            c.arg("--cacert").arg(&t.ca);
+            c.arg("--cert")
+                .arg(&t.client.0)
+                .arg("--key")
+                .arg(&t.client.1);
+        }
         c.args(extra).args(args).env("ETCDCTL_API", "3");
         c.output().unwrap_or_else(|e| panic!("etcdctl: {e}"))
     }

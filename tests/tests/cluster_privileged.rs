@@ -229,7 +229,7 @@ fn vxlan_across_three_hosts() {
 }
 
 #[test]
-fn vxlan_cluster_over_tls_with_client_certificates() {
+fn vxlan_cluster_over_tls_with_client_certificates_and_password() {
     if !require_root() {
         return;
     }
@@ -257,9 +257,53 @@ fn vxlan_cluster_over_tls_with_client_certificates() {
         "no connectivity over a TLS-backed cluster"
     );
 
-    // Without a client certificate etcd refuses the daemon, and it says so.
-    lab.hosts[1].flags.truncate(2);
+    // etcd authentication on: a daemon logs in with --cluster-user and a password file
+    // (the TLS client certificate's CN is the user for the others).
+    for args in [&["user", "add", "root:s3cret"][..], &["auth", "enable"][..]] {
+        let out = lab.etcdctl(args, &[]);
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let password = lab.dir.path().join("password");
+    std::fs::write(&password, "s3cret\n").unwrap();
+    let tls_flags = lab.hosts[1].flags.clone();
     lab.kill_daemon(1);
+    lab.hosts[1].flags = [
+        tls_flags.clone(),
+        vec![
+            "--cluster-user".into(),
+            "root".into(),
+            "--cluster-password-file".into(),
+            password.to_string_lossy().into_owned(),
+        ],
+    ]
+    .concat();
+    lab.start_daemon(1).unwrap();
+    assert!(
+        eventually(SETTLE, || ping(&b, &a)),
+        "no connectivity after logging in with a password"
+    );
+
+    // A wrong password is refused, and the daemon says so.
+    lab.kill_daemon(1);
+    lab.hosts[1].flags = [
+        tls_flags,
+        vec![
+            "--cluster-user".into(),
+            "root".into(),
+            "--cluster-password".into(),
+            "wrong".into(),
+        ],
+    ]
+    .concat();
     let err = lab.start_daemon(1).unwrap_err().to_string();
-    assert!(err.contains("cluster"), "{err}");
+    assert!(err.contains("joining the cluster"), "{err}");
+
+    // Without a client certificate etcd refuses the daemon.
+    lab.hosts[1].flags.truncate(2);
+    let err = lab.start_daemon(1).unwrap_err().to_string();
+    assert!(err.contains("joining the cluster"), "{err}");
 }

@@ -98,7 +98,19 @@ impl std::fmt::Debug for EtcdCluster {
 }
 
 fn store_err(op: &str) -> impl FnOnce(etcd_client::Error) -> ClusterError + '_ {
-    move |e| ClusterError::Store(format!("{op}: {e}"))
+    move |e| {
+        // tonic's transport errors say little at the top ("transport error"): keep the causes.
+        let mut message = format!("{op}: {e}");
+        if matches!(e, etcd_client::Error::TransportError(_)) {
+            message = format!("{op}: {e:?}");
+        }
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            message.push_str(&format!(": {cause}"));
+            source = cause.source();
+        }
+        ClusterError::Store(message)
+    }
 }
 
 fn read_file(path: &PathBuf) -> Result<Vec<u8>, ClusterError> {
