@@ -32,6 +32,13 @@ const REQUIRED_TOOLS: &[&str] = &[
     "ip",
     "iptables",
     "jq",
+    // The multi-host tests (tests/tests/cluster_privileged.rs) and etcd-client's build script.
+    "etcd",
+    "etcdctl",
+    "protoc",
+    "openssl",
+    "curl",
+    "nsenter",
 ];
 
 /// Debian packages that provide [`REQUIRED_TOOLS`] (plus nftables, which the firewall code uses).
@@ -43,6 +50,12 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "jq",
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+    "openssl",
+    "curl",
+    "util-linux",
 ];
 
 /// The local Docker Engine socket that `cargo xtask run` talks to.
