@@ -1541,7 +1541,7 @@ mod tests {
         for (k, v, msg) in [
             (OPT_MTU, "abc", "must be a number"),
             (OPT_MTU, "20", "between 68 and 65535"),
-            (OPT_MODE, "vxlan", "not available"),
+            (OPT_MODE, "vxlan", "needs the multi-host control plane"),
             ("colour", "blue", "unknown option"),
         ] {
             let mut req = net_request(NID, "10.20.0.0/24");

@@ -41,15 +41,7 @@ fn ip_of(c: &Container) -> String {
     c.address.split('/').next().unwrap_or_default().to_owned()
 }
 
-fn policy_file(lab: &Lab) -> std::path::PathBuf {
-    let path = lab.dir.path().join("db.yaml");
-    std::fs::write(
-        &path,
-        "name: db-from-web\nselector: {labels: {role: db}}\ningress:\n  - action: allow\n    from: [{selector: {labels: {role: web}}}]\n",
-    )
-    .unwrap();
-    path
-}
+const POLICY: &str = "name: db-from-web\nselector: {labels: {role: db}}\ningress:\n  - action: allow\n    from: [{selector: {labels: {role: web}}}]\n";
 
 #[test]
 fn vxlan_across_three_hosts() {
@@ -175,7 +167,8 @@ fn vxlan_across_three_hosts() {
 
     // A policy applied once (on host 0) is enforced on every host: db (host 1) accepts web
     // (host 0) and no longer `other` (host 2).
-    let file = policy_file(&lab);
+    let file = lab.dir.path().join("db.yaml");
+    std::fs::write(&file, POLICY).unwrap();
     let applied = lab.cli(0, &["policy", "apply", "-f", &file.to_string_lossy()]);
     assert!(
         applied.status.success(),

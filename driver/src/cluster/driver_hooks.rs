@@ -416,3 +416,222 @@ impl<K: Kernel> Driver<K> {
         self.state.lock().await.remote.values().cloned().collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::cluster::fake::{FakeCluster, FakeStore};
+    use crate::ipam::{IpamConfig, PoolRequest};
+    use crate::kernel::fake::FakeKernel;
+    use crate::model::{EndpointRequest, IpData, NetworkRequest};
+    use crate::store::Store;
+
+    const SUBNET: &str = "10.80.0.0/24";
+
+    fn host(
+        dir: &std::path::Path,
+        store: &Arc<Mutex<FakeStore>>,
+        vtep: &str,
+    ) -> Driver<FakeKernel> {
+        let cluster = FakeCluster {
+            store: store.clone(),
+            host: vtep.to_owned(),
+            vtep: vtep.parse().unwrap(),
+        };
+        Driver::open(
+            FakeKernel::default(),
+            Store::open(dir).unwrap(),
+            IpamConfig::default(),
+        )
+        .unwrap()
+        .with_cluster(Arc::new(cluster))
+        .identify_from_options(true)
+    }
+
+    fn vxlan_request(id: &str, extra: &[(&str, &str)]) -> NetworkRequest {
+        let mut options: BTreeMap<String, String> =
+            BTreeMap::from([("mode".to_owned(), "vxlan".to_owned())]);
+        for (k, v) in extra {
+            options.insert((*k).to_owned(), (*v).to_owned());
+        }
+        NetworkRequest {
+            id: id.into(),
+            options,
+            internal: false,
+            ipv6: false,
+            ipv4: vec![IpData {
+                pool: SUBNET.parse().unwrap(),
+                gateway: Some("10.80.0.1/24".parse().unwrap()),
+                aux: BTreeMap::new(),
+            }],
+            ipv6_data: vec![],
+        }
+    }
+
+    async fn endpoint(d: &Driver<FakeKernel>, net: &str, id: &str, pool: &str) -> Endpoint {
+        let address = d
+            .request_address(pool, None, LeaseKind::Endpoint)
+            .await
+            .unwrap();
+        d.create_endpoint(EndpointRequest {
+            network_id: net.into(),
+            endpoint_id: id.into(),
+            address: Some(address),
+            address_v6: None,
+            mac: None,
+            options: BTreeMap::from([("sluice.label.role".to_owned(), "db".to_owned())]),
+        })
+        .await
+        .unwrap();
+        d.endpoints()
+            .await
+            .into_iter()
+            .find(|e| e.id == id)
+            .unwrap()
+    }
+
+    async fn pool(d: &Driver<FakeKernel>) -> String {
+        d.request_pool(&PoolRequest {
+            pool: Some(SUBNET.parse().unwrap()),
+            ..PoolRequest::default()
+        })
+        .await
+        .unwrap()
+        .id
+    }
+
+    #[tokio::test]
+    async fn two_hosts_share_network_addresses_identities_and_endpoints() {
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (
+            host(da.path(), &store, "192.0.2.1"),
+            host(db.path(), &store, "192.0.2.2"),
+        );
+        a.create_network(vxlan_request("neta", &[])).await.unwrap();
+        b.create_network(vxlan_request("netb", &[])).await.unwrap();
+        let (va, vb) = (
+            a.networks().await[0].vxlan.clone().unwrap(),
+            b.networks().await[0].vxlan.clone().unwrap(),
+        );
+        assert_eq!(va.vni, vb.vni, "one VNI for the cluster network");
+        assert_eq!(va.cluster_network, SUBNET);
+        assert_eq!(
+            a.networks().await[0].mtu,
+            Some(1450),
+            "underlay MTU minus 50"
+        );
+
+        let (pa, pb) = (pool(&a).await, pool(&b).await);
+        let ea = endpoint(&a, "neta", "ea", &pa).await;
+        let eb = endpoint(&b, "netb", "eb", &pb).await;
+        assert_ne!(ea.address, eb.address, "addresses are unique across hosts");
+        assert_ne!(ea.identity, eb.identity, "identities are cluster-wide");
+        assert_eq!(ea.container.as_ref().map(|c| c.name.as_str()), Some("ea"));
+
+        // What b published reaches a as a remote endpoint: kernel entries with b's VTEP and
+        // the identity, on a's network number.
+        let published = store
+            .lock()
+            .unwrap()
+            .endpoints
+            .values()
+            .find(|l| l.endpoint_id == "eb")
+            .cloned()
+            .unwrap();
+        assert_eq!(published.labels.get("role").map(String::as_str), Some("db"));
+        a.upsert_remote(published.clone()).await;
+        let remotes = a.kernel().remotes();
+        let peer = remotes.values().next().unwrap();
+        assert_eq!(peer.vtep, "192.0.2.2".parse::<IpAddr>().unwrap());
+        assert_eq!(peer.identity, eb.identity);
+        assert_eq!(peer.device, va.device);
+        assert_eq!(peer.network, a.networks().await[0].number);
+
+        a.remove_remote("eb").await;
+        assert!(a.kernel().remotes().is_empty());
+
+        // Deleting the endpoint withdraws it from the cluster and frees its address there.
+        b.delete_endpoint("netb", "eb").await.unwrap();
+        b.release_address(&pb, eb.address.unwrap().ip())
+            .await
+            .unwrap();
+        let s = store.lock().unwrap();
+        assert!(!s.endpoints.values().any(|l| l.endpoint_id == "eb"));
+        assert!(
+            !s.leases
+                .keys()
+                .any(|(_, ip)| Some(*ip) == eb.address.map(|a| a.ip()))
+        );
+    }
+
+    #[tokio::test]
+    async fn conflicting_settings_and_missing_cluster_are_clear_errors() {
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = host(da.path(), &store, "192.0.2.1");
+        a.create_network(vxlan_request("neta", &[("vni", "77")]))
+            .await
+            .unwrap();
+        let b = host(db.path(), &store, "192.0.2.2");
+        let err = b
+            .create_network(vxlan_request("netb", &[("vni", "78")]))
+            .await
+            .unwrap_err();
+        assert!(err.is_client_error());
+        assert!(err.to_string().contains("different settings"), "{err}");
+        assert!(b.networks().await.is_empty(), "nothing half-created");
+        assert!(b.kernel().links().is_empty());
+
+        let single = Driver::open(
+            FakeKernel::default(),
+            Store::open(tempfile::tempdir().unwrap().path()).unwrap(),
+            IpamConfig::default(),
+        )
+        .unwrap();
+        let err = single
+            .create_network(vxlan_request("n", &[]))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("--cluster"), "{err}");
+        let err = single
+            .create_network({
+                let mut r = vxlan_request("n", &[("vni", "5")]);
+                r.options.remove("mode");
+                r
+            })
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("only for mode=vxlan"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_address_held_by_another_host_is_skipped() {
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (
+            host(da.path(), &store, "192.0.2.1"),
+            host(db.path(), &store, "192.0.2.2"),
+        );
+        let (pa, pb) = (pool(&a).await, pool(&b).await);
+        let first = a
+            .request_address(&pa, None, LeaseKind::Endpoint)
+            .await
+            .unwrap();
+        let second = b
+            .request_address(&pb, None, LeaseKind::Endpoint)
+            .await
+            .unwrap();
+        assert_ne!(first, second);
+        // b only keeps the lease it got, not the one it skipped.
+        let leases = &b.pools().await[0].leases;
+        assert!(!leases.contains_key(&first.ip()), "{leases:?}");
+        let err = b
+            .request_address(&pb, Some(first.ip()), LeaseKind::Endpoint)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("in use on another host"), "{err}");
+    }
+}
