@@ -39,6 +39,8 @@ const REQUIRED_TOOLS: &[&str] = &[
     "openssl",
     "curl",
     "nsenter",
+    // etcd-client's TLS (ring) has C code: the managed plugin's musl build needs a musl cc.
+    "x86_64-linux-musl-gcc",
 ];
 
 /// Debian packages that provide [`REQUIRED_TOOLS`] (plus nftables, which the firewall code uses).
@@ -56,6 +58,7 @@ const APT_PACKAGES: &[&str] = &[
     "openssl",
     "curl",
     "util-linux",
+    "musl-tools",
 ];
 
 /// The local Docker Engine socket that `cargo xtask run` talks to.
