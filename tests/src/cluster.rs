@@ -185,7 +185,8 @@ impl Lab {
     /// # Errors
     /// Any setup step failing (what was made is removed by drop).
     pub fn new(tag: &str, n: usize, tls: Option<&Tls>) -> Result<Self> {
-        let prefix = format!("sl{tag}{}", std::process::id() % 100_000);
+        sweep();
+        let prefix = format!("slm{tag}{}", std::process::id());
         let dir = tempfile::tempdir()?;
         let underlay = format!("{prefix}u");
         let scheme_url = format!("etcd://{ETCD_IP}:2379");
@@ -612,6 +613,41 @@ impl Lab {
             .output()
             .unwrap_or_else(|e| panic!("{program}: {e}"));
         serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+    }
+}
+
+/// Removes what killed runs left: namespaces `slm<tag><pid>…` and their pin directories,
+/// for PIDs that are gone.
+fn sweep() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    let names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .collect();
+    let pins = std::fs::read_dir("/sys/fs/bpf/sluice")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .collect::<Vec<_>>()
+        })
+        .unwrap_or_default();
+    let dead = |name: &str| {
+        let Some(rest) = name.strip_prefix("slm").and_then(|r| r.get(1..)) else {
+            return false;
+        };
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        let tail = &rest[digits.len()..];
+        !digits.is_empty()
+            && tail.len() >= 1
+            && tail[..1].chars().all(|c| "uhc".contains(c))
+            && !Path::new(&format!("/proc/{digits}")).exists()
+    };
+    for n in names.iter().filter(|n| dead(n)) {
+        let _ = Command::new("ip").args(["netns", "del", n]).output();
+    }
+    for p in pins.iter().filter(|n| dead(n)) {
+        let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf/sluice").join(p));
     }
 }
 

@@ -48,7 +48,7 @@ fn vxlan_across_three_hosts() {
     if !require_root() {
         return;
     }
-    let mut lab = Lab::new("x", 3, None).unwrap();
+    let mut lab = Lab::new("h", 3, None).unwrap();
     for h in 0..3 {
         lab.start_daemon(h).unwrap();
     }
