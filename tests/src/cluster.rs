@@ -639,7 +639,7 @@ fn sweep() {
         let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
         let tail = &rest[digits.len()..];
         !digits.is_empty()
-            && tail.len() >= 1
+            && !tail.is_empty()
             && tail[..1].chars().all(|c| "uhc".contains(c))
             && !Path::new(&format!("/proc/{digits}")).exists()
     };
