@@ -590,6 +590,48 @@ impl Kernel for LinuxKernel {
         links.sort();
         Ok(links)
     }
+
+    async fn vxlan_mtu(&self, local: std::net::IpAddr) -> Result<u32, KernelError> {
+        crate::vxlan::underlay_mtu(&self.nl, local).await
+    }
+
+    async fn ensure_vxlan(&self, spec: &crate::vxlan::VxlanSpec) -> Result<(), KernelError> {
+        crate::vxlan::ensure_device(&self.nl, spec).await?;
+        let op = format!("mark {}", spec.device);
+        let index = self.require_index(&spec.device, &op).await?;
+        self.nl.set_alias(index, &self.owner).await
+    }
+
+    async fn program_remote(&self, peer: &crate::vxlan::RemotePeer) -> Result<(), KernelError> {
+        crate::vxlan::program_peer(&self.nl, peer).await?;
+        // Traffic from the remote endpoint meets policy and isolation with its identity.
+        self.with_dp("ipcache of a remote endpoint", |dp| {
+            for a in &peer.addresses {
+                dp.set_ip(
+                    host_route(*a),
+                    IpInfo {
+                        identity: peer.identity,
+                        network: peer.network,
+                    },
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    async fn remove_remote(&self, peer: &crate::vxlan::RemotePeer) -> Result<(), KernelError> {
+        let ipcache = self.with_dp("ipcache of a remote endpoint", |dp| {
+            let mut first = None;
+            for a in &peer.addresses {
+                if let Err(e) = dp.remove_ip(host_route(*a)) {
+                    first.get_or_insert(e);
+                }
+            }
+            first.map_or(Ok(()), Err)
+        });
+        let links = crate::vxlan::remove_peer(&self.nl, peer).await;
+        collect([ipcache, links])
+    }
 }
 
 #[cfg(test)]

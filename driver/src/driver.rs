@@ -38,6 +38,9 @@ pub const SUPPORTED_OPTIONS: &[&str] = &[
     OPT_IPV6_NAT,
     OPT_PARENT,
     OPT_MACVLAN_MODE,
+    crate::vxlan::OPT_VNI,
+    crate::vxlan::OPT_VXLAN_PORT,
+    crate::vxlan::OPT_CLUSTER_NETWORK,
 ];
 
 /// Errors of the driver. [`DriverError::is_client_error`] tells the plugin which are the
@@ -68,6 +71,9 @@ pub enum DriverError {
     /// A policy was refused, or the stored ones are inconsistent.
     #[error(transparent)]
     Policy(#[from] PolicyError),
+    /// The cluster store (`--cluster`) refused or failed.
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl DriverError {
@@ -81,6 +87,7 @@ impl DriverError {
             | Self::InvalidOption(_)
             | Self::Conflict(_) => true,
             Self::Policy(e) => e.is_client_error(),
+            Self::Cluster(e) => matches!(e, crate::cluster::ClusterError::Conflict(_)),
             Self::Store(_) | Self::Kernel(_) => false,
         }
     }
@@ -109,6 +116,8 @@ struct State {
     /// The policies resolved against the current endpoints: rules, enforced directions,
     /// pending identities.
     resolution: Resolution,
+    /// Endpoints of other hosts on this host's `mode=vxlan` networks, by endpoint ID.
+    remote: BTreeMap<String, crate::cluster::EndpointLocation>,
 }
 
 impl State {
@@ -136,6 +145,7 @@ impl State {
         self.endpoints
             .values()
             .map(|e| EndpointView::new(e, e.identity, e.container.as_ref()))
+            .chain(self.remote_views())
             .collect()
     }
 
@@ -234,7 +244,14 @@ pub struct Driver<K: Kernel> {
     kernel: K,
     store: Store,
     state: Mutex<State>,
+    /// The multi-host control plane (`--cluster`); `None`: single host.
+    cluster: Option<std::sync::Arc<dyn crate::cluster::Cluster>>,
+    /// `--docker-host none`: endpoints are identified from their options at once.
+    identify_from_options: bool,
 }
+
+#[path = "cluster/driver_hooks.rs"]
+mod cluster_hooks;
 
 impl<K: Kernel> Driver<K> {
     /// Loads the state from `store`.
@@ -264,6 +281,7 @@ impl<K: Kernel> Driver<K> {
                 .collect(),
             policies: PolicyEngine::load(snap.policies)?,
             resolution: Resolution::default(),
+            remote: BTreeMap::new(),
         };
         // Records written before the datapath existed get their numbers now.
         let mut upgraded = Vec::new();
@@ -299,6 +317,8 @@ impl<K: Kernel> Driver<K> {
             kernel,
             store,
             state: Mutex::new(state),
+            cluster: None,
+            identify_from_options: false,
         })
     }
 
@@ -343,11 +363,15 @@ impl<K: Kernel> Driver<K> {
     /// Invalid documents (nothing changes), store or datapath failures.
     pub async fn apply_policies(&self, docs: Vec<PolicyDoc>) -> Result<Vec<Applied>, DriverError> {
         let mut state = self.state.lock().await;
+        let published = self.cluster.is_some().then(|| docs.clone());
         let plan = state.policies.plan_apply(docs)?;
         self.store.apply(plan.changes())?;
         let applied = state.policies.commit(plan);
         info!(policies = applied.len(), "policies applied");
         self.resync(&mut state, None).await?;
+        if let (Some(cluster), Some(docs)) = (&self.cluster, published) {
+            cluster.publish_policies(&docs).await?;
+        }
         Ok(applied)
     }
 
@@ -361,6 +385,9 @@ impl<K: Kernel> Driver<K> {
         self.store.apply(plan.changes())?;
         state.policies.commit(plan);
         info!(policy = %name, "policy removed");
+        if let Some(cluster) = &self.cluster {
+            cluster.withdraw_policy(name).await?;
+        }
         self.resync(&mut state, None).await
     }
 
@@ -453,6 +480,11 @@ impl<K: Kernel> Driver<K> {
                 Ok(()) => report.networks += 1,
                 Err(e) => report.errors.push(format!("network {}: {e}", net.id)),
             }
+            if let Some(spec) = cluster_hooks::vxlan_spec(net)
+                && let Err(e) = self.kernel.ensure_vxlan(&spec).await
+            {
+                report.errors.push(format!("network {} vxlan: {e}", net.id));
+            }
         }
         let existing = match self.kernel.sluice_links().await {
             Ok(l) => l,
@@ -486,6 +518,12 @@ impl<K: Kernel> Driver<K> {
             .networks
             .values()
             .map(|n| n.bridge.clone())
+            .chain(
+                state
+                    .networks
+                    .values()
+                    .filter_map(|n| n.vxlan.as_ref().map(|v| v.device.clone())),
+            )
             .chain(
                 state
                     .endpoints
@@ -616,7 +654,19 @@ impl<K: Kernel> Driver<K> {
         kind: LeaseKind,
     ) -> Result<IpNetwork, DriverError> {
         let mut state = self.state.lock().await;
-        let addr = state.ipam.request_address(pool_id, preferred, kind)?;
+        let addr = match &self.cluster {
+            Some(cluster) if kind != LeaseKind::Gateway => {
+                cluster_hooks::claim_address(
+                    cluster.as_ref(),
+                    &mut state.ipam,
+                    pool_id,
+                    preferred,
+                    kind,
+                )
+                .await?
+            }
+            _ => state.ipam.request_address(pool_id, preferred, kind)?,
+        };
         let pool = state.ipam.pool(pool_id).cloned();
         if let Some(pool) = pool
             && let Err(e) = self.store.apply(&[Change::PutPool(pool)])
@@ -635,6 +685,12 @@ impl<K: Kernel> Driver<K> {
     /// Store failures.
     pub async fn release_address(&self, pool_id: &str, addr: IpAddr) -> Result<(), DriverError> {
         let mut state = self.state.lock().await;
+        if let (Some(cluster), Some(pool)) = (&self.cluster, state.ipam.pool(pool_id)) {
+            let is_gateway = pool.leases.get(&addr) == Some(&LeaseKind::Gateway);
+            if !is_gateway {
+                cluster.release_address(pool.subnet, addr).await?;
+            }
+        }
         if state.ipam.release_address(pool_id, addr)? {
             if let Some(pool) = state.ipam.pool(pool_id).cloned() {
                 self.store.apply(&[Change::PutPool(pool)])?;
@@ -660,6 +716,10 @@ impl<K: Kernel> Driver<K> {
             if let (Some(mv), Some(old)) = (net.macvlan.as_mut(), existing.macvlan.as_ref()) {
                 mv.vlan_owned = old.vlan_owned;
             }
+            if existing.vxlan.is_some() && !net.options.contains_key(OPT_MTU) {
+                net.mtu = existing.mtu;
+            }
+            net.vxlan.clone_from(&existing.vxlan);
             if *existing == net {
                 return Ok(());
             }
@@ -675,7 +735,18 @@ impl<K: Kernel> Driver<K> {
             mv.vlan_owned = mv.vlan.is_some()
                 && (owned || uses_parent(&state, &mv.parent).any(|m| m.vlan_owned));
         } else {
+            if net.mode == Mode::Vxlan {
+                self.prepare_vxlan(&mut net).await?;
+            }
             self.kernel.ensure_bridge(&bridge_spec(&net)).await?;
+            if let Some(spec) = cluster_hooks::vxlan_spec(&net)
+                && let Err(e) = self.kernel.ensure_vxlan(&spec).await
+            {
+                if let Err(undo) = self.kernel.delete_bridge(&net.bridge).await {
+                    warn!(error = %undo, bridge = %net.bridge, "rollback of bridge failed");
+                }
+                return Err(e.into());
+            }
         }
         state.networks.insert(net.id.clone(), net.clone());
         // Outbound NAT and the internal fences exist before any container can send.
@@ -698,7 +769,15 @@ impl<K: Kernel> Driver<K> {
             if let Err(undo) = self.remove_network_links(&state, &net).await {
                 warn!(error = %undo, "rollback of network links failed");
             }
+            if let Some(v) = &net.vxlan
+                && let Err(undo) = self.kernel.delete_link(&v.device).await
+            {
+                warn!(error = %undo, device = %v.device, "rollback of vxlan device failed");
+            }
             return Err(e);
+        }
+        if net.vxlan.is_some() {
+            self.program_remotes_of(&mut state, &net.id).await;
         }
         info!(
             bridge = %net.bridge,
@@ -743,6 +822,15 @@ impl<K: Kernel> Driver<K> {
                 errors.push(e);
             }
             changes.push(Change::DeleteEndpoint(ep.id.clone()));
+        }
+        if let Some(v) = &net.vxlan {
+            for ep in &leftovers {
+                self.withdraw(&v.cluster_network, &ep.id).await;
+            }
+            if let Err(e) = self.kernel.delete_link(&v.device).await {
+                errors.push(e);
+            }
+            self.forget_remotes_of(&mut state, &net).await;
         }
         changes.push(Change::DeleteNetwork(net.id.clone()));
         self.store.apply(&changes)?;
@@ -810,6 +898,9 @@ impl<K: Kernel> Driver<K> {
             container: None,
             published: Vec::new(),
         };
+        if self.identify_from_options {
+            ep.container = Some(cluster_hooks::identity_from_options(&ep));
+        }
         if let Some(existing) = state.endpoints.get(&ep.id) {
             if existing.network_id == ep.network_id
                 && existing.address == ep.address
@@ -823,6 +914,12 @@ impl<K: Kernel> Driver<K> {
                 "endpoint {} already exists with different settings",
                 ep.id
             )));
+        }
+        if let Some(cluster) = &self.cluster
+            && !state.endpoints.contains_key(&ep.id)
+        {
+            // Identities are cluster-wide: remote hosts' policies name this one too.
+            ep.identity = cluster.allocate_identity().await?;
         }
         match &net.macvlan {
             Some(mv) => {
@@ -847,6 +944,18 @@ impl<K: Kernel> Driver<K> {
                 }
                 Err(e) => Err(e.into()),
             };
+        }
+        if result.is_ok()
+            && let Some(location) = cluster_hooks::location(self.cluster.as_deref(), &net, &ep)
+            && let Some(cluster) = &self.cluster
+        {
+            result = cluster
+                .publish_endpoint(&location)
+                .await
+                .map_err(DriverError::from);
+            if result.is_err() {
+                let _ = self.store.apply(&[Change::DeleteEndpoint(ep.id.clone())]);
+            }
         }
         if let Err(e) = result {
             if let Err(undo) = self.kernel.detach_endpoint(&state.datapath_view(&ep)).await {
@@ -1070,6 +1179,13 @@ impl<K: Kernel> Driver<K> {
             debug!("delete of unknown endpoint: nothing to do");
             return Ok(());
         };
+        if let Some(v) = state
+            .networks
+            .get(network_id)
+            .and_then(|n| n.vxlan.as_ref())
+        {
+            self.withdraw(&v.cluster_network, &ep.id).await;
+        }
         let detached = self.kernel.detach_endpoint(&state.datapath_view(&ep)).await;
         let deleted = self.kernel.delete_link(&ep.host_veth).await;
         self.store.apply(&[Change::DeleteEndpoint(ep.id.clone())])?;
@@ -1225,6 +1341,10 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
             OPT_IPV6_NAT => ipv6_nat = parse_bool(OPT_IPV6_NAT, value)?,
             // Read below, with the mode.
             OPT_PARENT | OPT_MACVLAN_MODE => {}
+            // Checked with the mode below and parsed when the network joins the cluster.
+            crate::vxlan::OPT_VNI
+            | crate::vxlan::OPT_VXLAN_PORT
+            | crate::vxlan::OPT_CLUSTER_NETWORK => {}
             k if k.starts_with("com.docker.network.") => {
                 warn!(option = %k, "Docker option not used by sluice; ignored");
             }
@@ -1257,6 +1377,19 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
             None
         }
     };
+    if mode != Mode::Vxlan
+        && let Some(k) = [
+            crate::vxlan::OPT_VNI,
+            crate::vxlan::OPT_VXLAN_PORT,
+            crate::vxlan::OPT_CLUSTER_NETWORK,
+        ]
+        .iter()
+        .find(|k| req.options.contains_key(**k))
+    {
+        return Err(DriverError::InvalidOption(format!(
+            "option {k} is only for mode=vxlan"
+        )));
+    }
     if req.ipv4.is_empty() && req.ipv6_data.is_empty() {
         return Err(DriverError::InvalidOption(
             "the network has no IPv4 or IPv6 pool; give --subnet or use --ipam-driver sluice"
@@ -1290,6 +1423,7 @@ fn network_from_request(req: NetworkRequest) -> Result<Network, DriverError> {
         masquerade,
         ipv6_nat,
         macvlan,
+        vxlan: None,
     })
 }
 
@@ -1519,7 +1653,7 @@ mod tests {
         for (k, v, msg) in [
             (OPT_MTU, "abc", "must be a number"),
             (OPT_MTU, "20", "between 68 and 65535"),
-            (OPT_MODE, "vxlan", "not available"),
+            (OPT_MODE, "vxlan", "needs the multi-host control plane"),
             ("colour", "blue", "unknown option"),
         ] {
             let mut req = net_request(NID, "10.20.0.0/24");

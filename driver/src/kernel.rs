@@ -9,6 +9,8 @@ use ipnetwork::IpNetwork;
 use crate::datapath::{CompiledPolicy, DatapathError, EndpointCounters};
 use crate::macvlan::{MacvlanSpec, ParentSpec};
 use crate::nat::{NatRuleset, PortBinding, PortRequest};
+use crate::vxlan::{RemotePeer, VxlanSpec};
+use std::net::IpAddr;
 
 /// A bridge-mode network as the kernel should see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -193,6 +195,47 @@ pub trait Kernel: Send + Sync + 'static {
         &self,
         spec: &MacvlanSpec,
     ) -> impl Future<Output = Result<(), KernelError>> + Send;
+    /// `mode=vxlan`: the MTU networks get by default (the MTU of the link holding `local`,
+    /// the tunnel address, minus [`crate::vxlan::OVERHEAD`]).
+    fn vxlan_mtu(&self, local: IpAddr) -> impl Future<Output = Result<u32, KernelError>> + Send {
+        async move { Err(unsupported(&format!("vxlan underlay of {local}"))) }
+    }
+
+    /// `mode=vxlan`: creates (or adopts) the network's VXLAN device as a port of its bridge.
+    fn ensure_vxlan(
+        &self,
+        spec: &VxlanSpec,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send {
+        let op = format!("create vxlan {}", spec.device);
+        async move { Err(unsupported(&op)) }
+    }
+
+    /// `mode=vxlan`: programs an endpoint of another host: forwarding and neighbour entries
+    /// on the VXLAN device, its addresses with its identity and network in the ipcache.
+    /// Idempotent (replaces).
+    fn program_remote(
+        &self,
+        peer: &RemotePeer,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send {
+        let op = format!("program remote {:?}", peer.addresses);
+        async move { Err(unsupported(&op)) }
+    }
+
+    /// Removes what [`Kernel::program_remote`] added. Idempotent.
+    fn remove_remote(
+        &self,
+        peer: &RemotePeer,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send {
+        let op = format!("remove remote {:?}", peer.addresses);
+        async move { Err(unsupported(&op)) }
+    }
+}
+
+fn unsupported(op: &str) -> KernelError {
+    KernelError::Os {
+        op: op.to_owned(),
+        message: "not supported by this kernel implementation".into(),
+    }
 }
 
 /// An in-memory [`Kernel`] for tests of the protocol and state logic without root. It
@@ -235,6 +278,7 @@ pub mod fake {
         nat: Mutex<Option<NatRuleset>>,
         ports: Mutex<BTreeMap<String, Vec<PortBinding>>>,
         taken: Mutex<Vec<(Proto, u16)>>,
+        remotes: Mutex<BTreeMap<String, crate::vxlan::RemotePeer>>,
     }
 
     impl FakeKernel {
@@ -256,6 +300,12 @@ pub mod fake {
         #[must_use]
         pub fn links(&self) -> BTreeMap<String, FakeLink> {
             self.links.lock().map(|l| l.clone()).unwrap_or_default()
+        }
+
+        /// Remote endpoints programmed (`mode=vxlan`), by MAC.
+        #[must_use]
+        pub fn remotes(&self) -> BTreeMap<String, crate::vxlan::RemotePeer> {
+            self.remotes.lock().map(|r| r.clone()).unwrap_or_default()
         }
 
         /// Endpoints with programs attached, by host veth.
@@ -534,6 +584,35 @@ pub mod fake {
                 l.insert(spec.name.clone(), FakeLink::Macvlan(spec.clone()));
                 Ok(())
             })
+        }
+
+        async fn vxlan_mtu(&self, _local: std::net::IpAddr) -> Result<u32, KernelError> {
+            self.check("vxlan_mtu")?;
+            Ok(1450)
+        }
+
+        async fn ensure_vxlan(&self, spec: &crate::vxlan::VxlanSpec) -> Result<(), KernelError> {
+            self.check("ensure_vxlan")?;
+            self.with_links(|l| {
+                l.insert(spec.device.clone(), FakeLink::VethPeer(spec.bridge.clone()))
+            });
+            Ok(())
+        }
+
+        async fn program_remote(&self, peer: &crate::vxlan::RemotePeer) -> Result<(), KernelError> {
+            self.check("program_remote")?;
+            if let Ok(mut r) = self.remotes.lock() {
+                r.insert(crate::model::format_mac(&peer.mac), peer.clone());
+            }
+            Ok(())
+        }
+
+        async fn remove_remote(&self, peer: &crate::vxlan::RemotePeer) -> Result<(), KernelError> {
+            self.check("remove_remote")?;
+            if let Ok(mut r) = self.remotes.lock() {
+                r.remove(&crate::model::format_mac(&peer.mac));
+            }
+            Ok(())
         }
     }
 }

@@ -6,6 +6,7 @@
 //! [`model`] and calls one method of [`Driver`] per protocol call.
 
 pub mod bridge;
+pub mod cluster;
 pub mod datapath;
 pub mod driver;
 pub mod firewall;
@@ -20,6 +21,7 @@ pub mod policy;
 pub mod ports;
 pub mod status;
 pub mod store;
+pub mod vxlan;
 
 pub use driver::{Driver, DriverError};
 pub use kernel::Kernel;

@@ -14,8 +14,12 @@ use std::pin::pin;
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
+};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
 use tracing::debug;
 
@@ -473,6 +477,195 @@ impl Netlink {
             Err(e) if rtnetlink_errno(&e) == Some(libc::ENODEV) => Ok(false),
             Err(e) => Err(nl_error(format!("delete link {name}"))(e)),
         }
+    }
+}
+
+/// VXLAN devices, forwarding-database and neighbour entries (`mode=vxlan`,
+/// [`crate::vxlan`]).
+impl Netlink {
+    /// The link holding `address` and its MTU (the VXLAN underlay), if any
+    /// (`ip -j addr show to ADDR`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] if a dump fails.
+    pub async fn link_of_address(
+        &self,
+        address: IpAddr,
+    ) -> Result<Option<(u32, u32)>, KernelError> {
+        let messages: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(nl_error("dump addresses"))?;
+        let Some(index) = messages.iter().find_map(|m| {
+            m.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Local(ip) | AddressAttribute::Address(ip) if *ip == address))
+                .then_some(m.header.index)
+        }) else {
+            return Ok(None);
+        };
+        let mut links = pin!(self.handle.link().get().match_index(index).execute());
+        let link = links
+            .try_next()
+            .await
+            .map_err(nl_error(format!("look up link #{index}")))?;
+        let mtu = link
+            .and_then(|l| {
+                l.attributes.into_iter().find_map(|a| match a {
+                    LinkAttribute::Mtu(m) => Some(m),
+                    _ => None,
+                })
+            })
+            .unwrap_or(1500);
+        Ok(Some((index, mtu)))
+    }
+
+    /// Creates a VXLAN device, down, without learning and with ARP/ND proxying from its
+    /// neighbour table (`ip link add NAME type vxlan id VNI local LOCAL dstport PORT dev
+    /// UNDERLAY nolearning proxy`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`], with errno `EEXIST` if the name is taken.
+    pub async fn create_vxlan(
+        &self,
+        name: &str,
+        vni: u32,
+        local: IpAddr,
+        port: u16,
+        underlay: Option<u32>,
+    ) -> Result<(), KernelError> {
+        let mut builder = rtnetlink::LinkVxlan::new(name, vni)
+            .port(port)
+            .learning(false)
+            .proxy(true);
+        builder = match local {
+            IpAddr::V4(v4) => builder.local(v4),
+            IpAddr::V6(v6) => builder.local6(v6),
+        };
+        if let Some(index) = underlay {
+            builder = builder.dev(index);
+        }
+        self.handle
+            .link()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(nl_error(format!("create vxlan {name} id {vni}")))?;
+        debug!(
+            "ip link add {name} type vxlan id {vni} local {local} dstport {port} nolearning proxy"
+        );
+        Ok(())
+    }
+
+    /// Points `mac` at a remote VTEP in the VXLAN device's forwarding database, replacing
+    /// what was there (`bridge fdb replace MAC dev IDX dst VTEP self permanent`).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`].
+    pub async fn replace_fdb(
+        &self,
+        index: u32,
+        mac: [u8; 6],
+        dst: IpAddr,
+    ) -> Result<(), KernelError> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &mac)
+            .flags(NeighbourFlags::Own)
+            .destination(dst)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_error(format!(
+                "bridge fdb replace {} dev #{index} dst {dst}",
+                crate::model::format_mac(&mac)
+            )))?;
+        Ok(())
+    }
+
+    /// Removes `mac` from the VXLAN device's forwarding database (`bridge fdb del MAC dev
+    /// IDX self`). Idempotent.
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] for anything but "not there".
+    pub async fn delete_fdb(&self, index: u32, mac: [u8; 6]) -> Result<(), KernelError> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Bridge;
+        message.header.ifindex = index;
+        message.header.flags = NeighbourFlags::Own;
+        message
+            .attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        ignore_missing(
+            self.handle.neighbours().del(message).execute().await,
+            format!(
+                "bridge fdb del {} dev #{index}",
+                crate::model::format_mac(&mac)
+            ),
+        )
+    }
+
+    /// A permanent neighbour entry (`ip neigh replace IP lladdr MAC dev IDX nud permanent`):
+    /// on a VXLAN device with `proxy`, the device answers ARP and ND for it.
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`].
+    pub async fn replace_neighbour(
+        &self,
+        index: u32,
+        ip: IpAddr,
+        mac: [u8; 6],
+    ) -> Result<(), KernelError> {
+        self.handle
+            .neighbours()
+            .add(index, ip)
+            .link_layer_address(&mac)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_error(format!(
+                "ip neigh replace {ip} lladdr {} dev #{index}",
+                crate::model::format_mac(&mac)
+            )))?;
+        Ok(())
+    }
+
+    /// Removes a neighbour entry (`ip neigh del IP dev IDX`). Idempotent.
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] for anything but "not there".
+    pub async fn delete_neighbour(&self, index: u32, ip: IpAddr) -> Result<(), KernelError> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = match ip {
+            IpAddr::V4(_) => AddressFamily::Inet,
+            IpAddr::V6(_) => AddressFamily::Inet6,
+        };
+        message.header.ifindex = index;
+        message
+            .attributes
+            .push(NeighbourAttribute::Destination(match ip {
+                IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+                IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+            }));
+        ignore_missing(
+            self.handle.neighbours().del(message).execute().await,
+            format!("ip neigh del {ip} dev #{index}"),
+        )
+    }
+}
+
+fn ignore_missing(result: Result<(), rtnetlink::Error>, op: String) -> Result<(), KernelError> {
+    match result {
+        Ok(()) => {
+            debug!("{op}");
+            Ok(())
+        }
+        Err(e) if matches!(rtnetlink_errno(&e), Some(libc::ENOENT | libc::ENODEV)) => Ok(()),
+        Err(e) => Err(nl_error(op)(e)),
     }
 }
 

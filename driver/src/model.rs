@@ -30,6 +30,9 @@ pub enum Mode {
     Bridge,
     /// A macvlan link per endpoint on a parent interface (see [`crate::macvlan`]).
     Macvlan,
+    /// Bridge mode plus a VXLAN port on the bridge: one network across hosts
+    /// (`sluice daemon --cluster`, docs/multi-host.md).
+    Vxlan,
 }
 
 impl std::str::FromStr for Mode {
@@ -38,11 +41,9 @@ impl std::str::FromStr for Mode {
         match s {
             "bridge" | "" => Ok(Self::Bridge),
             "macvlan" => Ok(Self::Macvlan),
-            "vxlan" => Err(format!(
-                "mode {s:?} is not available in this version of sluice (supported: bridge, macvlan)"
-            )),
+            "vxlan" => Ok(Self::Vxlan),
             other => Err(format!(
-                "unknown mode {other:?} (supported: bridge, macvlan)"
+                "unknown mode {other:?} (supported: bridge, macvlan, vxlan)"
             )),
         }
     }
@@ -120,6 +121,9 @@ pub struct Network {
     /// macvlan mode's parent interface and mode (`None` in other modes).
     #[serde(default)]
     pub macvlan: Option<crate::macvlan::MacvlanConfig>,
+    /// `mode=vxlan`: the VXLAN port and the cluster-wide name (docs/multi-host.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vxlan: Option<crate::vxlan::VxlanConfig>,
 }
 
 fn default_true() -> bool {
@@ -279,12 +283,7 @@ mod tests {
     fn modes() {
         assert_eq!("bridge".parse::<Mode>(), Ok(Mode::Bridge));
         assert_eq!("macvlan".parse::<Mode>(), Ok(Mode::Macvlan));
-        assert!(
-            "vxlan"
-                .parse::<Mode>()
-                .unwrap_err()
-                .contains("not available")
-        );
+        assert_eq!("vxlan".parse::<Mode>(), Ok(Mode::Vxlan));
         assert!(
             "bogus"
                 .parse::<Mode>()

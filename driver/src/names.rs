@@ -59,6 +59,7 @@ pub fn is_sluice_link(name: &str) -> bool {
         HOST_VETH_PREFIX,
         PEER_VETH_PREFIX,
         MACVLAN_PREFIX,
+        crate::vxlan::DEVICE_PREFIX,
     ]
     .iter()
     .any(|p| name.starts_with(p))

@@ -325,6 +325,7 @@ mod tests {
             ipv6_nat: false,
             name: None,
             macvlan: None,
+            vxlan: None,
         }
     }
 

@@ -88,6 +88,9 @@ pub struct DaemonArgs {
     /// own `/proc/sys` is read-only, so the plugin mounts the host's `net/` elsewhere.
     #[arg(long, env = "SLUICE_PROC_SYS", default_value = "/proc/sys")]
     pub proc_sys: PathBuf,
+    /// Multi-host control plane (docs/multi-host.md).
+    #[command(flatten)]
+    pub cluster: crate::cluster::ClusterArgs,
 }
 
 /// Runs the daemon until a signal arrives.
@@ -133,7 +136,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         warn!(error = %e, "drop events unavailable: `sluice flows` shows nothing");
         None
     });
-    let driver = Arc::new(Driver::open(kernel, store, ipam)?);
+    let mut driver = Driver::open(kernel, store, ipam)?
+        .identify_from_options(args.docker_host == crate::cluster::NO_DOCKER_HOST);
+    let cluster = crate::cluster::connect(&args.cluster, args.cluster_address).await?;
+    if let Some(c) = &cluster {
+        driver = driver.with_cluster(c.clone());
+    }
+    let driver = Arc::new(driver);
     let flows = Arc::new(crate::observe::FlowLog::default());
     if let Some(events) = drop_events {
         crate::observe::spawn_drop_reader(events, driver.clone(), flows.clone());
@@ -148,6 +157,9 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     );
     for e in &report.errors {
         warn!(error = %e, "reconciliation");
+    }
+    if let Some(c) = cluster {
+        crate::cluster::start(c, driver.clone()).await;
     }
 
     let admin_socket = args
@@ -167,7 +179,14 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     info!(socket = %args.plugin_socket.display(), "serving Docker plugin API");
     info!(socket = %admin_socket.display(), "serving admin API");
 
-    let resolver = start_resolver(&args.docker_host, driver.clone()).await;
+    let resolver = if args.docker_host == crate::cluster::NO_DOCKER_HOST {
+        info!(
+            "--docker-host none: endpoints are identified by their options (sluice.name, sluice.label.*)"
+        );
+        None
+    } else {
+        start_resolver(&args.docker_host, driver.clone()).await
+    };
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let signals = tokio::spawn(async move {

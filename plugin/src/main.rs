@@ -25,6 +25,10 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; the daemon's flags are the bulk"
+)]
 enum Command {
     /// Serve the Docker plugin socket and the admin API.
     Daemon(sluice_plugin::daemon::DaemonArgs),

@@ -32,6 +32,15 @@ const REQUIRED_TOOLS: &[&str] = &[
     "ip",
     "iptables",
     "jq",
+    // The multi-host tests (tests/tests/cluster_privileged.rs) and etcd-client's build script.
+    "etcd",
+    "etcdctl",
+    "protoc",
+    "openssl",
+    "curl",
+    "nsenter",
+    // etcd-client's TLS (ring) has C code: the managed plugin's musl build needs a musl cc.
+    "x86_64-linux-musl-gcc",
 ];
 
 /// Debian packages that provide [`REQUIRED_TOOLS`] (plus nftables, which the firewall code uses).
@@ -43,6 +52,13 @@ const APT_PACKAGES: &[&str] = &[
     "iptables",
     "nftables",
     "jq",
+    "etcd-server",
+    "etcd-client",
+    "protobuf-compiler",
+    "openssl",
+    "curl",
+    "util-linux",
+    "musl-tools",
 ];
 
 /// The local Docker Engine socket that `cargo xtask run` talks to.
