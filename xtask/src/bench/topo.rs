@@ -1,0 +1,453 @@
+//! The topologies under test, each in namespaces of its own (all named `sbn-…`, so a run that
+//! was killed is cleaned up by the next one). Adding a topology is one variant and one
+//! `build_*` function: "sluice VXLAN" and "sluice macvlan" are listed and report that this
+//! build has no such mode until those modes are merged.
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use super::api::Daemon;
+use super::measure::in_ns;
+
+/// Prefix of every namespace the benchmark creates.
+pub(crate) const NS_PREFIX: &str = "sbn-";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum Topology {
+    /// The limit: a veth pair between two namespaces.
+    BareVeth,
+    /// Docker's bridge as Docker programs it: Linux bridge + br_netfilter + iptables with
+    /// `rules` extra rules every forwarded packet traverses.
+    DockerBridge { rules: usize },
+    /// sluice's bridge mode built by a real `sluice daemon` over its plugin API, with a
+    /// policy of `entries` CIDR entries.
+    SluiceBridge { entries: usize, fast_path: bool },
+    /// Two host namespaces joined by a plain kernel VXLAN pair over a veth underlay.
+    KernelVxlan,
+    /// sluice's VXLAN mode with policy between two host namespaces.
+    SluiceVxlan,
+    /// sluice's macvlan mode.
+    SluiceMacvlan,
+}
+
+fn short(n: usize) -> String {
+    match n {
+        0 => "0".into(),
+        n if n % 1_000_000 == 0 => format!("{}M", n / 1_000_000),
+        n if n % 1000 == 0 => format!("{}k", n / 1000),
+        n => n.to_string(),
+    }
+}
+
+impl Topology {
+    /// Stable identifier used in JSON and tables.
+    pub(crate) fn id(&self) -> String {
+        match self {
+            Self::BareVeth => "bare-veth".into(),
+            Self::DockerBridge { rules } => format!("docker-bridge-{}", short(*rules)),
+            Self::SluiceBridge {
+                entries,
+                fast_path: true,
+            } => format!("sluice-bridge-{}", short(*entries)),
+            Self::SluiceBridge {
+                entries,
+                fast_path: false,
+            } => format!("sluice-bridge-{}-nofast", short(*entries)),
+            Self::KernelVxlan => "kernel-vxlan".into(),
+            Self::SluiceVxlan => "sluice-vxlan".into(),
+            Self::SluiceMacvlan => "sluice-macvlan".into(),
+        }
+    }
+
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Self::BareVeth => "bare veth pair (the limit)".into(),
+            Self::DockerBridge { rules } => format!(
+                "Docker bridge: Linux bridge + br_netfilter + iptables, {} rules in FORWARD",
+                short(*rules)
+            ),
+            Self::SluiceBridge { entries, .. } => {
+                format!("sluice bridge mode (real daemon), {} policy entries", short(*entries))
+            }
+            Self::KernelVxlan => "plain kernel VXLAN pair, no policy (baseline)".into(),
+            Self::SluiceVxlan => "sluice VXLAN with policy".into(),
+            Self::SluiceMacvlan => "sluice macvlan".into(),
+        }
+    }
+
+    /// Why this build cannot run the topology, if it cannot.
+    pub(crate) fn unavailable(&self) -> Option<&'static str> {
+        match self {
+            Self::SluiceVxlan => Some(
+                "sluice has no `mode=vxlan` in this build (issue 5, being merged separately)",
+            ),
+            Self::SluiceMacvlan => Some(
+                "sluice has no `mode=macvlan` in this build (issue 5, being merged separately)",
+            ),
+            Self::SluiceBridge {
+                fast_path: false, ..
+            } => Some("the bpf_redirect_peer fast path (and its switch) is not in this build"),
+            _ => None,
+        }
+    }
+}
+
+/// A built topology: traffic goes from `client` to `server_ip` in `server`.
+#[derive(Debug, Clone)]
+pub(crate) struct Built {
+    pub(crate) topology: Topology,
+    pub(crate) client: String,
+    pub(crate) server: String,
+    pub(crate) server_ip: Ipv4Addr,
+}
+
+/// Everything the benchmark created; dropping it removes all of it, even after an error.
+#[derive(Debug)]
+pub(crate) struct Lab {
+    netns: Vec<String>,
+    pub(crate) daemons: Vec<Daemon>,
+    pub(crate) run_dir: PathBuf,
+    pub(crate) sluice: PathBuf,
+}
+
+pub(crate) fn sh(program: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {program}"))?;
+    if !out.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    sh("ip", args)
+}
+
+/// Removes what a previous (killed) run left: `sbn-*` namespaces and pins.
+pub(crate) fn remove_leftovers() {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            if let Some(name) = line.split_whitespace().next()
+                && name.starts_with(NS_PREFIX)
+            {
+                let _ = ip(&["netns", "del", name]);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(super::BPF_ROOT);
+}
+
+impl Lab {
+    pub(crate) fn new(sluice: PathBuf, run_dir: PathBuf) -> Self {
+        Self {
+            netns: Vec::new(),
+            daemons: Vec::new(),
+            run_dir,
+            sluice,
+        }
+    }
+
+    pub(crate) fn netns(&mut self, name: &str) -> Result<String> {
+        let name = format!("{NS_PREFIX}{name}");
+        ip(&["netns", "add", &name])?;
+        self.netns.push(name.clone());
+        ip(&["-n", &name, "link", "set", "lo", "up"])?;
+        Ok(name)
+    }
+
+    pub(crate) fn build(&mut self, t: Topology, index: u8) -> Result<Built> {
+        match t {
+            Topology::BareVeth => self.bare(t),
+            Topology::DockerBridge { rules } => self.docker_bridge(t, rules, index),
+            Topology::SluiceBridge { entries, .. } => self.sluice_bridge(t, entries, index),
+            Topology::KernelVxlan => self.kernel_vxlan(t, index),
+            Topology::SluiceVxlan | Topology::SluiceMacvlan => {
+                bail!("{}", t.unavailable().unwrap_or("not available"))
+            }
+        }
+    }
+
+    fn bare(&mut self, topology: Topology) -> Result<Built> {
+        let c = self.netns("bare-c")?;
+        let s = self.netns("bare-s")?;
+        veth(&c, "eth0", &s, "eth0")?;
+        addr_up(&c, "eth0", "10.250.0.1/30")?;
+        addr_up(&s, "eth0", "10.250.0.2/30")?;
+        Ok(Built {
+            topology,
+            client: c,
+            server: s,
+            server_ip: Ipv4Addr::new(10, 250, 0, 2),
+        })
+    }
+
+    fn docker_bridge(&mut self, topology: Topology, rules: usize, k: u8) -> Result<Built> {
+        let tag = format!("d{}", short(rules));
+        let h = self.netns(&format!("{tag}-h"))?;
+        let c = self.netns(&format!("{tag}-c"))?;
+        let s = self.netns(&format!("{tag}-s"))?;
+        ip(&["-n", &h, "link", "add", "br0", "type", "bridge"])?;
+        addr_up(&h, "br0", &format!("10.251.{k}.1/24"))?;
+        for (ns, host) in [(&c, 2), (&s, 3)] {
+            let port = format!("v{host}");
+            veth(ns, "eth0", &h, &port)?;
+            ip(&["-n", &h, "link", "set", &port, "master", "br0", "up"])?;
+            addr_up(ns, "eth0", &format!("10.251.{k}.{host}/24"))?;
+            ip(&["-n", ns, "route", "add", "default", "via", &format!("10.251.{k}.1")])?;
+        }
+        sh("modprobe", &["br_netfilter"])?;
+        run_in(&h, "sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"])?;
+        run_in(&h, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        let rules_text = docker_iptables("br0", rules);
+        let mut child = in_ns(&h, None, "iptables-restore")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("run iptables-restore")?;
+        if let Some(mut stdin) = child.stdin.take() {
+            std::io::Write::write_all(&mut stdin, rules_text.as_bytes())?;
+        }
+        if !child.wait()?.success() {
+            bail!("iptables-restore failed in {h}");
+        }
+        Ok(Built {
+            topology,
+            client: c,
+            server: s,
+            server_ip: Ipv4Addr::new(10, 251, k, 3),
+        })
+    }
+
+    fn sluice_bridge(&mut self, topology: Topology, entries: usize, k: u8) -> Result<Built> {
+        let tag = format!("s{}", short(entries));
+        let h = self.netns(&format!("{tag}-h"))?;
+        let c = self.netns(&format!("{tag}-c"))?;
+        let s = self.netns(&format!("{tag}-s"))?;
+        let name = format!("{NS_PREFIX}{tag}");
+        let daemon = Daemon::start(&self.sluice, &h, &name, &self.run_dir, &[])?;
+        let net = format!("{:0>64}", format!("be9c{k}"));
+        daemon.create_network(
+            &net,
+            &format!("10.252.{k}.0/24"),
+            &format!("10.252.{k}.1/24"),
+        )?;
+        for (ns, host, role) in [(&c, 2u8, "client"), (&s, 3, "server")] {
+            let ep = format!("{:0>64}", format!("e{k}{host}"));
+            let address = format!("10.252.{k}.{host}/24");
+            let (src, mac) = daemon.create_and_join(
+                &net,
+                &ep,
+                &address,
+                &format!("/run/netns/{ns}"),
+                &[("role", role)],
+            )?;
+            // What libnetwork does after Join: move the link into the sandbox, rename it,
+            // give it the endpoint's MAC and address, and route through the gateway.
+            ip(&["-n", &h, "link", "set", &src, "netns", ns])?;
+            ip(&["-n", ns, "link", "set", &src, "name", "eth0"])?;
+            if let Some(mac) = mac {
+                ip(&["-n", ns, "link", "set", "eth0", "address", &mac])?;
+            }
+            addr_up(ns, "eth0", &address)?;
+            ip(&["-n", ns, "route", "add", "default", "via", &format!("10.252.{k}.1")])?;
+        }
+        if entries > 0 {
+            daemon
+                .apply_policy(&policy_yaml(&format!("10.252.{k}.0/24"), entries))
+                .with_context(|| format!("apply a policy of {entries} entries"))?;
+        }
+        self.daemons.push(daemon);
+        Ok(Built {
+            topology,
+            client: c,
+            server: s,
+            server_ip: Ipv4Addr::new(10, 252, k, 3),
+        })
+    }
+
+    fn kernel_vxlan(&mut self, topology: Topology, k: u8) -> Result<Built> {
+        let a = self.netns("kvx-a")?;
+        let b = self.netns("kvx-b")?;
+        veth(&a, "u0", &b, "u0")?;
+        let (ua, ub) = (format!("10.253.{k}.1"), format!("10.253.{k}.2"));
+        addr_up(&a, "u0", &format!("{ua}/24"))?;
+        addr_up(&b, "u0", &format!("{ub}/24"))?;
+        for (ns, local, remote, overlay) in [(&a, &ua, &ub, 1), (&b, &ub, &ua, 2)] {
+            ip(&[
+                "-n", ns, "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local,
+                "remote", remote, "dstport", "4789", "dev", "u0",
+            ])?;
+            addr_up(ns, "vx0", &format!("10.254.{k}.{overlay}/24"))?;
+        }
+        Ok(Built {
+            topology,
+            client: a,
+            server: b,
+            server_ip: Ipv4Addr::new(10, 254, k, 2),
+        })
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Daemons first (they hold the plugin sockets), then the namespaces and their links.
+        self.daemons.clear();
+        for ns in self.netns.drain(..).rev() {
+            let _ = ip(&["netns", "del", &ns]);
+        }
+        let _ = std::fs::remove_dir_all(super::BPF_ROOT);
+    }
+}
+
+fn veth(ns_a: &str, a: &str, ns_b: &str, b: &str) -> Result<()> {
+    ip(&[
+        "link", "add", a, "netns", ns_a, "type", "veth", "peer", "name", b, "netns", ns_b,
+    ])
+}
+
+fn addr_up(ns: &str, dev: &str, cidr: &str) -> Result<()> {
+    ip(&["-n", ns, "addr", "add", cidr, "dev", dev])?;
+    ip(&["-n", ns, "link", "set", dev, "up"])
+}
+
+fn run_in(ns: &str, program: &str, args: &[&str]) -> Result<()> {
+    let status = in_ns(ns, None, program)
+        .args(args)
+        .stdout(Stdio::null())
+        .status()
+        .with_context(|| format!("run {program} in {ns}"))?;
+    if !status.success() {
+        bail!("{program} {} failed in {ns}", args.join(" "));
+    }
+    Ok(())
+}
+
+/// Docker 20.10's filter table for one bridge network, plus `extra` non-matching rules at the
+/// top of FORWARD (what many networks' isolation rules or DOCKER-USER rules amount to: rules
+/// every forwarded packet walks before the ESTABLISHED accept).
+pub(crate) fn docker_iptables(bridge: &str, extra: usize) -> String {
+    let mut s = String::from(
+        "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:OUTPUT ACCEPT [0:0]\n\
+         :DOCKER - [0:0]\n:DOCKER-ISOLATION-STAGE-1 - [0:0]\n:DOCKER-ISOLATION-STAGE-2 - [0:0]\n\
+         :DOCKER-USER - [0:0]\n",
+    );
+    for i in 0..extra {
+        let (hi, lo) = ((i >> 8) & 0xff, i & 0xff);
+        let _ = writeln!(
+            s,
+            "-A FORWARD -s 198.18.{hi}.{lo}/32 -d 198.19.{hi}.{lo}/32 -p tcp --dport 9 -j DROP"
+        );
+    }
+    let _ = write!(
+        s,
+        "-A FORWARD -j DOCKER-USER\n-A FORWARD -j DOCKER-ISOLATION-STAGE-1\n\
+         -A FORWARD -o {bridge} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT\n\
+         -A FORWARD -o {bridge} -j DOCKER\n-A FORWARD -i {bridge} ! -o {bridge} -j ACCEPT\n\
+         -A FORWARD -i {bridge} -o {bridge} -j ACCEPT\n\
+         -A DOCKER-ISOLATION-STAGE-1 -i {bridge} ! -o {bridge} -j DOCKER-ISOLATION-STAGE-2\n\
+         -A DOCKER-ISOLATION-STAGE-1 -j RETURN\n-A DOCKER-ISOLATION-STAGE-2 -o {bridge} -j DROP\n\
+         -A DOCKER-ISOLATION-STAGE-2 -j RETURN\n-A DOCKER-USER -j RETURN\nCOMMIT\n"
+    );
+    s
+}
+
+/// A policy for every endpoint with `entries` CIDR entries: the network's own subnet (so the
+/// benchmark's traffic is allowed) and `entries - 1` distinct /32s it never matches.
+pub(crate) fn policy_yaml(subnet: &str, entries: usize) -> String {
+    let mut s = format!(
+        "name: bench\nselector: {{}}\ningress:\n  - action: allow\n    from:\n      - cidr: {subnet}\n"
+    );
+    for i in 1..entries {
+        let _ = writeln!(
+            s,
+            "      - cidr: 172.{}.{}.{}/32",
+            16 + ((i >> 16) & 0x0f),
+            (i >> 8) & 0xff,
+            i & 0xff
+        );
+    }
+    s
+}
+
+/// Where benchmark daemons keep sockets, state and logs.
+pub(crate) fn run_dir() -> Result<PathBuf> {
+    let dir = Path::new("/run/sluice-bench");
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    Ok(dir.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_stable_and_unique() {
+        let ids: Vec<String> = [
+            Topology::BareVeth,
+            Topology::DockerBridge { rules: 1000 },
+            Topology::SluiceBridge {
+                entries: 100_000,
+                fast_path: true,
+            },
+            Topology::SluiceBridge {
+                entries: 100_000,
+                fast_path: false,
+            },
+            Topology::KernelVxlan,
+        ]
+        .iter()
+        .map(Topology::id)
+        .collect();
+        assert_eq!(
+            ids,
+            [
+                "bare-veth",
+                "docker-bridge-1k",
+                "sluice-bridge-100k",
+                "sluice-bridge-100k-nofast",
+                "kernel-vxlan"
+            ]
+        );
+        assert!(Topology::SluiceVxlan.unavailable().is_some());
+        assert!(Topology::BareVeth.unavailable().is_none());
+    }
+
+    #[test]
+    fn docker_rules_count_and_shape() {
+        let text = docker_iptables("br0", 1000);
+        let extra = text.lines().filter(|l| l.contains("198.18.")).count();
+        assert_eq!(extra, 1000);
+        assert!(text.ends_with("COMMIT\n"));
+        assert!(text.contains("--ctstate RELATED,ESTABLISHED -j ACCEPT"));
+        // Distinct rules.
+        let mut lines: Vec<&str> = text.lines().filter(|l| l.contains("198.18.")).collect();
+        lines.sort_unstable();
+        lines.dedup();
+        assert_eq!(lines.len(), 1000);
+    }
+
+    #[test]
+    fn policy_has_the_asked_number_of_distinct_entries() {
+        let y = policy_yaml("10.252.1.0/24", 100_000);
+        let mut cidrs: Vec<&str> = y.lines().filter(|l| l.contains("cidr:")).collect();
+        assert_eq!(cidrs.len(), 100_000);
+        cidrs.sort_unstable();
+        cidrs.dedup();
+        assert_eq!(cidrs.len(), 100_000);
+        assert!(y.contains("cidr: 10.252.1.0/24"));
+    }
+}
