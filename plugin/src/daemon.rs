@@ -88,6 +88,10 @@ pub struct DaemonArgs {
     /// own `/proc/sys` is read-only, so the plugin mounts the host's `net/` elsewhere.
     #[arg(long, env = "SLUICE_PROC_SYS", default_value = "/proc/sys")]
     pub proc_sys: PathBuf,
+    /// Turn off the same-host fast path: traffic between endpoints of one network on this
+    /// host then goes through the bridge (docs/options.md).
+    #[arg(long, env = "SLUICE_NO_FAST_PATH")]
+    pub no_fast_path: bool,
 }
 
 /// Runs the daemon until a signal arrives.
@@ -116,7 +120,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .bpf_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT).join(&name));
-    let datapath = Datapath::load(&DatapathConfig::pinned(&bpf_dir)).with_context(|| {
+    let datapath = Datapath::load(&DatapathConfig {
+        fast_path: !args.no_fast_path,
+        ..DatapathConfig::pinned(&bpf_dir)
+    })
+    .with_context(|| {
         format!(
             "loading the eBPF datapath (pins under {}); sluice needs a kernel with BPF, BTF \
              and TCX (6.6 or later) and CAP_BPF + CAP_NET_ADMIN",

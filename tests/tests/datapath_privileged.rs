@@ -1524,3 +1524,91 @@ fn run_port_range_edges_and_cidr_longest_match() {
         assert_eq!(lab.receives(lab.b, &frame), want, "udp from {src}");
     }
 }
+
+/// Packets the host-side veth `name` transmitted (into its container): what the bridge
+/// forwarded there.
+fn tx_packets(name: &str) -> u64 {
+    ip_json(&["-s", "link", "show", "dev", name])[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn traffic_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
+    if !require_root() {
+        return;
+    }
+    let _ns = NetNs::enter().unwrap();
+    let t = Topology::build();
+    assert!(pings(&t.c1, C2, 1), "no connectivity before the datapath");
+
+    let mut dp = Datapath::load(&DatapathConfig::unpinned()).unwrap();
+    assert!(dp.fast_path(), "the fast path is on by default");
+    register(&mut dp, &t);
+    dp.attach(t.h1).unwrap();
+    dp.attach(t.h2).unwrap();
+    assert_eq!(dp.local_endpoint(C2.parse().unwrap()).unwrap(), Some(t.h2));
+    assert_eq!(dp.local_endpoint("10.99.0.77".parse().unwrap()).unwrap(), None);
+    assert!(pings(&t.c1, C2, 1), "neighbours resolved through the bridge");
+
+    // 20 datagrams c1 -> c2: they reach c2, count as c2's ingress, and never leave the
+    // bridge through c2's host veth.
+    let tx = tx_packets("slvhdp2");
+    let before = dp.read_counters(t.h2).unwrap();
+    udp_burst(&t.c1, C2, 9999, 20);
+    let after = dp.read_counters(t.h2).unwrap();
+    assert!(
+        after.ingress.allowed.packets - before.ingress.allowed.packets >= 20,
+        "{before:?} -> {after:?}"
+    );
+    let bridged = tx_packets("slvhdp2") - tx;
+    assert!(
+        bridged < 20,
+        "{bridged} packets went through the bridge to c2's host veth"
+    );
+
+    // The receiver's ingress policy still applies on the fast path: TCP 8080 from c1 only.
+    let rules = [ports(
+        rule(
+            1,
+            B_ID,
+            Direction::Ingress,
+            Peer::Identity(A_ID),
+            Protocol::Tcp,
+        ),
+        8080,
+        8080,
+    )];
+    dp.apply_policy(&compile(&rules, &mut CidrIdentities::default()).unwrap())
+        .unwrap();
+    dp.set_endpoint(t.h2, endpoint_info(B_ID, EP_INGRESS_ENFORCED))
+        .unwrap();
+    assert!(tcp_hello(&t.c1, &t.c2, C2, 8080), "allowed TCP and replies");
+    assert!(!tcp_hello(&t.c1, &t.c2, C2, 8081), "other port denied");
+    let before = dp.read_counters(t.h2).unwrap();
+    udp_burst(&t.c1, C2, 9999, 5);
+    let after = dp.read_counters(t.h2).unwrap();
+    assert_eq!(after.ingress.denied.packets - before.ingress.denied.packets, 5);
+
+    // Detached endpoint: its address leaves the fast path.
+    dp.remove_endpoint(t.h2).unwrap();
+    assert_eq!(dp.local_endpoint(C2.parse().unwrap()).unwrap(), None);
+    drop(dp);
+
+    // Fast path off: the same datagrams go through the bridge.
+    let mut dp = Datapath::load(&DatapathConfig {
+        fast_path: false,
+        ..DatapathConfig::unpinned()
+    })
+    .unwrap();
+    register(&mut dp, &t);
+    dp.attach(t.h1).unwrap();
+    dp.attach(t.h2).unwrap();
+    assert_eq!(dp.local_endpoint(C2.parse().unwrap()).unwrap(), None);
+    let tx = tx_packets("slvhdp2");
+    let before = dp.read_counters(t.h2).unwrap();
+    udp_burst(&t.c1, C2, 9999, 20);
+    let after = dp.read_counters(t.h2).unwrap();
+    assert!(after.ingress.allowed.packets - before.ingress.allowed.packets >= 20);
+    assert!(tx_packets("slvhdp2") - tx >= 20, "bridged when the fast path is off");
+}
