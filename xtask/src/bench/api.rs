@@ -85,7 +85,7 @@ impl Daemon {
         let state = run_dir.join(format!("{name}.state"));
         let log = std::fs::File::create(run_dir.join(format!("{name}.log")))?;
         let child = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{ns}"))
+            .arg(format!("--net=/proc/{ns}/ns/net"))
             .arg(sluice)
             .arg("--admin-socket")
             .arg(&admin)
@@ -94,8 +94,10 @@ impl Daemon {
             .arg(&plugin)
             .arg("--state-dir")
             .arg(&state)
+            // No Docker Engine: identities are not waited for ("pending"); labels come from
+            // the endpoints' `sluice.label.*` options, as with `--driver-opt`.
             .arg("--docker-host")
-            .arg(format!("unix://{}", run_dir.join("no-docker.sock").display()))
+            .arg("none")
             .arg("--bpf-dir")
             .arg(super::BPF_ROOT.to_owned() + "/" + name)
             .arg("--name")

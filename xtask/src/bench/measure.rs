@@ -50,17 +50,20 @@ impl Metric {
     }
 }
 
-/// A command run inside the network namespace `ns` (`nsenter`, which unlike `ip netns exec`
-/// leaves /sys and bpffs as they are), pinned to `cpu`.
+/// A command run inside the network namespace held by process `ns` (`nsenter`, which unlike
+/// `ip netns exec` leaves /sys and bpffs as they are), pinned to `cpu`.
 pub(crate) fn in_ns(ns: &str, cpu: Option<u8>, program: &str) -> Command {
     let mut cmd = Command::new("nsenter");
-    cmd.arg(format!("--net=/run/netns/{ns}"));
+    cmd.arg(format!("--net=/proc/{ns}/ns/net"));
     if let Some(cpu) = cpu {
         cmd.args(["taskset", "-c", &cpu.to_string()]);
     }
     cmd.arg(program);
     cmd
 }
+
+/// Longest a client may run (samples are at most a few seconds).
+const CLIENT_TIMEOUT: &str = "30";
 
 /// A server process that is killed (by its PID) when dropped.
 struct Server(Child);
@@ -144,8 +147,10 @@ fn iperf3(client: &str, server: &str, ip: &str, args: &[&str]) -> Result<serde_j
         c.args(["-s", "-1", "-p", "5201"]);
         c
     })?;
-    let mut cmd = in_ns(client, Some(0), "iperf3");
-    cmd.args(["-c", ip, "-p", "5201", "-J"]).args(args);
+    // A client that gets no answer (traffic dropped) must not hang the run.
+    let mut cmd = in_ns(client, Some(0), "timeout");
+    cmd.args([CLIENT_TIMEOUT, "iperf3", "-c", ip, "-p", "5201", "-J"])
+        .args(args);
     let text = output(&mut cmd)?;
     serde_json::from_str(&text).context("parse iperf3 -J output")
 }
@@ -180,9 +185,21 @@ fn sockperf_pp(client: &str, server: &str, ip: &str, secs: &str) -> Result<(f64,
         c.args(["sr", "--tcp", "-i", ip, "-p", "11111"]);
         c
     })?;
-    let mut cmd = in_ns(client, Some(0), "sockperf");
+    let mut cmd = in_ns(client, Some(0), "timeout");
     cmd.args([
-        "pp", "--tcp", "-i", ip, "-p", "11111", "-m", "64", "-t", secs, "--mps=max",
+        CLIENT_TIMEOUT,
+        "sockperf",
+        "pp",
+        "--tcp",
+        "-i",
+        ip,
+        "-p",
+        "11111",
+        "-m",
+        "64",
+        "-t",
+        secs,
+        "--mps=max",
     ]);
     parse_sockperf(&output(&mut cmd)?)
 }

@@ -278,7 +278,7 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
     let mut lab = Lab::new(sluice.to_path_buf(), run_dir.to_path_buf());
     let h = lab.netns("cp-h")?;
     let daemon = Arc::new(api::Daemon::start(sluice, &h, "sbn-cp", run_dir, &[])?);
-    let net = format!("{:0>64}", "c0ffee");
+    let net = format!("{:0<64}", "c0ffee");
     daemon.create_network(&net, "10.96.0.0/20", "10.96.0.1/20")?;
     let per = c.endpoints.div_ceil(c.callers);
     let lat = Arc::new(Mutex::new(Vec::new()));
@@ -298,9 +298,9 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
                         break;
                     }
                     let addr = format!("10.96.{}.{}/20", 1 + n / 250, 2 + n % 250);
-                    let ep = format!("{n:0>64}");
+                    let ep = format!("{n:06x}{:0<58}", "");
                     let t = Instant::now();
-                    let r = daemon.create_and_join(net, &ep, &addr, "/run/netns/none", &[("role", "x")]);
+                    let r = daemon.create_and_join(net, &ep, &addr, "/proc/self/ns/net", &[("role", "x")]);
                     let ms = t.elapsed().as_secs_f64() * 1e3;
                     match r {
                         Ok(_) => lat.lock().map(|mut l| l.push(ms)).unwrap_or(()),
@@ -325,7 +325,9 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
         p99.unwrap_or(f64::NAN)
     );
     let t = Instant::now();
-    daemon.apply_policy(&topo::policy_yaml("10.96.0.0/20", c.policy_entries))?;
+    for doc in topo::policy_docs(c.policy_entries) {
+        daemon.apply_policy(&doc)?;
+    }
     c.policy_apply_s = Some(t.elapsed().as_secs_f64());
     std::thread::sleep(Duration::from_secs(1));
     #[expect(clippy::cast_precision_loss, reason = "KiB count far below 2^52")]

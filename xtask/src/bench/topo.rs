@@ -72,9 +72,11 @@ impl Topology {
                 "Docker bridge: Linux bridge + br_netfilter + iptables, {} rules in FORWARD",
                 short(*rules)
             ),
-            Self::SluiceBridge { entries, .. } => {
-                format!("sluice bridge mode (real daemon), {} policy entries", short(*entries))
-            }
+            Self::SluiceBridge { entries, fast_path } => format!(
+                "sluice bridge mode (real daemon), {} policy entries{}",
+                short(*entries),
+                if *fast_path { "" } else { ", fast path off" }
+            ),
             Self::KernelVxlan => "plain kernel VXLAN pair, no policy (baseline)".into(),
             Self::SluiceVxlan => "sluice VXLAN with policy".into(),
             Self::SluiceMacvlan => "sluice macvlan".into(),
@@ -90,9 +92,6 @@ impl Topology {
             Self::SluiceMacvlan => Some(
                 "sluice has no `mode=macvlan` in this build (issue 5, being merged separately)",
             ),
-            Self::SluiceBridge {
-                fast_path: false, ..
-            } => Some("the bpf_redirect_peer fast path (and its switch) is not in this build"),
             _ => None,
         }
     }
@@ -110,7 +109,9 @@ pub(crate) struct Built {
 /// Everything the benchmark created; dropping it removes all of it, even after an error.
 #[derive(Debug)]
 pub(crate) struct Lab {
-    netns: Vec<String>,
+    /// Holder processes, one per namespace (`unshare -n sleep`): a namespace is named by its
+    /// holder's PID and lives as long as the holder, whatever happens to /run/netns.
+    holders: Vec<std::process::Child>,
     pub(crate) daemons: Vec<Daemon>,
     pub(crate) run_dir: PathBuf,
     pub(crate) sluice: PathBuf,
@@ -153,19 +154,37 @@ pub(crate) fn remove_leftovers() {
 impl Lab {
     pub(crate) fn new(sluice: PathBuf, run_dir: PathBuf) -> Self {
         Self {
-            netns: Vec::new(),
+            holders: Vec::new(),
             daemons: Vec::new(),
             run_dir,
             sluice,
         }
     }
 
-    pub(crate) fn netns(&mut self, name: &str) -> Result<String> {
-        let name = format!("{NS_PREFIX}{name}");
-        ip(&["netns", "add", &name])?;
-        self.netns.push(name.clone());
-        ip(&["-n", &name, "link", "set", "lo", "up"])?;
-        Ok(name)
+    /// A new network namespace, named by the PID of the process holding it (`_name` is
+    /// for the reader). Held by a process rather than bind-mounted under /run/netns, so that
+    /// other tools sweeping /run/netns cannot pull it away mid-run.
+    pub(crate) fn netns(&mut self, _name: &str) -> Result<String> {
+        let child = Command::new("unshare")
+            .args(["--net", "--", "sleep", "7200"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .context("start a namespace holder (unshare)")?;
+        let pid = child.id().to_string();
+        self.holders.push(child);
+        let ours = std::fs::read_link("/proc/self/ns/net")?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().as_ref() == Some(&ours)
+            || std::fs::read_link(format!("/proc/{pid}/ns/net")).is_err()
+        {
+            if std::time::Instant::now() > deadline {
+                bail!("namespace holder {pid} never entered its namespace");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        ipn(&pid, &["link", "set", "lo", "up"])?;
+        Ok(pid)
     }
 
     pub(crate) fn build(&mut self, t: Topology, index: u8) -> Result<Built> {
@@ -199,16 +218,19 @@ impl Lab {
         let h = self.netns(&format!("{tag}-h"))?;
         let c = self.netns(&format!("{tag}-c"))?;
         let s = self.netns(&format!("{tag}-s"))?;
-        ip(&["-n", &h, "link", "add", "br0", "type", "bridge"])?;
+        ipn(&h, &["link", "add", "br0", "type", "bridge"])?;
         addr_up(&h, "br0", &format!("10.251.{k}.1/24"))?;
         for (ns, host) in [(&c, 2), (&s, 3)] {
             let port = format!("v{host}");
             veth(ns, "eth0", &h, &port)?;
-            ip(&["-n", &h, "link", "set", &port, "master", "br0", "up"])?;
+            ipn(&h, &["link", "set", &port, "master", "br0", "up"])?;
             addr_up(ns, "eth0", &format!("10.251.{k}.{host}/24"))?;
-            ip(&["-n", ns, "route", "add", "default", "via", &format!("10.251.{k}.1")])?;
+            ipn(ns, &["route", "add", "default", "via", &format!("10.251.{k}.1")])?;
         }
-        sh("modprobe", &["br_netfilter"])?;
+        if !Path::new("/proc/sys/net/bridge").exists() {
+            // Docker loads br_netfilter the same way; without kmod, say so.
+            sh("modprobe", &["br_netfilter"]).context("br_netfilter is not loaded")?;
+        }
         run_in(&h, "sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"])?;
         run_in(&h, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         let rules_text = docker_iptables("br0", rules);
@@ -232,42 +254,46 @@ impl Lab {
     }
 
     fn sluice_bridge(&mut self, topology: Topology, entries: usize, k: u8) -> Result<Built> {
-        let tag = format!("s{}", short(entries));
+        let fast = matches!(topology, Topology::SluiceBridge { fast_path: true, .. });
+        let tag = format!("s{}{}", short(entries), if fast { "" } else { "n" });
         let h = self.netns(&format!("{tag}-h"))?;
         let c = self.netns(&format!("{tag}-c"))?;
         let s = self.netns(&format!("{tag}-s"))?;
         let name = format!("{NS_PREFIX}{tag}");
-        let daemon = Daemon::start(&self.sluice, &h, &name, &self.run_dir, &[])?;
-        let net = format!("{:0>64}", format!("be9c{k}"));
+        let extra: &[&str] = if fast { &[] } else { &["--no-fast-path"] };
+        let daemon = Daemon::start(&self.sluice, &h, &name, &self.run_dir, extra)?;
+        let net = format!("{:0<64}", format!("be9c{k:02x}"));
         daemon.create_network(
             &net,
             &format!("10.252.{k}.0/24"),
             &format!("10.252.{k}.1/24"),
         )?;
         for (ns, host, role) in [(&c, 2u8, "client"), (&s, 3, "server")] {
-            let ep = format!("{:0>64}", format!("e{k}{host}"));
+            let ep = format!("{:0<64}", format!("e{k:02x}{host}"));
             let address = format!("10.252.{k}.{host}/24");
             let (src, mac) = daemon.create_and_join(
                 &net,
                 &ep,
                 &address,
-                &format!("/run/netns/{ns}"),
+                &format!("/proc/{ns}/ns/net"),
                 &[("role", role)],
             )?;
             // What libnetwork does after Join: move the link into the sandbox, rename it,
             // give it the endpoint's MAC and address, and route through the gateway.
-            ip(&["-n", &h, "link", "set", &src, "netns", ns])?;
-            ip(&["-n", ns, "link", "set", &src, "name", "eth0"])?;
+            ipn(&h, &["link", "set", &src, "netns", ns])?;
+            ipn(ns, &["link", "set", &src, "name", "eth0"])?;
             if let Some(mac) = mac {
-                ip(&["-n", ns, "link", "set", "eth0", "address", &mac])?;
+                ipn(ns, &["link", "set", "eth0", "address", &mac])?;
             }
             addr_up(ns, "eth0", &address)?;
-            ip(&["-n", ns, "route", "add", "default", "via", &format!("10.252.{k}.1")])?;
+            ipn(ns, &["route", "add", "default", "via", &format!("10.252.{k}.1")])?;
         }
         if entries > 0 {
-            daemon
-                .apply_policy(&policy_yaml(&format!("10.252.{k}.0/24"), entries))
-                .with_context(|| format!("apply a policy of {entries} entries"))?;
+            for doc in policy_docs(entries) {
+                daemon
+                    .apply_policy(&doc)
+                    .with_context(|| format!("apply a policy of {entries} entries"))?;
+            }
         }
         self.daemons.push(daemon);
         Ok(Built {
@@ -286,8 +312,8 @@ impl Lab {
         addr_up(&a, "u0", &format!("{ua}/24"))?;
         addr_up(&b, "u0", &format!("{ub}/24"))?;
         for (ns, local, remote, overlay) in [(&a, &ua, &ub, 1), (&b, &ub, &ua, 2)] {
-            ip(&[
-                "-n", ns, "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local,
+            ipn(ns, &[
+                "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local,
                 "remote", remote, "dstport", "4789", "dev", "u0",
             ])?;
             addr_up(ns, "vx0", &format!("10.254.{k}.{overlay}/24"))?;
@@ -305,8 +331,9 @@ impl Drop for Lab {
     fn drop(&mut self) {
         // Daemons first (they hold the plugin sockets), then the namespaces and their links.
         self.daemons.clear();
-        for ns in self.netns.drain(..).rev() {
-            let _ = ip(&["netns", "del", &ns]);
+        for mut holder in self.holders.drain(..).rev() {
+            let _ = holder.kill();
+            let _ = holder.wait();
         }
         let _ = std::fs::remove_dir_all(super::BPF_ROOT);
     }
@@ -319,8 +346,16 @@ fn veth(ns_a: &str, a: &str, ns_b: &str, b: &str) -> Result<()> {
 }
 
 fn addr_up(ns: &str, dev: &str, cidr: &str) -> Result<()> {
-    ip(&["-n", ns, "addr", "add", cidr, "dev", dev])?;
-    ip(&["-n", ns, "link", "set", dev, "up"])
+    ipn(ns, &["addr", "add", cidr, "dev", dev])?;
+    ipn(ns, &["link", "set", dev, "up"])
+}
+
+/// `ip ARGS` inside namespace `ns` (a holder PID).
+fn ipn(ns: &str, args: &[&str]) -> Result<()> {
+    let net = format!("--net=/proc/{ns}/ns/net");
+    let mut full = vec![net.as_str(), "ip"];
+    full.extend_from_slice(args);
+    sh("nsenter", &full)
 }
 
 fn run_in(ns: &str, program: &str, args: &[&str]) -> Result<()> {
@@ -364,22 +399,38 @@ pub(crate) fn docker_iptables(bridge: &str, extra: usize) -> String {
     s
 }
 
-/// A policy for every endpoint with `entries` CIDR entries: the network's own subnet (so the
-/// benchmark's traffic is allowed) and `entries - 1` distinct /32s it never matches.
-pub(crate) fn policy_yaml(subnet: &str, entries: usize) -> String {
-    let mut s = format!(
-        "name: bench\nselector: {{}}\ningress:\n  - action: allow\n    from:\n      - cidr: {subnet}\n"
-    );
-    for i in 1..entries {
-        let _ = writeln!(
-            s,
-            "      - cidr: 172.{}.{}.{}/32",
-            16 + ((i >> 16) & 0x0f),
-            (i >> 8) & 0xff,
-            i & 0xff
+/// Largest number of entries per policy document: the admin API takes bodies up to 2 MiB.
+const ENTRIES_PER_DOC: usize = 40_000;
+
+/// Policies for every endpoint with `entries` peer entries in all: every sluice endpoint (so
+/// the benchmark's traffic is allowed) and `entries - 1` distinct /32s it never matches, in
+/// documents of at most [`ENTRIES_PER_DOC`] entries (applied one by one).
+pub(crate) fn policy_docs(entries: usize) -> Vec<String> {
+    let mut docs = Vec::new();
+    let mut i = 0;
+    while i < entries.max(1) {
+        let mut s = format!(
+            "name: bench-{}\nselector: {{}}\ningress:\n  - action: allow\n    from:\n",
+            docs.len()
         );
+        let end = (i + ENTRIES_PER_DOC).min(entries.max(1));
+        for n in i..end {
+            if n == 0 {
+                s.push_str("      - selector: {}\n");
+            } else {
+                let _ = writeln!(
+                    s,
+                    "      - cidr: 172.{}.{}.{}/32",
+                    16 + ((n >> 16) & 0x0f),
+                    (n >> 8) & 0xff,
+                    n & 0xff
+                );
+            }
+        }
+        docs.push(s);
+        i = end;
     }
-    s
+    docs
 }
 
 /// Where benchmark daemons keep sockets, state and logs.
@@ -442,12 +493,16 @@ mod tests {
 
     #[test]
     fn policy_has_the_asked_number_of_distinct_entries() {
-        let y = policy_yaml("10.252.1.0/24", 100_000);
+        let docs = policy_docs(100_000);
+        assert_eq!(docs.len(), 3);
+        assert!(docs.iter().all(|d| d.len() < 2 << 20));
+        let y = docs.concat();
         let mut cidrs: Vec<&str> = y.lines().filter(|l| l.contains("cidr:")).collect();
-        assert_eq!(cidrs.len(), 100_000);
+        assert_eq!(cidrs.len(), 99_999);
         cidrs.sort_unstable();
         cidrs.dedup();
-        assert_eq!(cidrs.len(), 100_000);
-        assert!(y.contains("cidr: 10.252.1.0/24"));
+        assert_eq!(cidrs.len(), 99_999);
+        assert_eq!(y.matches("      - selector: {}\n").count(), 1);
+        assert!(docs[2].starts_with("name: bench-2\n"));
     }
 }
