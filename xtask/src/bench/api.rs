@@ -20,8 +20,8 @@ pub(crate) fn request(
     content_type: &str,
     body: &str,
 ) -> Result<(u16, String)> {
-    let mut s = UnixStream::connect(socket)
-        .with_context(|| format!("connect to {}", socket.display()))?;
+    let mut s =
+        UnixStream::connect(socket).with_context(|| format!("connect to {}", socket.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(600)))?;
     write!(
         s,
@@ -42,9 +42,10 @@ pub(crate) fn parse_response(raw: &str) -> Result<(u16, String)> {
         .nth(1)
         .and_then(|s| s.parse::<u16>().ok())
         .context("no HTTP status")?;
-    let chunked = head
-        .lines()
-        .any(|l| l.to_ascii_lowercase().starts_with("transfer-encoding: chunked"));
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
     if !chunked {
         return Ok((status, body.to_owned()));
     }
@@ -72,12 +73,14 @@ pub(crate) struct Daemon {
 
 impl Daemon {
     /// Starts `sluice daemon` in network namespace `ns`, with its own name, sockets, state and
-    /// pin directory under `run_dir`, and no Docker Engine (labels come from endpoint options).
+    /// pin directory under `run_dir`, asking `docker_host` for container names (`none`: no
+    /// Docker Engine at all).
     pub(crate) fn start(
         sluice: &Path,
         ns: &str,
         name: &str,
         run_dir: &Path,
+        docker_host: &str,
         extra: &[&str],
     ) -> Result<Self> {
         let plugin = run_dir.join(format!("{name}.sock"));
@@ -94,10 +97,8 @@ impl Daemon {
             .arg(&plugin)
             .arg("--state-dir")
             .arg(&state)
-            // No Docker Engine: identities are not waited for ("pending"); labels come from
-            // the endpoints' `sluice.label.*` options, as with `--driver-opt`.
             .arg("--docker-host")
-            .arg("none")
+            .arg(docker_host)
             .arg("--bpf-dir")
             .arg(super::BPF_ROOT.to_owned() + "/" + name)
             .arg("--name")
@@ -151,9 +152,18 @@ impl Daemon {
 
     /// `sluice policy apply` over the admin socket.
     pub(crate) fn apply_policy(&self, yaml: &str) -> Result<()> {
-        let (status, text) = request(&self.admin, "POST", "/v1/policies", "application/yaml", yaml)?;
+        let (status, text) = request(
+            &self.admin,
+            "POST",
+            "/v1/policies",
+            "application/yaml",
+            yaml,
+        )?;
         if status != 200 {
-            bail!("policy apply: HTTP {status}: {}", text.chars().take(300).collect::<String>());
+            bail!(
+                "policy apply: HTTP {status}: {}",
+                text.chars().take(300).collect::<String>()
+            );
         }
         Ok(())
     }

@@ -120,8 +120,13 @@ pub(crate) fn measure(
     };
     record(
         Metric::UdpPps,
-        iperf3(client, server, &ip, &["-u", "-l", "64", "-b", "0", "-t", &secs])
-            .and_then(|j| udp_pps(&j)),
+        iperf3(
+            client,
+            server,
+            &ip,
+            &["-u", "-l", "64", "-b", "0", "-t", &secs],
+        )
+        .and_then(|j| udp_pps(&j)),
     );
     match sockperf_pp(client, server, &ip, &secs) {
         Ok((tps, p99)) => {

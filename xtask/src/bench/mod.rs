@@ -8,6 +8,7 @@
 //! - [`stats`], [`report`]: medians, paired ratios, slow samples, targets, JSON, docs, chart.
 
 mod api;
+mod engine;
 mod measure;
 mod report;
 mod stats;
@@ -53,7 +54,10 @@ pub(crate) fn bench(args: &BenchArgs, root: &Path, sluice: Option<PathBuf>) -> R
     install_tools()?;
     let sluice = sluice.context("the sluice binary was not built")?;
     let reps = args.reps.unwrap_or(if args.quick { 2 } else { 5 }).max(1);
-    let seconds = args.seconds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
+    let seconds = args
+        .seconds
+        .unwrap_or(if args.quick { 1 } else { 3 })
+        .max(1);
     let mut command = String::from("cargo xtask bench");
     if args.suite != "all" {
         command += &format!(" {}", args.suite);
@@ -117,7 +121,10 @@ pub(crate) fn bench(args: &BenchArgs, root: &Path, sluice: Option<PathBuf>) -> R
     let file = dir.join(format!("{}.json", run.started.replace(':', "")));
     std::fs::write(&file, serde_json::to_string_pretty(&run)?)?;
     println!("bench: results in {}", file.display());
-    println!("\nbench: targets (load average before {}, after {}):", run.machine.loadavg_before, run.machine.loadavg_after);
+    println!(
+        "\nbench: targets (load average before {}, after {}):",
+        run.machine.loadavg_before, run.machine.loadavg_after
+    );
     for t in &run.targets {
         println!(
             "  {:<12} {}: {} (want {}){}",
@@ -135,15 +142,25 @@ pub(crate) fn bench(args: &BenchArgs, root: &Path, sluice: Option<PathBuf>) -> R
         }
         let doc_path = root.join("docs/benchmarks.md");
         let doc = std::fs::read_to_string(&doc_path).unwrap_or_default();
-        std::fs::write(&doc_path, report::splice(&doc, &report::markdown(&run, chart)))?;
+        std::fs::write(
+            &doc_path,
+            report::splice(&doc, &report::markdown(&run, chart)),
+        )?;
         println!("bench: docs/benchmarks.md and docs/{chart} updated");
     }
-    let missed = run.targets.iter().filter(|t| t.status == Status::Miss).count();
+    let missed = run
+        .targets
+        .iter()
+        .filter(|t| t.status == Status::Miss)
+        .count();
     if missed > 0 {
         println!("bench: {missed} target(s) MISSED (see above; docs/benchmarks.md says why)");
     }
     Ok(ExitCode::SUCCESS)
 }
+
+/// Values and errors of one metric of one topology, by repetition.
+type RawSeries = (Vec<Option<f64>>, Vec<Option<String>>);
 
 fn topology_list(quick: bool) -> Vec<Topology> {
     let mut list = vec![
@@ -221,7 +238,7 @@ fn datapath(
         });
     }
     // raw[topology][metric] = (values, errors) by repetition.
-    let mut raw: Vec<Vec<(Vec<Option<f64>>, Vec<Option<String>>)>> =
+    let mut raw: Vec<Vec<RawSeries>> =
         vec![vec![(Vec::new(), Vec::new()); Metric::ALL.len()]; results.len()];
     for rep in 0..reps {
         // Round-robin, starting one further each repetition, so no topology always runs first.
@@ -277,8 +294,24 @@ fn control_plane(sluice: &Path, run_dir: &Path, quick: bool) -> Control {
 fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
     let mut lab = Lab::new(sluice.to_path_buf(), run_dir.to_path_buf());
     let h = lab.netns("cp-h")?;
-    let daemon = Arc::new(api::Daemon::start(sluice, &h, "sbn-cp", run_dir, &[])?);
+    // One endpoint has a container name (the policy's subject); the others stay nameless.
+    let engine = engine::FakeEngine::start(&run_dir.join("docker-cp.sock"))?;
+    let docker_host = format!("unix://{}", engine.socket.display());
+    let daemon = Arc::new(api::Daemon::start(
+        sluice,
+        &h,
+        "sbn-cp",
+        run_dir,
+        &docker_host,
+        &[],
+    )?);
     let net = format!("{:0<64}", "c0ffee");
+    engine.add(
+        "cp-server",
+        "/proc/self/ns/net",
+        &net,
+        &format!("{:06x}{:0<58}", 0, ""),
+    );
     daemon.create_network(&net, "10.96.0.0/20", "10.96.0.1/20")?;
     let per = c.endpoints.div_ceil(c.callers);
     let lat = Arc::new(Mutex::new(Vec::new()));
@@ -300,11 +333,20 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
                     let addr = format!("10.96.{}.{}/20", 1 + n / 250, 2 + n % 250);
                     let ep = format!("{n:06x}{:0<58}", "");
                     let t = Instant::now();
-                    let r = daemon.create_and_join(net, &ep, &addr, "/proc/self/ns/net", &[("role", "x")]);
+                    let r = daemon.create_and_join(
+                        net,
+                        &ep,
+                        &addr,
+                        "/proc/self/ns/net",
+                        &[("role", "x")],
+                    );
                     let ms = t.elapsed().as_secs_f64() * 1e3;
                     match r {
                         Ok(_) => lat.lock().map(|mut l| l.push(ms)).unwrap_or(()),
-                        Err(e) => errors.lock().map(|mut l| l.push(format!("{e:#}"))).unwrap_or(()),
+                        Err(e) => errors
+                            .lock()
+                            .map(|mut l| l.push(format!("{e:#}")))
+                            .unwrap_or(()),
                     }
                 }
             });
@@ -317,7 +359,8 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
     if let Ok(e) = errors.lock()
         && let Some(first) = e.first()
     {
-        c.errors.push(format!("{} calls failed, first: {first}", e.len()));
+        c.errors
+            .push(format!("{} calls failed, first: {first}", e.len()));
     }
     println!(
         "bench: control plane: CreateEndpoint+Join p50 {:.2} ms, p99 {:.2} ms",
@@ -325,7 +368,7 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
         p99.unwrap_or(f64::NAN)
     );
     let t = Instant::now();
-    for doc in topo::policy_docs(c.policy_entries) {
+    for doc in topo::policy_docs(c.policy_entries, "{name: cp-server}") {
         daemon.apply_policy(&doc)?;
     }
     c.policy_apply_s = Some(t.elapsed().as_secs_f64());
@@ -398,7 +441,11 @@ fn first_line(program: &str, args: &[&str]) -> String {
         .args(args)
         .output()
         .map(|o| {
-            let text = if o.stdout.is_empty() { o.stderr } else { o.stdout };
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
             String::from_utf8_lossy(&text)
                 .lines()
                 .next()

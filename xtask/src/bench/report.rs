@@ -192,7 +192,12 @@ pub(crate) fn targets(run: &Run) -> Vec<Target> {
         ),
         check(
             "per-packet cost, 100k entries ÷ 1k entries (pps 1k ÷ pps 100k)",
-            paired_median(run, "sluice-bridge-1k", "sluice-bridge-100k", Metric::UdpPps),
+            paired_median(
+                run,
+                "sluice-bridge-1k",
+                "sluice-bridge-100k",
+                Metric::UdpPps,
+            ),
             false,
             1.05,
             &few,
@@ -300,10 +305,7 @@ pub(crate) fn markdown(run: &Run, chart: &str) -> String {
                         .summary
                         .map_or("failed".into(), |x| fmt_num(x.median * scale));
                     let r = se.ratio_to_bare.map_or(String::new(), |r| {
-                        format!(
-                            " ({:.2}x, {:.2}–{:.2})",
-                            r.median, r.min, r.max
-                        )
+                        format!(" ({:.2}x, {:.2}–{:.2})", r.median, r.min, r.max)
                     });
                     let _ = write!(s, " {v}{r} |");
                 }
@@ -314,7 +316,10 @@ pub(crate) fn markdown(run: &Run, chart: &str) -> String {
         }
         let _ = writeln!(s, " {slow} |");
     }
-    let _ = writeln!(s, "\n![UDP 64 B pps and TCP_RR as a ratio to bare veth]({chart})\n");
+    let _ = writeln!(
+        s,
+        "\n![UDP 64 B pps and TCP_RR as a ratio to bare veth]({chart})\n"
+    );
     if let Some(c) = &run.control {
         let _ = writeln!(s, "### Control plane\n");
         let _ = writeln!(
@@ -496,7 +501,12 @@ mod tests {
             machine: machine(),
             topologies: vec![
                 topo("bare-veth", &bare_u, &bare_r, b),
-                topo("docker-bridge-1k", &[40e3, 20e3, 42e3, 38e3, 41e3], &[6e3; 5], b),
+                topo(
+                    "docker-bridge-1k",
+                    &[40e3, 20e3, 42e3, 38e3, 41e3],
+                    &[6e3; 5],
+                    b,
+                ),
                 // 0.9x bare in every repetition, including the slow one.
                 topo(
                     "sluice-bridge-10k",

@@ -63,15 +63,6 @@ impl Summary {
             n: values.len(),
         })
     }
-
-    /// Spread as a fraction of the median: (max - min) / median.
-    pub(crate) fn spread(&self) -> f64 {
-        if self.median == 0.0 {
-            0.0
-        } else {
-            (self.max - self.min) / self.median
-        }
-    }
 }
 
 /// Ratios paired within one repetition: `a[i] / b[i]` for every repetition where both exist
@@ -121,10 +112,9 @@ mod tests {
     }
 
     #[test]
-    fn summary_and_spread() {
+    fn summary_has_median_min_max() {
         let s = Summary::of(&[10.0, 8.0, 12.0]).unwrap();
         assert_eq!((s.median, s.min, s.max, s.n), (10.0, 8.0, 12.0, 3));
-        assert!((s.spread() - 0.4).abs() < 1e-9);
         assert_eq!(Summary::of(&[]), None);
     }
 

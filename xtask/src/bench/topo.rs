@@ -12,6 +12,7 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 
 use super::api::Daemon;
+use super::engine::FakeEngine;
 use super::measure::in_ns;
 
 /// Prefix of every namespace the benchmark creates.
@@ -86,9 +87,9 @@ impl Topology {
     /// Why this build cannot run the topology, if it cannot.
     pub(crate) fn unavailable(&self) -> Option<&'static str> {
         match self {
-            Self::SluiceVxlan => Some(
-                "sluice has no `mode=vxlan` in this build (issue 5, being merged separately)",
-            ),
+            Self::SluiceVxlan => {
+                Some("sluice has no `mode=vxlan` in this build (issue 5, being merged separately)")
+            }
             Self::SluiceMacvlan => Some(
                 "sluice has no `mode=macvlan` in this build (issue 5, being merged separately)",
             ),
@@ -109,12 +110,13 @@ pub(crate) struct Built {
 /// Everything the benchmark created; dropping it removes all of it, even after an error.
 #[derive(Debug)]
 pub(crate) struct Lab {
-    /// Holder processes, one per namespace (`unshare -n sleep`): a namespace is named by its
+    /// Holder processes, one per namespace (`unshare -n cat`): a namespace is named by its
     /// holder's PID and lives as long as the holder, whatever happens to /run/netns.
     holders: Vec<std::process::Child>,
     pub(crate) daemons: Vec<Daemon>,
     pub(crate) run_dir: PathBuf,
     pub(crate) sluice: PathBuf,
+    engine: Option<FakeEngine>,
 }
 
 pub(crate) fn sh(program: &str, args: &[&str]) -> Result<()> {
@@ -158,6 +160,7 @@ impl Lab {
             daemons: Vec::new(),
             run_dir,
             sluice,
+            engine: None,
         }
     }
 
@@ -165,9 +168,11 @@ impl Lab {
     /// for the reader). Held by a process rather than bind-mounted under /run/netns, so that
     /// other tools sweeping /run/netns cannot pull it away mid-run.
     pub(crate) fn netns(&mut self, _name: &str) -> Result<String> {
+        // `cat` on a pipe from us: if the benchmark dies, the pipe closes and the holder (and
+        // with it the namespace) goes too.
         let child = Command::new("unshare")
-            .args(["--net", "--", "sleep", "7200"])
-            .stdin(Stdio::null())
+            .args(["--net", "--", "cat"])
+            .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
             .context("start a namespace holder (unshare)")?;
@@ -175,7 +180,10 @@ impl Lab {
         self.holders.push(child);
         let ours = std::fs::read_link("/proc/self/ns/net")?;
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-        while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok().as_ref() == Some(&ours)
+        while std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .ok()
+            .as_ref()
+            == Some(&ours)
             || std::fs::read_link(format!("/proc/{pid}/ns/net")).is_err()
         {
             if std::time::Instant::now() > deadline {
@@ -225,13 +233,20 @@ impl Lab {
             veth(ns, "eth0", &h, &port)?;
             ipn(&h, &["link", "set", &port, "master", "br0", "up"])?;
             addr_up(ns, "eth0", &format!("10.251.{k}.{host}/24"))?;
-            ipn(ns, &["route", "add", "default", "via", &format!("10.251.{k}.1")])?;
+            ipn(
+                ns,
+                &["route", "add", "default", "via", &format!("10.251.{k}.1")],
+            )?;
         }
         if !Path::new("/proc/sys/net/bridge").exists() {
             // Docker loads br_netfilter the same way; without kmod, say so.
             sh("modprobe", &["br_netfilter"]).context("br_netfilter is not loaded")?;
         }
-        run_in(&h, "sysctl", &["-qw", "net.bridge.bridge-nf-call-iptables=1"])?;
+        run_in(
+            &h,
+            "sysctl",
+            &["-qw", "net.bridge.bridge-nf-call-iptables=1"],
+        )?;
         run_in(&h, "sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         let rules_text = docker_iptables("br0", rules);
         let mut child = in_ns(&h, None, "iptables-restore")
@@ -254,14 +269,25 @@ impl Lab {
     }
 
     fn sluice_bridge(&mut self, topology: Topology, entries: usize, k: u8) -> Result<Built> {
-        let fast = matches!(topology, Topology::SluiceBridge { fast_path: true, .. });
+        let fast = matches!(
+            topology,
+            Topology::SluiceBridge {
+                fast_path: true,
+                ..
+            }
+        );
         let tag = format!("s{}{}", short(entries), if fast { "" } else { "n" });
         let h = self.netns(&format!("{tag}-h"))?;
         let c = self.netns(&format!("{tag}-c"))?;
         let s = self.netns(&format!("{tag}-s"))?;
         let name = format!("{NS_PREFIX}{tag}");
         let extra: &[&str] = if fast { &[] } else { &["--no-fast-path"] };
-        let daemon = Daemon::start(&self.sluice, &h, &name, &self.run_dir, extra)?;
+        if self.engine.is_none() {
+            self.engine = Some(FakeEngine::start(&self.run_dir.join("docker.sock"))?);
+        }
+        let engine = self.engine.clone().context("no engine")?;
+        let docker_host = format!("unix://{}", engine.socket.display());
+        let daemon = Daemon::start(&self.sluice, &h, &name, &self.run_dir, &docker_host, extra)?;
         let net = format!("{:0<64}", format!("be9c{k:02x}"));
         daemon.create_network(
             &net,
@@ -271,13 +297,10 @@ impl Lab {
         for (ns, host, role) in [(&c, 2u8, "client"), (&s, 3, "server")] {
             let ep = format!("{:0<64}", format!("e{k:02x}{host}"));
             let address = format!("10.252.{k}.{host}/24");
-            let (src, mac) = daemon.create_and_join(
-                &net,
-                &ep,
-                &address,
-                &format!("/proc/{ns}/ns/net"),
-                &[("role", role)],
-            )?;
+            let sandbox = format!("/proc/{ns}/ns/net");
+            engine.add(&format!("{tag}-{role}"), &sandbox, &net, &ep);
+            let (src, mac) =
+                daemon.create_and_join(&net, &ep, &address, &sandbox, &[("role", role)])?;
             // What libnetwork does after Join: move the link into the sandbox, rename it,
             // give it the endpoint's MAC and address, and route through the gateway.
             ipn(&h, &["link", "set", &src, "netns", ns])?;
@@ -286,10 +309,26 @@ impl Lab {
                 ipn(ns, &["link", "set", "eth0", "address", &mac])?;
             }
             addr_up(ns, "eth0", &address)?;
-            ipn(ns, &["route", "add", "default", "via", &format!("10.252.{k}.1")])?;
+            ipn(
+                ns,
+                &["route", "add", "default", "via", &format!("10.252.{k}.1")],
+            )?;
+        }
+        // Until the resolver has named both endpoints, they are "pending" and dropped.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let (_, body) =
+                super::api::request(&daemon.admin, "GET", "/v1/endpoints", "text/plain", "")?;
+            if !body.contains("\"pending\"") {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                bail!("the endpoints' identities stayed pending for 20 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
         }
         if entries > 0 {
-            for doc in policy_docs(entries) {
+            for doc in policy_docs(entries, "{}") {
                 daemon
                     .apply_policy(&doc)
                     .with_context(|| format!("apply a policy of {entries} entries"))?;
@@ -312,10 +351,13 @@ impl Lab {
         addr_up(&a, "u0", &format!("{ua}/24"))?;
         addr_up(&b, "u0", &format!("{ub}/24"))?;
         for (ns, local, remote, overlay) in [(&a, &ua, &ub, 1), (&b, &ub, &ua, 2)] {
-            ipn(ns, &[
-                "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local,
-                "remote", remote, "dstport", "4789", "dev", "u0",
-            ])?;
+            ipn(
+                ns,
+                &[
+                    "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local, "remote",
+                    remote, "dstport", "4789", "dev", "u0",
+                ],
+            )?;
             addr_up(ns, "vx0", &format!("10.254.{k}.{overlay}/24"))?;
         }
         Ok(Built {
@@ -405,12 +447,15 @@ const ENTRIES_PER_DOC: usize = 40_000;
 /// Policies for every endpoint with `entries` peer entries in all: every sluice endpoint (so
 /// the benchmark's traffic is allowed) and `entries - 1` distinct /32s it never matches, in
 /// documents of at most [`ENTRIES_PER_DOC`] entries (applied one by one).
-pub(crate) fn policy_docs(entries: usize) -> Vec<String> {
+///
+/// `selector` (YAML flow map) picks the endpoints the policies are for: the `POLICY` map holds
+/// one entry per selected endpoint and peer.
+pub(crate) fn policy_docs(entries: usize, selector: &str) -> Vec<String> {
     let mut docs = Vec::new();
     let mut i = 0;
     while i < entries.max(1) {
         let mut s = format!(
-            "name: bench-{}\nselector: {{}}\ningress:\n  - action: allow\n    from:\n",
+            "name: bench-{}\nselector: {selector}\ningress:\n  - action: allow\n    from:\n",
             docs.len()
         );
         let end = (i + ENTRIES_PER_DOC).min(entries.max(1));
@@ -493,7 +538,7 @@ mod tests {
 
     #[test]
     fn policy_has_the_asked_number_of_distinct_entries() {
-        let docs = policy_docs(100_000);
+        let docs = policy_docs(100_000, "{}");
         assert_eq!(docs.len(), 3);
         assert!(docs.iter().all(|d| d.len() < 2 << 20));
         let y = docs.concat();
