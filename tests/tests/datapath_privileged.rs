@@ -1548,8 +1548,14 @@ fn traffic_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
     dp.attach(t.h1).unwrap();
     dp.attach(t.h2).unwrap();
     assert_eq!(dp.local_endpoint(C2.parse().unwrap()).unwrap(), Some(t.h2));
-    assert_eq!(dp.local_endpoint("10.99.0.77".parse().unwrap()).unwrap(), None);
-    assert!(pings(&t.c1, C2, 1), "neighbours resolved through the bridge");
+    assert_eq!(
+        dp.local_endpoint("10.99.0.77".parse().unwrap()).unwrap(),
+        None
+    );
+    assert!(
+        pings(&t.c1, C2, 1),
+        "neighbours resolved through the bridge"
+    );
 
     // 20 datagrams c1 -> c2: they reach c2, count as c2's ingress, and never leave the
     // bridge through c2's host veth.
@@ -1588,7 +1594,10 @@ fn traffic_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
     let before = dp.read_counters(t.h2).unwrap();
     udp_burst(&t.c1, C2, 9999, 5);
     let after = dp.read_counters(t.h2).unwrap();
-    assert_eq!(after.ingress.denied.packets - before.ingress.denied.packets, 5);
+    assert_eq!(
+        after.ingress.denied.packets - before.ingress.denied.packets,
+        5
+    );
 
     // Detached endpoint: its address leaves the fast path.
     dp.remove_endpoint(t.h2).unwrap();
@@ -1610,5 +1619,8 @@ fn traffic_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
     udp_burst(&t.c1, C2, 9999, 20);
     let after = dp.read_counters(t.h2).unwrap();
     assert!(after.ingress.allowed.packets - before.ingress.allowed.packets >= 20);
-    assert!(tx_packets("slvhdp2") - tx >= 20, "bridged when the fast path is off");
+    assert!(
+        tx_packets("slvhdp2") - tx >= 20,
+        "bridged when the fast path is off"
+    );
 }
