@@ -1624,3 +1624,100 @@ fn traffic_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
         "bridged when the fast path is off"
     );
 }
+
+/// `TC_ACT_REDIRECT`: what `bpf_redirect_peer` returns.
+const TC_ACT_REDIRECT: u32 = 7;
+
+#[test]
+fn run_fast_path_decision_redirects_only_unicast_same_network_allowed_packets() {
+    let Some(mut lab) = Lab::new() else { return };
+    let b4: Ipv4Addr = B4.parse().unwrap();
+    let c4: Ipv4Addr = C4.parse().unwrap();
+    lab.dp
+        .set_endpoint(
+            lab.b,
+            EndpointInfo::new(B_ID, NET1, 0).with_addresses(Some(b4.octets()), None),
+        )
+        .unwrap();
+    run(
+        "ip",
+        &["link", "add", "tc", "type", "veth", "peer", "name", "tcp"],
+    )
+    .unwrap();
+    let c = ifindex("tc");
+    lab.dp
+        .set_endpoint(
+            c,
+            EndpointInfo::new(C_ID, NET2, 0).with_addresses(Some(c4.octets()), None),
+        )
+        .unwrap();
+    assert_eq!(lab.dp.local_endpoint(IpAddr::V4(b4)).unwrap(), Some(lab.b));
+
+    // Same network, unicast: straight to the receiver, counted as its ingress.
+    let syn = ipv4(A4, B4, 6, &tcp(40000, 80, TCP_SYN));
+    assert_eq!(lab.sends(lab.a, &syn), TC_ACT_REDIRECT);
+    assert_eq!(
+        lab.dp.read_counters(lab.b).unwrap().ingress.allowed.packets,
+        1
+    );
+    // Broadcast/multicast destination MAC, another network, an unknown address: the bridge.
+    let mut broadcast = syn.clone();
+    broadcast[..6].copy_from_slice(&[0xff; 6]);
+    assert_eq!(lab.sends(lab.a, &broadcast), TC_ACT_OK);
+    assert_eq!(
+        lab.sends(lab.a, &ipv4(A4, C4, 6, &tcp(40000, 80, TCP_SYN))),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        lab.sends(lab.a, &ipv4(A4, "10.0.0.99", 6, &tcp(40000, 80, TCP_SYN))),
+        TC_ACT_OK
+    );
+    assert_eq!(lab.sends(lab.a, &arp_request()), TC_ACT_OK);
+
+    // The receiver's ingress policy decides on the fast path: default deny drops here.
+    lab.dp
+        .set_endpoint(
+            lab.b,
+            EndpointInfo::new(B_ID, NET1, EP_INGRESS_ENFORCED)
+                .with_addresses(Some(b4.octets()), None),
+        )
+        .unwrap();
+    let syn2 = ipv4(A4, B4, 6, &tcp(40001, 81, TCP_SYN));
+    assert_eq!(lab.sends(lab.a, &syn2), TC_ACT_SHOT);
+    assert_eq!(
+        lab.dp.read_counters(lab.b).unwrap().ingress.denied.packets,
+        1
+    );
+    // ... and an allow rule lets it through.
+    lab.policy(&[ports(
+        rule(
+            1,
+            B_ID,
+            Direction::Ingress,
+            Peer::Identity(A_ID),
+            Protocol::Tcp,
+        ),
+        81,
+        81,
+    )]);
+    assert_eq!(lab.sends(lab.a, &syn2), TC_ACT_REDIRECT);
+
+    // Fast path off: nothing in LOCAL, the bridge again.
+    let mut off = Datapath::load(&DatapathConfig {
+        fast_path: false,
+        ..DatapathConfig::unpinned()
+    })
+    .unwrap();
+    off.set_endpoint(1, EndpointInfo::new(A_ID, NET1, 0))
+        .unwrap();
+    off.set_endpoint(
+        lab.b,
+        EndpointInfo::new(B_ID, NET1, 0).with_addresses(Some(b4.octets()), None),
+    )
+    .unwrap();
+    assert_eq!(off.local_endpoint(IpAddr::V4(b4)).unwrap(), None);
+    assert_eq!(
+        off.test_run(Direction::Egress, &syn, 1, 1).unwrap().action,
+        TC_ACT_OK
+    );
+}

@@ -283,12 +283,12 @@ pub(crate) fn markdown(run: &Run, chart: &str) -> String {
         let _ = write!(s, " {} |", metric.label());
     }
     let _ = writeln!(s, " slow samples |");
-    let _ = writeln!(s, "| --- |{}--- |", " --- |".repeat(Metric::ALL.len()));
+    let _ = writeln!(s, "| --- |{} --- |", " --- |".repeat(Metric::ALL.len()));
     for t in &run.topologies {
         if let Some(why) = &t.unavailable {
             let _ = writeln!(
                 s,
-                "| {} | not run: {why} |{}|",
+                "| {} | not run: {why} |{}",
                 t.description,
                 " |".repeat(Metric::ALL.len())
             );
