@@ -88,10 +88,10 @@ pub struct DaemonArgs {
     /// own `/proc/sys` is read-only, so the plugin mounts the host's `net/` elsewhere.
     #[arg(long, env = "SLUICE_PROC_SYS", default_value = "/proc/sys")]
     pub proc_sys: PathBuf,
-    /// Turn off the same-host fast path: traffic between endpoints of one network on this
-    /// host then goes through the bridge (docs/options.md).
-    #[arg(long, env = "SLUICE_NO_FAST_PATH")]
-    pub no_fast_path: bool,
+    /// Turn on the same-host fast path: traffic between endpoints of one network on this host
+    /// skips the bridge (docs/options.md; not yet for published-port hairpin setups).
+    #[arg(long, env = "SLUICE_FAST_PATH")]
+    pub fast_path: bool,
 }
 
 /// Runs the daemon until a signal arrives.
@@ -121,7 +121,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT).join(&name));
     let datapath = Datapath::load(&DatapathConfig {
-        fast_path: !args.no_fast_path,
+        fast_path: args.fast_path,
         ..DatapathConfig::pinned(&bpf_dir)
     })
     .with_context(|| {

@@ -1542,8 +1542,12 @@ fn traffic_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
     let t = Topology::build();
     assert!(pings(&t.c1, C2, 1), "no connectivity before the datapath");
 
-    let mut dp = Datapath::load(&DatapathConfig::unpinned()).unwrap();
-    assert!(dp.fast_path(), "the fast path is on by default");
+    let mut dp = Datapath::load(&DatapathConfig {
+        fast_path: true,
+        ..DatapathConfig::unpinned()
+    })
+    .unwrap();
+    assert!(dp.fast_path());
     register(&mut dp, &t);
     dp.attach(t.h1).unwrap();
     dp.attach(t.h2).unwrap();
@@ -1631,6 +1635,19 @@ const TC_ACT_REDIRECT: u32 = 7;
 #[test]
 fn run_fast_path_decision_redirects_only_unicast_same_network_allowed_packets() {
     let Some(mut lab) = Lab::new() else { return };
+    lab.dp = Datapath::load(&DatapathConfig {
+        fast_path: true,
+        ..DatapathConfig::unpinned()
+    })
+    .unwrap();
+    lab.dp
+        .set_endpoint(1, EndpointInfo::new(A_ID, NET1, 0))
+        .unwrap();
+    for (addr, identity, network) in [(A4, A_ID, NET1), (B4, B_ID, NET1), (C4, C_ID, NET2)] {
+        lab.dp
+            .set_ip(host(addr), IpInfo { identity, network })
+            .unwrap();
+    }
     let b4: Ipv4Addr = B4.parse().unwrap();
     let c4: Ipv4Addr = C4.parse().unwrap();
     lab.dp

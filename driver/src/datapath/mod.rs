@@ -165,8 +165,9 @@ pub struct DatapathConfig {
     /// the parent (for the default, on `/sys/fs/bpf`) instead of failing.
     pub mount_bpffs: bool,
     /// The same-host fast path (`LOCAL` map): traffic between two endpoints on one network of
-    /// this host skips the bridge (`bpf_redirect_peer`), both policies still applied. On by
-    /// default; `sluice daemon --no-fast-path` turns it off.
+    /// this host skips the bridge (`bpf_redirect_peer`), both policies still applied. Off by
+    /// default (`sluice daemon --fast-path` turns it on): the reply of a hairpin-DNATed
+    /// published-port connection would skip the host's de-NAT.
     pub fast_path: bool,
 }
 
@@ -185,7 +186,7 @@ impl DatapathConfig {
             max_entries: Vec::new(),
             settings: Settings::default(),
             mount_bpffs: true,
-            fast_path: true,
+            fast_path: false,
         }
     }
 
@@ -197,7 +198,7 @@ impl DatapathConfig {
             max_entries: Vec::new(),
             settings: Settings::default(),
             mount_bpffs: false,
-            fast_path: true,
+            fast_path: false,
         }
     }
 }

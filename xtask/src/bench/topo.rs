@@ -27,7 +27,7 @@ pub(crate) enum Topology {
     /// `rules` extra rules every forwarded packet traverses.
     DockerBridge { rules: usize },
     /// sluice's bridge mode built by a real `sluice daemon` over its plugin API, with a
-    /// policy of `entries` CIDR entries.
+    /// policy of `entries` CIDR entries, with or without `--fast-path`.
     SluiceBridge { entries: usize, fast_path: bool },
     /// Two host namespaces joined by a plain kernel VXLAN pair over a veth underlay.
     KernelVxlan,
@@ -281,7 +281,7 @@ impl Lab {
         let c = self.netns(&format!("{tag}-c"))?;
         let s = self.netns(&format!("{tag}-s"))?;
         let name = format!("{NS_PREFIX}{tag}");
-        let extra: &[&str] = if fast { &[] } else { &["--no-fast-path"] };
+        let extra: &[&str] = if fast { &["--fast-path"] } else { &[] };
         if self.engine.is_none() {
             self.engine = Some(FakeEngine::start(&self.run_dir.join("docker.sock"))?);
         }
