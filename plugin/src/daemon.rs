@@ -91,6 +91,10 @@ pub struct DaemonArgs {
     /// Multi-host control plane (docs/multi-host.md).
     #[command(flatten)]
     pub cluster: crate::cluster::ClusterArgs,
+    /// Turn on the same-host fast path: traffic between endpoints of one network on this host
+    /// skips the bridge (docs/options.md; not yet for published-port hairpin setups).
+    #[arg(long, env = "SLUICE_FAST_PATH")]
+    pub fast_path: bool,
 }
 
 /// Runs the daemon until a signal arrives.
@@ -119,7 +123,11 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .bpf_dir
         .clone()
         .unwrap_or_else(|| PathBuf::from(DEFAULT_BPF_ROOT).join(&name));
-    let datapath = Datapath::load(&DatapathConfig::pinned(&bpf_dir)).with_context(|| {
+    let datapath = Datapath::load(&DatapathConfig {
+        fast_path: args.fast_path,
+        ..DatapathConfig::pinned(&bpf_dir)
+    })
+    .with_context(|| {
         format!(
             "loading the eBPF datapath (pins under {}); sluice needs a kernel with BPF, BTF \
              and TCX (6.6 or later) and CAP_BPF + CAP_NET_ADMIN",

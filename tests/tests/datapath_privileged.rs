@@ -1524,3 +1524,217 @@ fn run_port_range_edges_and_cidr_longest_match() {
         assert_eq!(lab.receives(lab.b, &frame), want, "udp from {src}");
     }
 }
+
+/// Packets the host-side veth `name` transmitted (into its container): what the bridge
+/// forwarded there.
+fn tx_packets(name: &str) -> u64 {
+    ip_json(&["-s", "link", "show", "dev", name])[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn traffic_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
+    if !require_root() {
+        return;
+    }
+    let _ns = NetNs::enter().unwrap();
+    let t = Topology::build();
+    assert!(pings(&t.c1, C2, 1), "no connectivity before the datapath");
+
+    let mut dp = Datapath::load(&DatapathConfig {
+        fast_path: true,
+        ..DatapathConfig::unpinned()
+    })
+    .unwrap();
+    assert!(dp.fast_path());
+    register(&mut dp, &t);
+    dp.attach(t.h1).unwrap();
+    dp.attach(t.h2).unwrap();
+    assert_eq!(dp.local_endpoint(C2.parse().unwrap()).unwrap(), Some(t.h2));
+    assert_eq!(
+        dp.local_endpoint("10.99.0.77".parse().unwrap()).unwrap(),
+        None
+    );
+    assert!(
+        pings(&t.c1, C2, 1),
+        "neighbours resolved through the bridge"
+    );
+
+    // 20 datagrams c1 -> c2: they reach c2, count as c2's ingress, and never leave the
+    // bridge through c2's host veth.
+    let tx = tx_packets("slvhdp2");
+    let before = dp.read_counters(t.h2).unwrap();
+    udp_burst(&t.c1, C2, 9999, 20);
+    let after = dp.read_counters(t.h2).unwrap();
+    assert!(
+        after.ingress.allowed.packets - before.ingress.allowed.packets >= 20,
+        "{before:?} -> {after:?}"
+    );
+    let bridged = tx_packets("slvhdp2") - tx;
+    assert!(
+        bridged < 20,
+        "{bridged} packets went through the bridge to c2's host veth"
+    );
+
+    // The receiver's ingress policy still applies on the fast path: TCP 8080 from c1 only.
+    let rules = [ports(
+        rule(
+            1,
+            B_ID,
+            Direction::Ingress,
+            Peer::Identity(A_ID),
+            Protocol::Tcp,
+        ),
+        8080,
+        8080,
+    )];
+    dp.apply_policy(&compile(&rules, &mut CidrIdentities::default()).unwrap())
+        .unwrap();
+    dp.set_endpoint(t.h2, endpoint_info(B_ID, EP_INGRESS_ENFORCED))
+        .unwrap();
+    assert!(tcp_hello(&t.c1, &t.c2, C2, 8080), "allowed TCP and replies");
+    assert!(!tcp_hello(&t.c1, &t.c2, C2, 8081), "other port denied");
+    let before = dp.read_counters(t.h2).unwrap();
+    udp_burst(&t.c1, C2, 9999, 5);
+    let after = dp.read_counters(t.h2).unwrap();
+    assert_eq!(
+        after.ingress.denied.packets - before.ingress.denied.packets,
+        5
+    );
+
+    // Detached endpoint: its address leaves the fast path.
+    dp.remove_endpoint(t.h2).unwrap();
+    assert_eq!(dp.local_endpoint(C2.parse().unwrap()).unwrap(), None);
+    drop(dp);
+
+    // Fast path off: the same datagrams go through the bridge.
+    let mut dp = Datapath::load(&DatapathConfig {
+        fast_path: false,
+        ..DatapathConfig::unpinned()
+    })
+    .unwrap();
+    register(&mut dp, &t);
+    dp.attach(t.h1).unwrap();
+    dp.attach(t.h2).unwrap();
+    assert_eq!(dp.local_endpoint(C2.parse().unwrap()).unwrap(), None);
+    let tx = tx_packets("slvhdp2");
+    let before = dp.read_counters(t.h2).unwrap();
+    udp_burst(&t.c1, C2, 9999, 20);
+    let after = dp.read_counters(t.h2).unwrap();
+    assert!(after.ingress.allowed.packets - before.ingress.allowed.packets >= 20);
+    assert!(
+        tx_packets("slvhdp2") - tx >= 20,
+        "bridged when the fast path is off"
+    );
+}
+
+/// `TC_ACT_REDIRECT`: what `bpf_redirect_peer` returns.
+const TC_ACT_REDIRECT: u32 = 7;
+
+#[test]
+fn run_fast_path_decision_redirects_only_unicast_same_network_allowed_packets() {
+    let Some(mut lab) = Lab::new() else { return };
+    lab.dp = Datapath::load(&DatapathConfig {
+        fast_path: true,
+        ..DatapathConfig::unpinned()
+    })
+    .unwrap();
+    lab.dp
+        .set_endpoint(1, EndpointInfo::new(A_ID, NET1, 0))
+        .unwrap();
+    for (addr, identity, network) in [(A4, A_ID, NET1), (B4, B_ID, NET1), (C4, C_ID, NET2)] {
+        lab.dp
+            .set_ip(host(addr), IpInfo { identity, network })
+            .unwrap();
+    }
+    let b4: Ipv4Addr = B4.parse().unwrap();
+    let c4: Ipv4Addr = C4.parse().unwrap();
+    lab.dp
+        .set_endpoint(
+            lab.b,
+            EndpointInfo::new(B_ID, NET1, 0).with_addresses(Some(b4.octets()), None),
+        )
+        .unwrap();
+    run(
+        "ip",
+        &["link", "add", "tc", "type", "veth", "peer", "name", "tcp"],
+    )
+    .unwrap();
+    let c = ifindex("tc");
+    lab.dp
+        .set_endpoint(
+            c,
+            EndpointInfo::new(C_ID, NET2, 0).with_addresses(Some(c4.octets()), None),
+        )
+        .unwrap();
+    assert_eq!(lab.dp.local_endpoint(IpAddr::V4(b4)).unwrap(), Some(lab.b));
+
+    // Same network, unicast: straight to the receiver, counted as its ingress.
+    let syn = ipv4(A4, B4, 6, &tcp(40000, 80, TCP_SYN));
+    assert_eq!(lab.sends(lab.a, &syn), TC_ACT_REDIRECT);
+    assert_eq!(
+        lab.dp.read_counters(lab.b).unwrap().ingress.allowed.packets,
+        1
+    );
+    // Broadcast/multicast destination MAC, another network, an unknown address: the bridge.
+    let mut broadcast = syn.clone();
+    broadcast[..6].copy_from_slice(&[0xff; 6]);
+    assert_eq!(lab.sends(lab.a, &broadcast), TC_ACT_OK);
+    assert_eq!(
+        lab.sends(lab.a, &ipv4(A4, C4, 6, &tcp(40000, 80, TCP_SYN))),
+        TC_ACT_OK
+    );
+    assert_eq!(
+        lab.sends(lab.a, &ipv4(A4, "10.0.0.99", 6, &tcp(40000, 80, TCP_SYN))),
+        TC_ACT_OK
+    );
+    assert_eq!(lab.sends(lab.a, &arp_request()), TC_ACT_OK);
+
+    // The receiver's ingress policy decides on the fast path: default deny drops here.
+    lab.dp
+        .set_endpoint(
+            lab.b,
+            EndpointInfo::new(B_ID, NET1, EP_INGRESS_ENFORCED)
+                .with_addresses(Some(b4.octets()), None),
+        )
+        .unwrap();
+    let syn2 = ipv4(A4, B4, 6, &tcp(40001, 81, TCP_SYN));
+    assert_eq!(lab.sends(lab.a, &syn2), TC_ACT_SHOT);
+    assert_eq!(
+        lab.dp.read_counters(lab.b).unwrap().ingress.denied.packets,
+        1
+    );
+    // ... and an allow rule lets it through.
+    lab.policy(&[ports(
+        rule(
+            1,
+            B_ID,
+            Direction::Ingress,
+            Peer::Identity(A_ID),
+            Protocol::Tcp,
+        ),
+        81,
+        81,
+    )]);
+    assert_eq!(lab.sends(lab.a, &syn2), TC_ACT_REDIRECT);
+
+    // Fast path off: nothing in LOCAL, the bridge again.
+    let mut off = Datapath::load(&DatapathConfig {
+        fast_path: false,
+        ..DatapathConfig::unpinned()
+    })
+    .unwrap();
+    off.set_endpoint(1, EndpointInfo::new(A_ID, NET1, 0))
+        .unwrap();
+    off.set_endpoint(
+        lab.b,
+        EndpointInfo::new(B_ID, NET1, 0).with_addresses(Some(b4.octets()), None),
+    )
+    .unwrap();
+    assert_eq!(off.local_endpoint(IpAddr::V4(b4)).unwrap(), None);
+    assert_eq!(
+        off.test_run(Direction::Egress, &syn, 1, 1).unwrap().action,
+        TC_ACT_OK
+    );
+}

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod plugin;
 
 /// Tools the daemon, the test suite and `cargo xtask run` need on the host.
@@ -83,12 +84,9 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Benchmarks (not tests: they measure, they do not pass or fail).
-    Bench {
-        /// `micro`: the policy program's ns per packet under BPF_PROG_TEST_RUN by policy size.
-        #[arg(value_parser = ["micro"], default_value = "micro")]
-        suite: String,
-    },
+    /// Benchmarks side by side with Docker's bridge (not tests: they measure and check the
+    /// targets; docs/benchmarks.md).
+    Bench(bench::BenchArgs),
     /// Build the managed plugin bundle (static binary, rootfs, config.json) and run
     /// `docker plugin create` (docs/managed-plugin.md).
     Plugin(plugin::PluginArgs),
@@ -109,7 +107,7 @@ fn main() -> ExitCode {
         Task::Setup => setup(),
         Task::Run { args } => run(&args).map(|()| ExitCode::SUCCESS),
         Task::Test { unprivileged, args } => test(unprivileged, &args),
-        Task::Bench { suite } => bench(&suite),
+        Task::Bench(args) => bench(&args),
         Task::Plugin(args) => plugin::plugin(&args).map(|()| ExitCode::SUCCESS),
     };
     match result {
@@ -390,37 +388,48 @@ fn docker_answers() -> bool {
 // ---------------------------------------------------------------------------------------------
 // bench
 
-/// Runs a benchmark suite. `micro` loads the eBPF programs with policy maps of several sizes
-/// and times them with `BPF_PROG_TEST_RUN`, interleaved, in release mode.
-fn bench(suite: &str) -> Result<ExitCode> {
+/// Runs the benchmarks: `micro` loads the eBPF programs with policy maps of several sizes and
+/// times them with `BPF_PROG_TEST_RUN`; the rest is in [`bench`].
+fn bench(args: &bench::BenchArgs) -> Result<ExitCode> {
     if !is_root() {
-        bail!("`cargo xtask bench` needs root: it loads eBPF programs");
+        bail!("`cargo xtask bench` needs root: it loads eBPF programs and creates namespaces");
     }
     install_ebpf_toolchain()?;
     let root = workspace_root();
-    println!("bench {suite}: ns per packet by policy size (BPF_PROG_TEST_RUN, median of rounds)");
-    let status = Command::new(cargo())
-        .current_dir(&root)
-        .args([
-            "test",
-            "--release",
-            "-p",
-            "sluice-tests",
-            "--test",
-            "datapath_privileged",
-            "bench_ns_per_packet_by_policy_size",
-            "--",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env("SLUICE_EBPF_REQUIRED", "1")
-        .status()
-        .context("run the micro benchmark")?;
-    Ok(if status.success() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    let mut ok = true;
+    if args.suite == "all" || args.suite == "micro" {
+        println!("bench micro: ns per packet by policy size (BPF_PROG_TEST_RUN, median of rounds)");
+        ok &= Command::new(cargo())
+            .current_dir(&root)
+            .args([
+                "test",
+                "--release",
+                "-p",
+                "sluice-tests",
+                "--test",
+                "datapath_privileged",
+                "bench_ns_per_packet_by_policy_size",
+                "--",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env("SLUICE_EBPF_REQUIRED", "1")
+            .status()
+            .context("run the micro benchmark")?
+            .success();
+    }
+    let mut sluice = None;
+    if args.suite != "micro" {
+        run_checked(
+            Command::new(cargo())
+                .current_dir(&root)
+                .args(["build", "--release", "-p", "sluice-plugin"])
+                .env("SLUICE_EBPF_REQUIRED", "1"),
+        )?;
+        sluice = Some(target_dir(&root)?.join("release").join("sluice"));
+    }
+    let code = bench::bench(args, &root, sluice)?;
+    Ok(if ok { code } else { ExitCode::FAILURE })
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -51,9 +51,9 @@ use ipnetwork::IpNetwork;
 use sluice_common::{
     CounterKey, CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointInfo,
     IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_CONNTRACK, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_NAMES, MAP_POLICY, MAP_SETTINGS,
-    PROG_EGRESS, PROG_INGRESS, PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PolicyKey, PolicyValue,
-    Settings, VERDICT_ALLOW, VERDICT_DENY,
+    MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_LOCAL, MAP_NAMES, MAP_POLICY,
+    MAP_SETTINGS, PROG_EGRESS, PROG_INGRESS, PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PolicyKey,
+    PolicyValue, Settings, VERDICT_ALLOW, VERDICT_DENY,
 };
 use tracing::{debug, info};
 
@@ -164,6 +164,11 @@ pub struct DatapathConfig {
     /// When the pin directory does not exist and its parent is not on a bpffs, mount one on
     /// the parent (for the default, on `/sys/fs/bpf`) instead of failing.
     pub mount_bpffs: bool,
+    /// The same-host fast path (`LOCAL` map): traffic between two endpoints on one network of
+    /// this host skips the bridge (`bpf_redirect_peer`), both policies still applied. Off by
+    /// default (`sluice daemon --fast-path` turns it on): the reply of a hairpin-DNATed
+    /// published-port connection would skip the host's de-NAT.
+    pub fast_path: bool,
 }
 
 impl Default for DatapathConfig {
@@ -181,6 +186,7 @@ impl DatapathConfig {
             max_entries: Vec::new(),
             settings: Settings::default(),
             mount_bpffs: true,
+            fast_path: false,
         }
     }
 
@@ -192,6 +198,7 @@ impl DatapathConfig {
             max_entries: Vec::new(),
             settings: Settings::default(),
             mount_bpffs: false,
+            fast_path: false,
         }
     }
 }
@@ -359,6 +366,18 @@ const ALL_HOOKS: [(&str, TcAttachType); 4] =
     [HOOKS[0], HOOKS[1], SANDBOX_HOOKS[0], SANDBOX_HOOKS[1]];
 
 /// Expected kernel map type, key size and value size of each map.
+/// The `LOCAL` keys of an endpoint: its non-zero addresses.
+fn local_keys(info: &EndpointInfo) -> Vec<IpKey> {
+    let mut keys = Vec::new();
+    if info.ipv4 != [0; 4] {
+        keys.push(IpKey::v4(info.ipv4));
+    }
+    if info.ipv6 != [0; 16] {
+        keys.push(IpKey::v6(info.ipv6));
+    }
+    keys
+}
+
 fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
     let size = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
     Some(match name {
@@ -384,6 +403,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
             size(size_of::<CounterValue>()),
         ),
         MAP_EVENTS => (MapType::RingBuf, 0, 0),
+        MAP_LOCAL => (MapType::Hash, size(size_of::<IpKey>()), 4),
         MAP_SETTINGS => (MapType::Array, 4, size(size_of::<Settings>())),
         MAP_EVENT_RATE => (
             MapType::PerCpuArray,
@@ -398,6 +418,8 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
 pub struct Datapath {
     ebpf: Ebpf,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
+    local: HashMap<MapData, IpKey, u32>,
+    fast_path: bool,
     ipcache: LpmTrie<MapData, IpKey, IpInfo>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
@@ -515,6 +537,8 @@ impl Datapath {
 
         let endpoints = HashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)
             .map_err(map_err("open", MAP_ENDPOINTS))?;
+        let local = HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL)?)
+            .map_err(map_err("open", MAP_LOCAL))?;
         let ipcache = LpmTrie::try_from(take_map(&mut ebpf, MAP_IPCACHE)?)
             .map_err(map_err("open", MAP_IPCACHE))?;
         let policy = LpmTrie::try_from(take_map(&mut ebpf, MAP_POLICY)?)
@@ -531,6 +555,8 @@ impl Datapath {
         let mut datapath = Self {
             ebpf,
             endpoints,
+            local,
+            fast_path: config.fast_path,
             ipcache,
             policy,
             conntrack,
@@ -541,7 +567,15 @@ impl Datapath {
             links: StdHashMap::new(),
         };
         datapath.set_settings(config.settings)?;
+        if !datapath.fast_path {
+            // Adopted pins may hold entries of a run with the fast path on.
+            let keys: Vec<IpKey> = datapath.local.keys().filter_map(Result::ok).collect();
+            for key in keys {
+                let _ = datapath.local.remove(&key);
+            }
+        }
         info!(
+            fast_path = config.fast_path,
             pin_dir = ?config.pin_dir,
             "eBPF datapath loaded (programs {PROG_EGRESS}, {PROG_INGRESS})"
         );
@@ -822,7 +856,54 @@ impl Datapath {
     pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
         self.endpoints
             .insert(ifindex, info, 0)
-            .map_err(map_err(format!("set endpoint {ifindex}"), MAP_ENDPOINTS))
+            .map_err(map_err(format!("set endpoint {ifindex}"), MAP_ENDPOINTS))?;
+        for key in local_keys(&info) {
+            if self.fast_path {
+                self.local
+                    .insert(key, ifindex, 0)
+                    .map_err(map_err(format!("set fast path to {ifindex}"), MAP_LOCAL))?;
+            } else {
+                self.remove_local(key, ifindex)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the same-host fast path is on ([`DatapathConfig::fast_path`]).
+    #[must_use]
+    pub fn fast_path(&self) -> bool {
+        self.fast_path
+    }
+
+    /// The host veth ifindex the fast path delivers `addr` to, if any.
+    ///
+    /// # Errors
+    /// If the map read fails.
+    pub fn local_endpoint(&self, addr: std::net::IpAddr) -> Result<Option<u32>> {
+        let key = match addr {
+            std::net::IpAddr::V4(a) => IpKey::v4(a.octets()),
+            std::net::IpAddr::V6(a) => IpKey::v6(a.octets()),
+        };
+        match self.local.get(&key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(format!("get fast path of {addr}"), MAP_LOCAL)(e)),
+        }
+    }
+
+    /// Removes `LOCAL[key]` if it still points at `ifindex` (another endpoint may have taken
+    /// the address since). Idempotent.
+    fn remove_local(&mut self, key: IpKey, ifindex: u32) -> Result<()> {
+        match self.local.get(&key, 0) {
+            Ok(v) if v == ifindex => match self.local.remove(&key) {
+                Ok(()) => Ok(()),
+                Err(e) if is_not_found(&e) => Ok(()),
+                Err(e) => Err(map_err("remove fast path", MAP_LOCAL)(e)),
+            },
+            Ok(_) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(map_err("get fast path", MAP_LOCAL)(e)),
+        }
     }
 
     /// The endpoint registered at `ifindex`.
@@ -844,6 +925,11 @@ impl Datapath {
     /// # Errors
     /// If a map operation fails.
     pub fn remove_endpoint(&mut self, ifindex: u32) -> Result<()> {
+        if let Some(info) = self.endpoint(ifindex)? {
+            for key in local_keys(&info) {
+                self.remove_local(key, ifindex)?;
+            }
+        }
         match self.endpoints.remove(&ifindex) {
             Ok(()) => {}
             Err(e) if is_not_found(&e) => {}

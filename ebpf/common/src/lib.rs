@@ -32,9 +32,14 @@ pub const MAP_EVENTS: &str = "EVENTS";
 pub const MAP_SETTINGS: &str = "SETTINGS";
 /// Map: index 0 → [`RateState`]. Per-CPU array, kernel-only state of the event rate limiter.
 pub const MAP_EVENT_RATE: &str = "EVENT_RATE";
+/// Map: address ([`IpKey`], 16 bytes, IPv4 v4-mapped) of an endpoint on this host → ifindex
+/// (`u32`) of its host-side veth. Hash. The same-host fast path: the sender's program, after
+/// the sender's egress and the receiver's ingress policy, `bpf_redirect_peer`s to it.
+/// Empty when the fast path is off.
+pub const MAP_LOCAL: &str = "LOCAL";
 
 /// Every map the object defines, in a fixed order.
-pub const MAP_NAMES: [&str; 8] = [
+pub const MAP_NAMES: [&str; 9] = [
     MAP_ENDPOINTS,
     MAP_IPCACHE,
     MAP_POLICY,
@@ -43,6 +48,7 @@ pub const MAP_NAMES: [&str; 8] = [
     MAP_EVENTS,
     MAP_SETTINGS,
     MAP_EVENT_RATE,
+    MAP_LOCAL,
 ];
 
 /// Program for the **TCX ingress** hook of an endpoint's host-side veth: it sees what the

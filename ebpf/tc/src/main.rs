@@ -50,7 +50,7 @@ mod packet;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT};
-    use aya_ebpf::helpers::bpf_ktime_get_ns;
+    use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect_peer};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::Key;
     use aya_ebpf::maps::{
@@ -89,6 +89,10 @@ mod programs {
     static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
         PerCpuHashMap::with_max_entries(DEFAULT_MAX_COUNTERS, 0);
 
+    /// Endpoint address on this host → its host veth's ifindex (the fast path; empty = off).
+    #[map]
+    static LOCAL: HashMap<IpKey, u32> = HashMap::with_max_entries(2 * DEFAULT_MAX_ENDPOINTS, 0);
+
     #[map]
     static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
 
@@ -97,6 +101,9 @@ mod programs {
 
     #[map]
     static EVENT_RATE: PerCpuArray<RateState> = PerCpuArray::with_max_entries(1, 0);
+
+    /// [`fast_path`]'s "not for me": the packet takes the bridge (`TC_ACT_UNSPEC`).
+    const NOT_FAST: i32 = -1;
 
     const NS_PER_SEC: u64 = 1_000_000_000;
     /// Refill at most this much idle time, so `elapsed * rate` cannot overflow.
@@ -187,12 +194,71 @@ mod programs {
         match verdict {
             Ok(()) => {
                 count(ifindex, dir, VERDICT_ALLOW, len);
+                if dir == DIR_EGRESS && parsed {
+                    let action = fast_path(ctx.skb.skb, ep, ifindex, &pkt);
+                    if action != NOT_FAST {
+                        return Ok(action);
+                    }
+                }
                 Ok(TC_ACT_OK)
             }
             Err(why) => {
                 count(ifindex, dir, VERDICT_DENY, len);
                 emit_drop(ifindex, dir, &why, parsed.then_some(&pkt));
                 Err(TC_ACT_SHOT)
+            }
+        }
+    }
+
+    /// The same-host fast path, for an IP packet the sender's egress policy allowed: when its
+    /// destination is an endpoint on the same network of this host (`LOCAL`) and the frame is
+    /// unicast, judge it with the receiver's **ingress** policy here (the same [`decide`], the
+    /// receiver's counters and drop events) and hand it straight to the receiver's namespace
+    /// with `bpf_redirect_peer`, skipping the bridge and the receiver's host veth. ARP,
+    /// broadcast, multicast, other networks (routed through the gateway), the gateway, the
+    /// host and the world take the bridge as before: [`NOT_FAST`]. (At most five arguments
+    /// and no `Option` return: BPF functions take no stack arguments.)
+    #[inline(never)]
+    fn fast_path(
+        skb: *mut aya_ebpf::bindings::__sk_buff,
+        ep: &EndpointInfo,
+        ifindex: u32,
+        pkt: &Packet,
+    ) -> i32 {
+        // SAFETY: a read of this program's own map; the value is a plain u32 copied out.
+        let Some(&peer_ifindex) = (unsafe { LOCAL.get(&IpKey { addr: pkt.dst }) }) else {
+            return NOT_FAST;
+        };
+        if peer_ifindex == ifindex {
+            return NOT_FAST;
+        }
+        let Some(peer) = endpoint(peer_ifindex) else {
+            return NOT_FAST;
+        };
+        if peer.network != ep.network {
+            return NOT_FAST;
+        }
+        let ctx = TcContext::new(skb);
+        // Destination MAC: group bit set = broadcast/multicast, which the bridge floods.
+        let Ok(first) = ctx.load::<u8>(0) else {
+            return NOT_FAST;
+        };
+        if first & 1 != 0 {
+            return NOT_FAST;
+        }
+        let len = u64::from(ctx.len());
+        match decide(peer, peer_ifindex, DIR_INGRESS, pkt) {
+            Ok(()) => {
+                count(peer_ifindex, DIR_INGRESS, VERDICT_ALLOW, len);
+                // SAFETY: bpf_redirect_peer only records the target; the kernel checks that
+                // it is a veth whose peer is up in another namespace, else drops.
+                let action = unsafe { bpf_redirect_peer(peer_ifindex, 0) };
+                i32::try_from(action).unwrap_or(TC_ACT_SHOT)
+            }
+            Err(why) => {
+                count(peer_ifindex, DIR_INGRESS, VERDICT_DENY, len);
+                emit_drop(peer_ifindex, DIR_INGRESS, &why, Some(pkt));
+                TC_ACT_SHOT
             }
         }
     }
