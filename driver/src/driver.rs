@@ -750,18 +750,10 @@ impl<K: Kernel> Driver<K> {
         }
         state.networks.insert(net.id.clone(), net.clone());
         // Outbound NAT and the internal fences exist before any container can send.
-        let mut result = self
-            .kernel
-            .apply_nat(&state.nat_ruleset())
+        if let Err(e) = self
+            .write_nat_then_store(&state, Change::PutNetwork(net.clone()))
             .await
-            .map_err(DriverError::from);
-        if result.is_ok() {
-            result = self
-                .store
-                .apply(&[Change::PutNetwork(net.clone())])
-                .map_err(DriverError::from);
-        }
-        if let Err(e) = result {
+        {
             state.networks.remove(&net.id);
             if let Err(undo) = self.kernel.apply_nat(&state.nat_ruleset()).await {
                 warn!(error = %undo, "rollback of nft table failed");
@@ -1097,18 +1089,10 @@ impl<K: Kernel> Driver<K> {
         let bindings = self.kernel.reserve_ports(&ep.id, &requests).await?;
         ep.published = bindings;
         state.endpoints.insert(ep.id.clone(), ep.clone());
-        let mut result = self
-            .kernel
-            .apply_nat(&state.nat_ruleset())
+        if let Err(e) = self
+            .write_nat_then_store(&state, Change::PutEndpoint(ep.clone()))
             .await
-            .map_err(DriverError::from);
-        if result.is_ok() {
-            result = self
-                .store
-                .apply(&[Change::PutEndpoint(ep.clone())])
-                .map_err(DriverError::from);
-        }
-        if let Err(e) = result {
+        {
             if let Some(stored) = state.endpoints.get_mut(&ep.id) {
                 stored.published.clear();
             }
@@ -1258,6 +1242,14 @@ impl<K: Kernel> Driver<K> {
 
     /// Removes what `net` (no longer in `state`) had in the kernel: its bridge, or, for
     /// macvlan, the VLAN sub-interface sluice created for it once no network uses it.
+    /// Writes the nft table for `state`, then persists `change`: the kernel first, so a
+    /// stored record never claims rules that are not there. The caller rolls back on error.
+    async fn write_nat_then_store(&self, state: &State, change: Change) -> Result<(), DriverError> {
+        self.kernel.apply_nat(&state.nat_ruleset()).await?;
+        self.store.apply(&[change])?;
+        Ok(())
+    }
+
     async fn remove_network_links(&self, state: &State, net: &Network) -> Result<(), KernelError> {
         match &net.macvlan {
             None => self.kernel.delete_bridge(&net.bridge).await,
