@@ -121,6 +121,26 @@ struct State {
 }
 
 impl State {
+    /// Copies of a network and of one of its endpoints, or which of the two is unknown.
+    fn network_and_endpoint(
+        &self,
+        network_id: &str,
+        endpoint_id: &str,
+    ) -> Result<(Network, Endpoint), DriverError> {
+        let net = self
+            .networks
+            .get(network_id)
+            .cloned()
+            .ok_or_else(|| DriverError::UnknownNetwork(network_id.to_owned()))?;
+        let ep = self
+            .endpoints
+            .get(endpoint_id)
+            .filter(|e| e.network_id == network_id)
+            .cloned()
+            .ok_or_else(|| DriverError::UnknownEndpoint(endpoint_id.to_owned()))?;
+        Ok((net, ep))
+    }
+
     fn next_network_number(&self) -> u32 {
         self.networks.values().map(|n| n.number).max().unwrap_or(0) + 1
     }
@@ -982,17 +1002,7 @@ impl<K: Kernel> Driver<K> {
         sandbox_key: &str,
     ) -> Result<JoinInfo, DriverError> {
         let mut state = self.state.lock().await;
-        let net = state
-            .networks
-            .get(network_id)
-            .cloned()
-            .ok_or_else(|| DriverError::UnknownNetwork(network_id.to_owned()))?;
-        let mut ep = state
-            .endpoints
-            .get(endpoint_id)
-            .filter(|e| e.network_id == network_id)
-            .cloned()
-            .ok_or_else(|| DriverError::UnknownEndpoint(endpoint_id.to_owned()))?;
+        let (net, mut ep) = state.network_and_endpoint(network_id, endpoint_id)?;
         ep.sandbox_key = Some(sandbox_key.to_owned());
         self.store.apply(&[Change::PutEndpoint(ep.clone())])?;
         let gateway = |data: &[crate::model::IpData], has_addr: bool| {
@@ -1049,17 +1059,7 @@ impl<K: Kernel> Driver<K> {
         requests: Vec<PortRequest>,
     ) -> Result<(), DriverError> {
         let mut state = self.state.lock().await;
-        let net = state
-            .networks
-            .get(network_id)
-            .cloned()
-            .ok_or_else(|| DriverError::UnknownNetwork(network_id.to_owned()))?;
-        let mut ep = state
-            .endpoints
-            .get(endpoint_id)
-            .filter(|e| e.network_id == network_id)
-            .cloned()
-            .ok_or_else(|| DriverError::UnknownEndpoint(endpoint_id.to_owned()))?;
+        let (net, mut ep) = state.network_and_endpoint(network_id, endpoint_id)?;
         if net.internal || net.mode == Mode::Macvlan {
             if !requests.is_empty() {
                 // As Docker's own macvlan driver: the container is on the LAN, reachable on
