@@ -45,13 +45,20 @@ type Shared<K> = Arc<Driver<K>>;
 pub struct AppState<K: Kernel> {
     driver: Shared<K>,
     resolver: Option<IdentityResolver>,
+    /// Where this host's own address from `DiscoverNew` goes (`--cluster` without
+    /// `--advertise-addr`).
+    discovery: Option<Discovery>,
 }
+
+/// Receives this host's underlay address from Docker's `DiscoverNew` (`"Self": true`).
+pub type Discovery = tokio::sync::watch::Sender<Option<std::net::IpAddr>>;
 
 impl<K: Kernel> Clone for AppState<K> {
     fn clone(&self) -> Self {
         Self {
             driver: self.driver.clone(),
             resolver: self.resolver.clone(),
+            discovery: self.discovery.clone(),
         }
     }
 }
@@ -155,6 +162,15 @@ where
 /// "not implemented". With a `resolver`, every successful Join asks it for the endpoint's
 /// container (a channel send; the lookup runs in the resolver's task).
 pub fn router<K: Kernel>(driver: Shared<K>, resolver: Option<IdentityResolver>) -> Router {
+    router_with_discovery(driver, resolver, None)
+}
+
+/// [`router`] whose `DiscoverNew` hands this host's own address to `discovery`.
+pub fn router_with_discovery<K: Kernel>(
+    driver: Shared<K>,
+    resolver: Option<IdentityResolver>,
+    discovery: Option<Discovery>,
+) -> Router {
     Router::new()
         .route("/Plugin.Activate", post(activate))
         .route("/NetworkDriver.GetCapabilities", post(capabilities))
@@ -175,7 +191,7 @@ pub fn router<K: Kernel>(driver: Shared<K>, resolver: Option<IdentityResolver>) 
             "/NetworkDriver.RevokeExternalConnectivity",
             post(revoke_external::<K>),
         )
-        .route("/NetworkDriver.DiscoverNew", post(discover))
+        .route("/NetworkDriver.DiscoverNew", post(discover_new::<K>))
         .route("/NetworkDriver.DiscoverDelete", post(discover))
         .route("/IpamDriver.GetCapabilities", post(ipam_capabilities))
         .route("/IpamDriver.GetDefaultAddressSpaces", post(address_spaces))
@@ -184,7 +200,11 @@ pub fn router<K: Kernel>(driver: Shared<K>, resolver: Option<IdentityResolver>) 
         .route("/IpamDriver.RequestAddress", post(request_address::<K>))
         .route("/IpamDriver.ReleaseAddress", post(release_address::<K>))
         .fallback(not_found)
-        .with_state(AppState { driver, resolver })
+        .with_state(AppState {
+            driver,
+            resolver,
+            discovery,
+        })
 }
 
 /// Docker probes optional methods (ProgramExternalConnectivity on every container start)
@@ -391,6 +411,20 @@ async fn revoke_external<K: Kernel>(State(d): State<Shared<K>>, body: Bytes) -> 
         }
         .instrument(span)
         .await
+    })
+    .await
+}
+
+/// `DiscoverNew`: this host's own address (swarm's data-path address) is the underlay
+/// address when none was given; other nodes' events are only logged (peers come from etcd).
+async fn discover_new<K: Kernel>(State(app): State<AppState<K>>, body: Bytes) -> Response {
+    respond(async move {
+        let req: DiscoveryRequest = decode(&body)?;
+        info!(kind = req.discovery_type, data = %req.discovery_data, "DiscoverNew");
+        if let (Some(sink), Some(addr)) = (&app.discovery, req.self_address()) {
+            sink.send_replace(Some(addr));
+        }
+        Ok(empty())
     })
     .await
 }
