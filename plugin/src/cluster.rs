@@ -222,3 +222,55 @@ pub async fn start<K: Kernel>(cluster: Arc<EtcdCluster>, driver: Arc<Driver<K>>)
     ));
     tokio::spawn(cluster.keep_alive(driver));
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(url: &str) -> ClusterArgs {
+        ClusterArgs {
+            url: Some(url.to_owned()),
+            cluster_lease_ttl: 15,
+            ..ClusterArgs::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn empty_cluster_url_is_single_host() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(
+            connect(&args(""), None, dir.path())
+                .await
+                .unwrap()
+                .is_none()
+        );
+        assert!(
+            connect(&args("  "), None, dir.path())
+                .await
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[tokio::test]
+    async fn without_an_address_the_join_waits_for_discovery_unless_one_is_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let empty = Some(ClusterAddress(None));
+        let mut a = args("etcd://192.0.2.1:2379");
+        a.advertise_addr = empty;
+        let joined = connect(&a, empty, dir.path()).await.unwrap();
+        let Some(Joined::Later { deferred, .. }) = joined else {
+            panic!("joined without an address: {joined:?}");
+        };
+        assert!(deferred.get().is_none());
+        // A remembered address is used at once: connecting is tried (and fails here, with
+        // the etcd URL in the message, since nothing listens on TEST-NET).
+        std::fs::write(dir.path().join(REMEMBERED_ADDRESS), "192.0.2.9\n").unwrap();
+        a.url = Some("etcd://127.0.0.1:9".into());
+        let err = connect(&a, None, dir.path()).await.unwrap_err();
+        assert!(
+            format!("{err:#}").contains("joining the cluster at etcd://127.0.0.1:9"),
+            "{err:#}"
+        );
+    }
+}

@@ -867,6 +867,75 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn discover_new_about_this_node_gives_the_underlay_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let deferred = Arc::new(sluice_driver::cluster::deferred::Deferred::new());
+        let driver = Arc::new(
+            Driver::open(
+                FakeKernel::default(),
+                Store::open(dir.path()).unwrap(),
+                IpamConfig::default(),
+            )
+            .unwrap()
+            .with_cluster(deferred.clone()),
+        );
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let app = router_with_discovery(driver.clone(), None, Some(tx));
+        let create = r#"{"NetworkID":"vx1","Options":{"com.docker.network.generic":{"mode":"vxlan"}},"IPv4Data":[{"AddressSpace":"sluice-local","Pool":"10.81.5.0/24","Gateway":"10.81.5.1/24"}],"IPv6Data":[]}"#;
+        let (s, v) = call(&app, "NetworkDriver.CreateNetwork", create).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(
+            v["Err"]
+                .as_str()
+                .unwrap()
+                .contains("no underlay address: pass --advertise-addr or join a swarm"),
+            "{v}"
+        );
+        assert!(driver.networks().await.is_empty(), "nothing half-created");
+        // Other nodes, deletions and other event types say nothing about this host.
+        for (method, body) in [
+            (
+                "NetworkDriver.DiscoverNew",
+                r#"{"DiscoveryType":1,"DiscoveryData":{"Address":"192.0.2.12","Self":false}}"#,
+            ),
+            (
+                "NetworkDriver.DiscoverNew",
+                r#"{"DiscoveryType":2,"DiscoveryData":{"Address":"192.0.2.13","Self":true}}"#,
+            ),
+            (
+                "NetworkDriver.DiscoverDelete",
+                r#"{"DiscoveryType":1,"DiscoveryData":{"Address":"192.0.2.14","Self":true}}"#,
+            ),
+        ] {
+            let (s, _) = call(&app, method, body).await;
+            assert_eq!(s, StatusCode::OK, "{method} {body}");
+            assert_eq!(*rx.borrow(), None, "{method} {body}");
+        }
+        let (s, _) = call(
+            &app,
+            "NetworkDriver.DiscoverNew",
+            r#"{"DiscoveryType":1,"DiscoveryData":{"Address":"192.0.2.11","BindAddress":"0.0.0.0","Self":true}}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(*rx.borrow(), Some("192.0.2.11".parse().unwrap()));
+        // Once the daemon has joined with it (tests/tests/cluster_privileged.rs runs the
+        // real join), the same request succeeds.
+        deferred.set(Arc::new(sluice_driver::cluster::fake::FakeCluster {
+            store: Arc::default(),
+            host: "192.0.2.11".into(),
+            vtep: "192.0.2.11".parse().unwrap(),
+        }));
+        let (s, v) = call(&app, "NetworkDriver.CreateNetwork", create).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let net = &driver.networks().await[0];
+        assert_eq!(
+            net.vxlan.as_ref().map(|v| v.local),
+            Some("192.0.2.11".parse().unwrap())
+        );
+    }
+
+    #[tokio::test]
     async fn bad_request_keeps_earlier_state() {
         let h = harness();
         let (s, _) = call(

@@ -370,6 +370,28 @@ impl Lab {
         c.output().unwrap_or_else(|e| panic!("etcdctl: {e}"))
     }
 
+    /// Keys and values under `prefix` in the lab's etcd, sorted by key.
+    ///
+    /// # Panics
+    /// When etcdctl fails.
+    #[must_use]
+    pub fn etcd_get(&self, prefix: &str) -> Vec<(String, String)> {
+        let out = self.etcdctl(&["get", "--prefix", prefix], &[]);
+        assert!(
+            out.status.success(),
+            "etcdctl get {prefix}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Key line, value line (empty for an empty value), for each key.
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.split('\n').collect();
+        lines
+            .chunks(2)
+            .filter(|kv| kv.len() == 2 && !kv[0].is_empty())
+            .map(|kv| (kv[0].to_owned(), kv[1].to_owned()))
+            .collect()
+    }
+
     fn log_of(&self, name: &str) -> String {
         std::fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
     }

@@ -83,16 +83,9 @@ fn sluice_bridges(lab: &Lab, h: usize) -> Vec<String> {
 
 /// Every key sluice holds in etcd.
 fn etcd_keys(lab: &Lab) -> Vec<String> {
-    let out = lab.etcdctl(&["get", "--prefix", "--keys-only", "/sluice/v1/"], &[]);
-    assert!(
-        out.status.success(),
-        "etcdctl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(str::to_owned)
+    lab.etcd_get("/sluice/v1/")
+        .into_iter()
+        .map(|(k, _)| k)
         .collect()
 }
 

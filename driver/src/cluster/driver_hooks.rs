@@ -657,6 +657,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_last_host_deleting_the_network_removes_the_cluster_record() {
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (
+            host(da.path(), &store, "192.0.2.1"),
+            host(db.path(), &store, "192.0.2.2"),
+        );
+        a.create_network(vxlan_request("neta", &[])).await.unwrap();
+        b.create_network(vxlan_request("netb", &[])).await.unwrap();
+        a.delete_network("neta").await.unwrap();
+        assert!(store.lock().unwrap().networks.contains_key(SUBNET));
+        b.delete_network("netb").await.unwrap();
+        let s = store.lock().unwrap();
+        assert!(s.networks.is_empty(), "{:?}", s.networks);
+        assert!(s.members.is_empty(), "{:?}", s.members);
+    }
+
+    #[tokio::test]
     async fn an_address_held_by_another_host_is_skipped() {
         let store = Arc::new(Mutex::new(FakeStore::default()));
         let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
