@@ -68,7 +68,7 @@ pub enum Joined {
         /// What the driver uses meanwhile (refusing with a clear error).
         deferred: Arc<Deferred>,
         /// The connection settings; host and VTEP are filled in from the discovery.
-        config: EtcdConfig,
+        config: Box<EtcdConfig>,
         /// The state directory, where the address is remembered.
         state_dir: PathBuf,
     },
@@ -133,7 +133,7 @@ pub async fn connect(
         );
         return Ok(Some(Joined::Later {
             deferred: Arc::new(Deferred::new()),
-            config,
+            config: Box::new(config),
             state_dir: state_dir.to_owned(),
         }));
     };
@@ -171,7 +171,7 @@ impl Joined {
             } => {
                 let (tx, rx) = tokio::sync::watch::channel(None);
                 tokio::spawn(join_when_discovered(
-                    deferred, config, state_dir, rx, driver,
+                    deferred, *config, state_dir, rx, driver,
                 ));
                 Some(tx)
             }
