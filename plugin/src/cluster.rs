@@ -169,11 +169,13 @@ impl Joined {
                 config,
                 state_dir,
             } => {
-                let (tx, rx) = tokio::sync::watch::channel(None);
                 tokio::spawn(join_when_discovered(
-                    deferred, *config, state_dir, rx, driver,
+                    deferred.clone(),
+                    *config,
+                    state_dir,
+                    driver,
                 ));
-                Some(tx)
+                Some(deferred)
             }
         }
     }
@@ -183,9 +185,9 @@ async fn join_when_discovered<K: Kernel>(
     deferred: Arc<Deferred>,
     mut config: EtcdConfig,
     state_dir: PathBuf,
-    mut discovered: tokio::sync::watch::Receiver<Option<IpAddr>>,
     driver: Arc<Driver<K>>,
 ) {
+    let mut discovered = deferred.address();
     let vtep = match discovered.wait_for(Option::is_some).await {
         Ok(addr) => match *addr {
             Some(a) => a,

@@ -50,8 +50,9 @@ pub struct AppState<K: Kernel> {
     discovery: Option<Discovery>,
 }
 
-/// Receives this host's underlay address from Docker's `DiscoverNew` (`"Self": true`).
-pub type Discovery = tokio::sync::watch::Sender<Option<std::net::IpAddr>>;
+/// Receives this host's underlay address from Docker's `DiscoverNew` (`"Self": true`): the
+/// cluster the driver waits for.
+pub type Discovery = Arc<sluice_driver::cluster::deferred::Deferred>;
 
 impl<K: Kernel> Clone for AppState<K> {
     fn clone(&self) -> Self {
@@ -422,7 +423,7 @@ async fn discover_new<K: Kernel>(State(app): State<AppState<K>>, body: Bytes) ->
         let req: DiscoveryRequest = decode(&body)?;
         info!(kind = req.discovery_type, data = %req.discovery_data, "DiscoverNew");
         if let (Some(sink), Some(addr)) = (&app.discovery, req.self_address()) {
-            sink.send_replace(Some(addr));
+            sink.discovered(addr);
         }
         Ok(empty())
     })
@@ -879,8 +880,8 @@ mod tests {
             .unwrap()
             .with_cluster(deferred.clone()),
         );
-        let (tx, rx) = tokio::sync::watch::channel(None);
-        let app = router_with_discovery(driver.clone(), None, Some(tx));
+        let rx = deferred.address();
+        let app = router_with_discovery(driver.clone(), None, Some(deferred.clone()));
         let create = r#"{"NetworkID":"vx1","Options":{"com.docker.network.generic":{"mode":"vxlan"}},"IPv4Data":[{"AddressSpace":"sluice-local","Pool":"10.81.5.0/24","Gateway":"10.81.5.1/24"}],"IPv6Data":[]}"#;
         let (s, v) = call(&app, "NetworkDriver.CreateNetwork", create).await;
         assert_eq!(s, StatusCode::BAD_REQUEST);
