@@ -147,7 +147,9 @@ fn vxlan_network_across_two_docker_hosts() {
         ],
     ));
     assert!(
-        err.contains("cluster network \"shared\" already exists with different settings: subnets"),
+        err.contains(
+            "cluster network \"shared\" already exists with different settings: subnets 10.81.1.0/24 (asked 10.81.2.0/24)"
+        ),
         "{err}"
     );
     assert!(

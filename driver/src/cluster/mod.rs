@@ -72,9 +72,16 @@ impl ClusterNetwork {
     pub fn mismatch(&self, other: &Self) -> Option<String> {
         let mut diffs = Vec::new();
         if self.subnets != other.subnets {
+            let list = |s: &[IpNetwork]| {
+                s.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
             diffs.push(format!(
-                "subnets {:?} (asked {:?})",
-                self.subnets, other.subnets
+                "subnets {} (asked {})",
+                list(&self.subnets),
+                list(&other.subnets)
             ));
         }
         if other.vni != 0 && self.vni != other.vni {
