@@ -1588,6 +1588,61 @@ impl Env {
     }
 }
 
+/// Leaves the swarm and removes what joining it created on the host (`docker_gwbridge`),
+/// also when the test fails.
+#[derive(Debug)]
+pub struct SwarmGuard<'a>(pub &'a Env);
+
+impl Drop for SwarmGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.docker(["swarm", "leave", "-f"]);
+        let _ = self.0.docker(["network", "rm", "docker_gwbridge"]);
+    }
+}
+
+/// Makes `manager` (reachable at `manager_ip`) a swarm manager and `worker` (at `worker_ip`)
+/// its worker, and checks both nodes are ready. The guards (worker first) leave the swarm
+/// when dropped.
+///
+/// # Panics
+/// When a step fails.
+pub fn two_node_swarm<'a>(
+    manager: &'a Env,
+    manager_ip: &str,
+    worker: &'a Env,
+    worker_ip: &str,
+) -> (SwarmGuard<'a>, SwarmGuard<'a>) {
+    let guards = (SwarmGuard(worker), SwarmGuard(manager));
+    let manager_addr = format!("{manager_ip}:2377");
+    manager.docker_ok([
+        "swarm",
+        "init",
+        "--advertise-addr",
+        &manager_addr,
+        "--listen-addr",
+        &manager_addr,
+    ]);
+    let token = manager.docker_ok(["swarm", "join-token", "-q", "worker"]);
+    worker.docker_ok([
+        "swarm",
+        "join",
+        "--token",
+        &token,
+        "--advertise-addr",
+        worker_ip,
+        "--listen-addr",
+        &format!("{worker_ip}:2377"),
+        &manager_addr,
+    ]);
+    let nodes = manager.docker_ok(["node", "ls", "--format", "{{.Status}}"]);
+    assert_eq!(
+        nodes.lines().filter(|s| *s == "Ready").count(),
+        2,
+        "{nodes}"
+    );
+    guards
+}
+
 /// Runs `cmd` (stdin from /dev/null) and collects its output; kills it after `timeout`.
 ///
 /// # Errors

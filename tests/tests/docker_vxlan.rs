@@ -7,15 +7,18 @@
 //! policy applied once is enforced on both hosts, `docker network rm` everywhere cleans the
 //! kernel and etcd.
 //!
-//! Test resources: underlay 10.80.1.0/24 and overlays 10.81.0.0/24, 10.81.1.0/24,
-//! 10.81.2.0/24, all inside the lab's own network namespaces.
+//! A second test forms a two-node swarm of the two dockerds and gives the daemons no
+//! `--advertise-addr`: the address comes from Docker's `DiscoverNew`.
+//!
+//! Test resources: underlays 10.80.1.0/24 and 10.80.2.0/24, overlays 10.81.0.0/24 to
+//! 10.81.3.0/24, all inside the labs' own network namespaces.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::Value;
 use sluice_tests::cluster::Lab;
-use sluice_tests::docker::{Env, skip_unless_root, wait_until};
+use sluice_tests::docker::{Env, skip_unless_root, two_node_swarm, wait_until};
 
 const UNDERLAY: &str = "10.80.1";
 const OVERLAY: &str = "10.81.0.0/24";
@@ -24,20 +27,18 @@ const SETTLE: Duration = Duration::from_secs(30);
 
 const POLICY: &str = "name: db-from-web\nselector: {labels: {role: db}}\ningress:\n  - action: allow\n    from: [{selector: {labels: {role: web}}}]\n";
 
-/// One private dockerd and sluice daemon per lab host, joined to the lab's etcd.
-fn docker_hosts(lab: &Lab) -> Vec<Env> {
+/// One private dockerd and sluice daemon per lab host, joined to the lab's etcd (with
+/// `--advertise-addr` when `advertise`).
+fn docker_hosts(lab: &Lab, advertise: bool) -> Vec<Env> {
     lab.hosts
         .iter()
         .map(|h| {
-            let flags = [
-                "--cluster",
-                &lab.url,
-                "--advertise-addr",
-                &h.addr,
-                "--cluster-lease-ttl",
-                "5",
-            ]
-            .map(str::to_owned);
+            let mut flags = ["--cluster", &lab.url, "--cluster-lease-ttl", "5"]
+                .map(str::to_owned)
+                .to_vec();
+            if advertise {
+                flags.extend(["--advertise-addr".to_owned(), h.addr.clone()]);
+            }
             Env::try_new_in(&h.ns, &flags)
                 .unwrap_or_else(|e| panic!("docker host in {}: {e:#}", h.ns))
         })
@@ -101,7 +102,7 @@ fn vxlan_network_across_two_docker_hosts() {
     }
     let lab = Lab::on_underlay("d", 2, None, UNDERLAY).unwrap();
     // Dropped before the lab: dockerds and daemons stop before their namespaces go.
-    let hosts = docker_hosts(&lab);
+    let hosts = docker_hosts(&lab, true);
 
     // The same `docker network create` on each host makes one cluster network.
     for env in &hosts {
@@ -263,4 +264,41 @@ fn vxlan_network_across_two_docker_hosts() {
         );
     }
     assert_eq!(etcd_keys(&lab), vec!["/sluice/v1/identity".to_owned()]);
+}
+
+/// On swarm nodes the daemons need no `--advertise-addr`: Docker's `DiscoverNew` names each
+/// node's data-path address when the plugin is first used, and the vxlan network created
+/// right after tunnels from it.
+#[test]
+fn vxlan_address_from_swarm_discover_new() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::on_underlay("w", 2, None, "10.80.2").unwrap();
+    let hosts = docker_hosts(&lab, false);
+    let _swarm = two_node_swarm(&hosts[0], &lab.hosts[0].addr, &hosts[1], &lab.hosts[1].addr);
+    for env in &hosts {
+        env.docker_ok(vxlan_args(env, "swarmed", &["--subnet", "10.81.3.0/24"]));
+    }
+    for h in 0..2 {
+        let d = vxlan_devices(&lab, h);
+        assert_eq!(
+            d[0]["linkinfo"]["info_data"]["local"],
+            lab.hosts[h].addr.as_str(),
+            "host {h} tunnels from its swarm address: {d:?}"
+        );
+    }
+    for (h, env) in hosts.iter().enumerate() {
+        env.run_container("swarmed", &format!("s{h}"), &[]);
+    }
+    let s1 = hosts[1].container_ip("s1", "swarmed");
+    assert!(
+        hosts[0].can_ping("s0", &s1, SETTLE),
+        "no path between the swarm nodes:\n{}",
+        hosts[0].logs_tail()
+    );
+    for env in &hosts {
+        env.remove_all_containers();
+        env.docker_ok(["network", "rm", "swarmed"]);
+    }
 }
