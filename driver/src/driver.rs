@@ -472,6 +472,7 @@ impl<K: Kernel> Driver<K> {
         let ep = ep.clone();
         self.store.apply(&[Change::PutEndpoint(ep.clone())])?;
         info!(endpoint = %ep.id, container = ?ep.container.as_ref().map(|c| &c.name), "container identity known");
+        self.republish(&state, &ep.id).await;
         self.resync(&mut state, None).await
     }
 
@@ -857,6 +858,7 @@ impl<K: Kernel> Driver<K> {
         if let Err(e) = self.kernel.apply_nat(&state.nat_ruleset()).await {
             errors.push(e);
         }
+        self.leave_cluster_network(&state, &net).await;
         info!(bridge = %net.bridge, "network deleted");
         match errors.len() {
             0 => Ok(()),

@@ -146,9 +146,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     });
     let mut driver = Driver::open(kernel, store, ipam)?
         .identify_from_options(args.docker_host == crate::cluster::NO_DOCKER_HOST);
-    let cluster = crate::cluster::connect(&args.cluster, args.cluster_address).await?;
+    let cluster =
+        crate::cluster::connect(&args.cluster, args.cluster_address, &args.state_dir).await?;
     if let Some(c) = &cluster {
-        driver = driver.with_cluster(c.clone());
+        driver = driver.with_cluster(c.cluster());
     }
     let driver = Arc::new(driver);
     let flows = Arc::new(crate::observe::FlowLog::default());
@@ -166,9 +167,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     for e in &report.errors {
         warn!(error = %e, "reconciliation");
     }
-    if let Some(c) = cluster {
-        crate::cluster::start(c, driver.clone()).await;
-    }
+    let discovery = match cluster {
+        Some(c) => c.start(driver.clone()).await,
+        None => None,
+    };
 
     let admin_socket = args
         .admin_socket
@@ -211,8 +213,10 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
             flows.close();
         }
     });
-    let router =
-        crate::swarm::with_scope(crate::server::router(driver.clone(), resolver), args.scope);
+    let router = crate::swarm::with_scope(
+        crate::server::router_with_discovery(driver.clone(), resolver, discovery),
+        args.scope,
+    );
     let plugin = axum::serve(listener, router).with_graceful_shutdown(stopped(stop_rx.clone()));
     let admin_api = axum::serve(admin_listener, admin::router_with_flows(driver, flows))
         .with_graceful_shutdown(stopped(stop_rx));

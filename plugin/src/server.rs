@@ -45,13 +45,21 @@ type Shared<K> = Arc<Driver<K>>;
 pub struct AppState<K: Kernel> {
     driver: Shared<K>,
     resolver: Option<IdentityResolver>,
+    /// Where this host's own address from `DiscoverNew` goes (`--cluster` without
+    /// `--advertise-addr`).
+    discovery: Option<Discovery>,
 }
+
+/// Receives this host's underlay address from Docker's `DiscoverNew` (`"Self": true`): the
+/// cluster the driver waits for.
+pub type Discovery = Arc<sluice_driver::cluster::deferred::Deferred>;
 
 impl<K: Kernel> Clone for AppState<K> {
     fn clone(&self) -> Self {
         Self {
             driver: self.driver.clone(),
             resolver: self.resolver.clone(),
+            discovery: self.discovery.clone(),
         }
     }
 }
@@ -155,6 +163,15 @@ where
 /// "not implemented". With a `resolver`, every successful Join asks it for the endpoint's
 /// container (a channel send; the lookup runs in the resolver's task).
 pub fn router<K: Kernel>(driver: Shared<K>, resolver: Option<IdentityResolver>) -> Router {
+    router_with_discovery(driver, resolver, None)
+}
+
+/// [`router`] whose `DiscoverNew` hands this host's own address to `discovery`.
+pub fn router_with_discovery<K: Kernel>(
+    driver: Shared<K>,
+    resolver: Option<IdentityResolver>,
+    discovery: Option<Discovery>,
+) -> Router {
     Router::new()
         .route("/Plugin.Activate", post(activate))
         .route("/NetworkDriver.GetCapabilities", post(capabilities))
@@ -175,7 +192,7 @@ pub fn router<K: Kernel>(driver: Shared<K>, resolver: Option<IdentityResolver>) 
             "/NetworkDriver.RevokeExternalConnectivity",
             post(revoke_external::<K>),
         )
-        .route("/NetworkDriver.DiscoverNew", post(discover))
+        .route("/NetworkDriver.DiscoverNew", post(discover_new::<K>))
         .route("/NetworkDriver.DiscoverDelete", post(discover))
         .route("/IpamDriver.GetCapabilities", post(ipam_capabilities))
         .route("/IpamDriver.GetDefaultAddressSpaces", post(address_spaces))
@@ -184,7 +201,11 @@ pub fn router<K: Kernel>(driver: Shared<K>, resolver: Option<IdentityResolver>) 
         .route("/IpamDriver.RequestAddress", post(request_address::<K>))
         .route("/IpamDriver.ReleaseAddress", post(release_address::<K>))
         .fallback(not_found)
-        .with_state(AppState { driver, resolver })
+        .with_state(AppState {
+            driver,
+            resolver,
+            discovery,
+        })
 }
 
 /// Docker probes optional methods (ProgramExternalConnectivity on every container start)
@@ -391,6 +412,20 @@ async fn revoke_external<K: Kernel>(State(d): State<Shared<K>>, body: Bytes) -> 
         }
         .instrument(span)
         .await
+    })
+    .await
+}
+
+/// `DiscoverNew`: this host's own address (swarm's data-path address) is the underlay
+/// address when none was given; other nodes' events are only logged (peers come from etcd).
+async fn discover_new<K: Kernel>(State(app): State<AppState<K>>, body: Bytes) -> Response {
+    respond(async move {
+        let req: DiscoveryRequest = decode(&body)?;
+        info!(kind = req.discovery_type, data = %req.discovery_data, "DiscoverNew");
+        if let (Some(sink), Some(addr)) = (&app.discovery, req.self_address()) {
+            sink.discovered(addr);
+        }
+        Ok(empty())
     })
     .await
 }
@@ -830,6 +865,75 @@ mod tests {
         )
         .await;
         assert_eq!(s, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn discover_new_about_this_node_gives_the_underlay_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let deferred = Arc::new(sluice_driver::cluster::deferred::Deferred::new());
+        let driver = Arc::new(
+            Driver::open(
+                FakeKernel::default(),
+                Store::open(dir.path()).unwrap(),
+                IpamConfig::default(),
+            )
+            .unwrap()
+            .with_cluster(deferred.clone()),
+        );
+        let rx = deferred.address();
+        let app = router_with_discovery(driver.clone(), None, Some(deferred.clone()));
+        let create = r#"{"NetworkID":"vx1","Options":{"com.docker.network.generic":{"mode":"vxlan"}},"IPv4Data":[{"AddressSpace":"sluice-local","Pool":"10.81.5.0/24","Gateway":"10.81.5.1/24"}],"IPv6Data":[]}"#;
+        let (s, v) = call(&app, "NetworkDriver.CreateNetwork", create).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST);
+        assert!(
+            v["Err"]
+                .as_str()
+                .unwrap()
+                .contains("no underlay address: pass --advertise-addr or join a swarm"),
+            "{v}"
+        );
+        assert!(driver.networks().await.is_empty(), "nothing half-created");
+        // Other nodes, deletions and other event types say nothing about this host.
+        for (method, body) in [
+            (
+                "NetworkDriver.DiscoverNew",
+                r#"{"DiscoveryType":1,"DiscoveryData":{"Address":"192.0.2.12","Self":false}}"#,
+            ),
+            (
+                "NetworkDriver.DiscoverNew",
+                r#"{"DiscoveryType":2,"DiscoveryData":{"Address":"192.0.2.13","Self":true}}"#,
+            ),
+            (
+                "NetworkDriver.DiscoverDelete",
+                r#"{"DiscoveryType":1,"DiscoveryData":{"Address":"192.0.2.14","Self":true}}"#,
+            ),
+        ] {
+            let (s, _) = call(&app, method, body).await;
+            assert_eq!(s, StatusCode::OK, "{method} {body}");
+            assert_eq!(*rx.borrow(), None, "{method} {body}");
+        }
+        let (s, _) = call(
+            &app,
+            "NetworkDriver.DiscoverNew",
+            r#"{"DiscoveryType":1,"DiscoveryData":{"Address":"192.0.2.11","BindAddress":"0.0.0.0","Self":true}}"#,
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        assert_eq!(*rx.borrow(), Some("192.0.2.11".parse().unwrap()));
+        // Once the daemon has joined with it (tests/tests/cluster_privileged.rs runs the
+        // real join), the same request succeeds.
+        deferred.set(Arc::new(sluice_driver::cluster::fake::FakeCluster {
+            store: Arc::default(),
+            host: "192.0.2.11".into(),
+            vtep: "192.0.2.11".parse().unwrap(),
+        }));
+        let (s, v) = call(&app, "NetworkDriver.CreateNetwork", create).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let net = &driver.networks().await[0];
+        assert_eq!(
+            net.vxlan.as_ref().map(|v| v.local),
+            Some("192.0.2.11".parse().unwrap())
+        );
     }
 
     #[tokio::test]

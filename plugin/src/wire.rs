@@ -298,6 +298,18 @@ pub struct DiscoveryRequest {
     pub discovery_data: Value,
 }
 
+impl DiscoveryRequest {
+    /// This node's own address, when the event is a node discovery (type 1) about itself
+    /// (`"Self": true`) with a valid `Address`.
+    #[must_use]
+    pub fn self_address(&self) -> Option<IpAddr> {
+        let data = &self.discovery_data;
+        (self.discovery_type == 1 && data["Self"].as_bool() == Some(true))
+            .then(|| data["Address"].as_str()?.parse().ok())
+            .flatten()
+    }
+}
+
 /// `/IpamDriver.RequestPool` request.
 #[derive(Debug, Deserialize)]
 pub struct RequestPoolRequest {

@@ -12,7 +12,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 
-/// The etcd address on the underlay.
+/// The underlay of [`Lab::new`] (`/24`): hosts are `.1`, `.2`, …, etcd is `.100`.
+pub const UNDERLAY: &str = "10.79.0";
+/// The etcd address on the underlay of [`Lab::new`].
 pub const ETCD_IP: &str = "10.79.0.100";
 
 fn run(cmd: &mut Command) -> Result<Output> {
@@ -143,6 +145,8 @@ pub struct Host {
     pub daemon: Option<Child>,
     /// Extra daemon flags.
     pub flags: Vec<String>,
+    /// Whether the daemon gets `--advertise-addr <addr>` (else it waits for `DiscoverNew`).
+    pub advertise: bool,
     log: PathBuf,
 }
 
@@ -161,6 +165,8 @@ pub struct Lab {
     counter: usize,
     /// The `--cluster` URL.
     pub url: String,
+    /// etcd's address on the underlay.
+    pub etcd_ip: String,
     tls: Option<Tls>,
 }
 
@@ -185,11 +191,21 @@ impl Lab {
     /// # Errors
     /// Any setup step failing (what was made is removed by drop).
     pub fn new(tag: &str, n: usize, tls: Option<&Tls>) -> Result<Self> {
+        Self::on_underlay(tag, n, tls, UNDERLAY)
+    }
+
+    /// [`Lab::new`] on the underlay `<net>.0/24` (`net` = three octets, e.g. `10.80.1`):
+    /// hosts `<net>.1…`, etcd `<net>.100` (TLS certificates name [`ETCD_IP`] only).
+    ///
+    /// # Errors
+    /// Any setup step failing (what was made is removed by drop).
+    pub fn on_underlay(tag: &str, n: usize, tls: Option<&Tls>, net: &str) -> Result<Self> {
         sweep();
         let prefix = format!("slm{tag}{}", std::process::id());
         let dir = tempfile::tempdir()?;
         let underlay = format!("{prefix}u");
-        let scheme_url = format!("etcd://{ETCD_IP}:2379");
+        let etcd_ip = format!("{net}.100");
+        let scheme_url = format!("etcd://{etcd_ip}:2379");
         let mut lab = Self {
             prefix: prefix.clone(),
             dir,
@@ -199,6 +215,7 @@ impl Lab {
             containers: Vec::new(),
             counter: 0,
             url: scheme_url,
+            etcd_ip: etcd_ip.clone(),
             tls: tls.cloned(),
         };
         ip(&["netns", "add", &underlay])?;
@@ -210,13 +227,13 @@ impl Lab {
         run(&mut in_ns(
             &underlay,
             "ip",
-            &["addr", "add", &format!("{ETCD_IP}/24"), "dev", "ubr"],
+            &["addr", "add", &format!("{etcd_ip}/24"), "dev", "ubr"],
         ))?;
         run(&mut in_ns(&underlay, "ip", &["link", "set", "ubr", "up"]))?;
         run(&mut in_ns(&underlay, "ip", &["link", "set", "lo", "up"]))?;
         for i in 1..=n {
             let ns = format!("{prefix}h{i}");
-            let addr = format!("10.79.0.{i}");
+            let addr = format!("{net}.{i}");
             ip(&["netns", "add", &ns])?;
             let (a, b) = (format!("{prefix}a{i}"), format!("{prefix}b{i}"));
             ip(&["link", "add", &a, "type", "veth", "peer", "name", &b])?;
@@ -246,6 +263,7 @@ impl Lab {
                 bpf: PathBuf::from(format!("/sys/fs/bpf/sluice/{prefix}h{i}")),
                 daemon: None,
                 flags: Vec::new(),
+                advertise: true,
                 log: hdir.join("sluice.log"),
             });
         }
@@ -256,7 +274,7 @@ impl Lab {
     fn start_etcd(&mut self, tls: Option<&Tls>) -> Result<()> {
         let data = self.dir.path().join("etcd");
         let scheme = if tls.is_some() { "https" } else { "http" };
-        let client = format!("{scheme}://{ETCD_IP}:2379");
+        let client = format!("{scheme}://{}:2379", self.etcd_ip);
         let log = std::fs::File::create(self.dir.path().join("etcd.log"))?;
         let mut cmd = in_ns(
             &self.underlay,
@@ -328,7 +346,7 @@ impl Lab {
     /// `etcdctl` against the lab's etcd (from the underlay).
     pub fn etcdctl(&self, args: &[&str], extra: &[String]) -> Output {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let endpoints = format!("{scheme}://{ETCD_IP}:2379");
+        let endpoints = format!("{scheme}://{}:2379", self.etcd_ip);
         let mut c = in_ns(
             &self.underlay,
             "etcdctl",
@@ -350,6 +368,28 @@ impl Lab {
         }
         c.args(extra).args(args).env("ETCDCTL_API", "3");
         c.output().unwrap_or_else(|e| panic!("etcdctl: {e}"))
+    }
+
+    /// Keys and values under `prefix` in the lab's etcd, sorted by key.
+    ///
+    /// # Panics
+    /// When etcdctl fails.
+    #[must_use]
+    pub fn etcd_get(&self, prefix: &str) -> Vec<(String, String)> {
+        let out = self.etcdctl(&["get", "--prefix", prefix], &[]);
+        assert!(
+            out.status.success(),
+            "etcdctl get {prefix}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Key line, value line (empty for an empty value), for each key.
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<&str> = text.split('\n').collect();
+        lines
+            .chunks(2)
+            .filter(|kv| kv.len() == 2 && !kv[0].is_empty())
+            .map(|kv| (kv[0].to_owned(), kv[1].to_owned()))
+            .collect()
     }
 
     fn log_of(&self, name: &str) -> String {
@@ -381,14 +421,10 @@ impl Lab {
         cmd.arg("--plugin-socket").arg(&host.plugin);
         cmd.arg("--state-dir").arg(&host.state);
         cmd.arg("--bpf-dir").arg(&host.bpf);
-        cmd.args([
-            "--docker-host",
-            "none",
-            "--cluster",
-            &url,
-            "--advertise-addr",
-            &host.addr,
-        ]);
+        cmd.args(["--docker-host", "none", "--cluster", &url]);
+        if host.advertise {
+            cmd.args(["--advertise-addr", &host.addr]);
+        }
         cmd.args(["--cluster-lease-ttl", "3", "--log-level", "debug"]);
         cmd.args(&host.flags);
         let child = cmd

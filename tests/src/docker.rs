@@ -96,8 +96,10 @@ struct Inner {
     dockerd: Mutex<Option<Child>>,
     sluice: Mutex<Option<Child>>,
     cleaned: AtomicBool,
-    /// Network namespace dockerd runs in (`None`: the host's).
+    /// Network namespace dockerd (and sluice) run in (`None`: the host's).
     netns: Option<String>,
+    /// Extra `sluice daemon` flags.
+    sluice_args: Vec<String>,
 }
 
 impl Env {
@@ -141,7 +143,25 @@ impl Env {
         Env::try_new_with(false, Some(netns.to_owned()))
     }
 
+    /// A private dockerd and a sluice daemon (legacy socket plugin, started with the extra
+    /// `sluice_args`), both in the named network namespace `/run/netns/NETNS`: one "host" of
+    /// a multi-host (`mode=vxlan`) test on one machine.
+    ///
+    /// # Errors
+    /// When a daemon does not come up, or the test image cannot be built.
+    pub fn try_new_in(netns: &str, sluice_args: &[String]) -> Result<Env> {
+        Env::try_new_full(true, Some(netns.to_owned()), sluice_args.to_vec())
+    }
+
     fn try_new_with(legacy_sluice: bool, netns: Option<String>) -> Result<Env> {
+        Env::try_new_full(legacy_sluice, netns, Vec::new())
+    }
+
+    fn try_new_full(
+        legacy_sluice: bool,
+        netns: Option<String>,
+        sluice_args: Vec<String>,
+    ) -> Result<Env> {
         static SWEEP: Once = Once::new();
         SWEEP.call_once(sweep_leftovers);
         let n = NEXT_ENV.fetch_add(1, Ordering::SeqCst);
@@ -172,6 +192,7 @@ impl Env {
             sluice: Mutex::new(None),
             cleaned: AtomicBool::new(false),
             netns,
+            sluice_args,
         });
         register_for_exit(&inner);
         let env = Env { inner };
@@ -675,6 +696,19 @@ impl Inner {
         }
     }
 
+    /// `program` in this environment's network namespace, if it has one. nsenter execs the
+    /// program: the child is still the program itself.
+    fn command_in_netns(&self, program: &Path) -> Command {
+        match &self.netns {
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{netns}")).arg(program);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
     fn spawn_dockerd(&self) -> Result<()> {
         let dockerd =
             find_tool("dockerd").context("dockerd not found (apt-get install docker.io)")?;
@@ -682,16 +716,8 @@ impl Inner {
         // An empty config file, so /etc/docker/daemon.json of the machine does not apply.
         fs::write(&config, "{}\n")?;
         let log = open_log(&self.dir.join("dockerd.log"))?;
-        // nsenter execs dockerd: the child is still dockerd itself.
-        let mut command = match &self.netns {
-            Some(netns) => {
-                let mut c = Command::new("nsenter");
-                c.arg(format!("--net=/run/netns/{netns}")).arg(dockerd);
-                c
-            }
-            None => Command::new(dockerd),
-        };
-        let child = command
+        let child = self
+            .command_in_netns(&dockerd)
             .arg("--config-file")
             .arg(&config)
             .arg("--data-root")
@@ -755,7 +781,8 @@ impl Inner {
             );
         }
         let log = open_log(&self.dir.join("sluice.log"))?;
-        let child = Command::new(&bin)
+        let child = self
+            .command_in_netns(&bin)
             .arg("daemon")
             .arg("--plugin-socket")
             .arg(&self.plugin_socket)
@@ -771,6 +798,7 @@ impl Inner {
             .arg(admin_socket_of(&self.driver))
             .arg("--bpf-dir")
             .arg(bpf_dir_of(&self.driver))
+            .args(&self.sluice_args)
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
@@ -1558,6 +1586,61 @@ impl Env {
         );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
+}
+
+/// Leaves the swarm and removes what joining it created on the host (`docker_gwbridge`),
+/// also when the test fails.
+#[derive(Debug)]
+pub struct SwarmGuard<'a>(pub &'a Env);
+
+impl Drop for SwarmGuard<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.docker(["swarm", "leave", "-f"]);
+        let _ = self.0.docker(["network", "rm", "docker_gwbridge"]);
+    }
+}
+
+/// Makes `manager` (reachable at `manager_ip`) a swarm manager and `worker` (at `worker_ip`)
+/// its worker, and checks both nodes are ready. The guards (worker first) leave the swarm
+/// when dropped.
+///
+/// # Panics
+/// When a step fails.
+pub fn two_node_swarm<'a>(
+    manager: &'a Env,
+    manager_ip: &str,
+    worker: &'a Env,
+    worker_ip: &str,
+) -> (SwarmGuard<'a>, SwarmGuard<'a>) {
+    let guards = (SwarmGuard(worker), SwarmGuard(manager));
+    let manager_addr = format!("{manager_ip}:2377");
+    manager.docker_ok([
+        "swarm",
+        "init",
+        "--advertise-addr",
+        &manager_addr,
+        "--listen-addr",
+        &manager_addr,
+    ]);
+    let token = manager.docker_ok(["swarm", "join-token", "-q", "worker"]);
+    worker.docker_ok([
+        "swarm",
+        "join",
+        "--token",
+        &token,
+        "--advertise-addr",
+        worker_ip,
+        "--listen-addr",
+        &format!("{worker_ip}:2377"),
+        &manager_addr,
+    ]);
+    let nodes = manager.docker_ok(["node", "ls", "--format", "{{.Status}}"]);
+    assert_eq!(
+        nodes.lines().filter(|s| *s == "Ready").count(),
+        2,
+        "{nodes}"
+    );
+    guards
 }
 
 /// Runs `cmd` (stdin from /dev/null) and collects its output; kills it after `timeout`.

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sluice_tests::cluster::{Container, Lab, Tls, eventually, ping};
+use sluice_tests::cluster::{Container, Lab, Tls, eventually, hex_id, ping};
 use sluice_tests::netns::require_root;
 
 const SUBNET: &str = "10.80.0.0/24";
@@ -39,6 +39,25 @@ fn neigh_ips(lab: &Lab, h: usize) -> BTreeSet<String> {
 
 fn ip_of(c: &Container) -> String {
     c.address.split('/').next().unwrap_or_default().to_owned()
+}
+
+/// How many address claims in etcd `host` (its underlay address) holds.
+fn claims_of(lab: &Lab, host: &str) -> usize {
+    lab.etcd_get("/sluice/v1/leases/")
+        .iter()
+        .filter(|(_, holder)| holder == host)
+        .count()
+}
+
+/// How many etcd leases are alive (one per running daemon, plus a dead one's until it
+/// expires).
+fn etcd_leases(lab: &Lab) -> usize {
+    let out = lab.etcdctl(&["lease", "list"], &[]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1)
+        .filter(|l| !l.trim().is_empty())
+        .count()
 }
 
 const POLICY: &str = "name: db-from-web\nselector: {labels: {role: db}}\ningress:\n  - action: allow\n    from: [{selector: {labels: {role: web}}}]\n";
@@ -190,6 +209,9 @@ fn vxlan_across_three_hosts() {
     assert!(ping(&other, &web), "policy leaked to unselected endpoints");
 
     // Host 2 dies: once its lease expires the others forget its endpoints.
+    let host2 = lab.hosts[2].addr.clone();
+    let claims2 = claims_of(&lab, &host2);
+    assert!(claims2 > 1, "host 2 holds its addresses: {claims2}");
     lab.kill_daemon(2);
     assert!(
         eventually(SETTLE, || !fdb_macs(&lab, 0).contains(&other.mac)
@@ -202,6 +224,12 @@ fn vxlan_across_three_hosts() {
     assert!(
         fdb_macs(&lab, 0).contains(&db.mac),
         "live host's endpoint removed too"
+    );
+    // Its address claims went with its lease: none stays reserved forever.
+    assert!(
+        eventually(SETTLE, || claims_of(&lab, &host2) == 0),
+        "dead host's addresses still claimed: {}",
+        claims_of(&lab, &host2)
     );
 
     // Restarted, it publishes its endpoints again and picks up everyone else's.
@@ -219,6 +247,160 @@ fn vxlan_across_three_hosts() {
         "restarted host unreachable"
     );
     assert!(!ping(&other, &db), "policy lost on restart");
+    assert!(
+        eventually(SETTLE, || claims_of(&lab, &host2) == claims2),
+        "restarted host did not claim its addresses again: {} of {claims2}",
+        claims_of(&lab, &host2)
+    );
+
+    // Host 1's daemon restarts at once: its claims and its endpoints survive the expiry of
+    // its old lease (bound to the new one).
+    let host1 = lab.hosts[1].addr.clone();
+    let claims1 = claims_of(&lab, &host1);
+    lab.kill_daemon(1);
+    lab.start_daemon(1).unwrap();
+    assert!(
+        eventually(SETTLE, || etcd_leases(&lab) == 3),
+        "the killed daemon's lease never expired: {} leases",
+        etcd_leases(&lab)
+    );
+    assert_eq!(
+        claims_of(&lab, &host1),
+        claims1,
+        "addresses lost on restart"
+    );
+    assert!(
+        fdb_macs(&lab, 0).contains(&db.mac),
+        "restarted host's endpoint lost"
+    );
+    assert!(ping(&web, &db), "restarted host unreachable");
+}
+
+/// The cluster network record lives while some host has the network: it goes with the last
+/// member, in a transaction that a host creating the network at the same time never loses.
+#[test]
+fn cluster_network_record_goes_with_its_last_member() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new("n", 2, None).unwrap();
+    for h in 0..2 {
+        lab.start_daemon(h).unwrap();
+    }
+    const RACE: &str = "10.81.9.0/24";
+    let options = json!({"sluice.cluster-network": "race"});
+    let create = |h: usize, id: &str| {
+        let (ok, v) = lab.try_create_network(h, &hex_id(id), RACE, "10.81.9.1/24", &options);
+        assert!(ok, "CreateNetwork {id} on host {h}: {v}");
+    };
+    let delete = |h: usize, id: &str| {
+        lab.call_ok(
+            h,
+            "NetworkDriver.DeleteNetwork",
+            &json!({"NetworkID": hex_id(id)}),
+        );
+    };
+    let record = || lab.etcd_get("/sluice/v1/networks/race");
+    let members = || -> BTreeSet<String> {
+        lab.etcd_get("/sluice/v1/members/race/")
+            .into_iter()
+            .filter_map(|(k, _)| k.rsplit('/').next().map(str::to_owned))
+            .collect()
+    };
+    let (a, b) = (lab.hosts[0].addr.clone(), lab.hosts[1].addr.clone());
+
+    create(0, "a");
+    create(1, "b");
+    assert_eq!(members(), BTreeSet::from([a.clone(), b.clone()]));
+    delete(0, "a");
+    assert_eq!(record().len(), 1, "removed while host 1 still has it");
+    assert_eq!(members(), BTreeSet::from([b.clone()]));
+    delete(1, "b");
+    assert!(record().is_empty(), "{:?}", record());
+    assert!(members().is_empty());
+    assert!(lab.etcd_get("/sluice/v1/vnis/").is_empty(), "VNI kept");
+    delete(1, "b");
+
+    // Host 0 (the only member) deletes while host 1 creates: afterwards the record exists
+    // exactly when a member does, with the VNI host 1 tunnels with.
+    for round in 0..5 {
+        let (ida, idb) = (format!("a{round}"), format!("b{round}"));
+        create(0, &ida);
+        std::thread::scope(|s| {
+            s.spawn(|| delete(0, &ida));
+            s.spawn(|| create(1, &idb));
+        });
+        assert_eq!(members(), BTreeSet::from([b.clone()]), "round {round}");
+        let rec = record();
+        assert_eq!(rec.len(), 1, "round {round}: member without a record");
+        let vni = serde_json::from_str::<Value>(&rec[0].1).unwrap()["vni"].clone();
+        let dev = lab.json_in(1, "ip", &["-d", "-j", "link", "show", "type", "vxlan"]);
+        assert_eq!(
+            dev[0]["linkinfo"]["info_data"]["id"], vni,
+            "round {round}: {dev}"
+        );
+        delete(1, &idb);
+        assert!(record().is_empty(), "round {round}: {:?}", record());
+    }
+}
+
+/// `--cluster` without `--advertise-addr`: the daemon starts, refuses `mode=vxlan` with a
+/// clear error until Docker's `DiscoverNew` (swarm mode) names this node, then joins the
+/// cluster with that address, and remembers it across a restart.
+#[test]
+fn underlay_address_from_discover_new() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new("v", 1, None).unwrap();
+    lab.hosts[0].advertise = false;
+    lab.start_daemon(0).unwrap();
+    let addr = lab.hosts[0].addr.clone();
+    let try_create = |lab: &Lab, id: &str, subnet: &str, gateway: &str| {
+        lab.try_create_network(0, &hex_id(id), subnet, gateway, &json!({}))
+    };
+    let (ok, err) = try_create(&lab, "v1", "10.81.8.0/24", "10.81.8.1/24");
+    assert!(!ok, "vxlan network without an underlay address: {err}");
+    assert!(
+        err.to_string()
+            .contains("no underlay address: pass --advertise-addr or join a swarm"),
+        "{err}"
+    );
+    // Another node's event is not this host's address.
+    lab.call_ok(
+        0,
+        "NetworkDriver.DiscoverNew",
+        &json!({"DiscoveryType": 1, "DiscoveryData": {"Address": "10.79.0.77", "Self": false}}),
+    );
+    assert!(!try_create(&lab, "v1", "10.81.8.0/24", "10.81.8.1/24").0);
+    lab.call_ok(
+        0,
+        "NetworkDriver.DiscoverNew",
+        &json!({"DiscoveryType": 1, "DiscoveryData": {"Address": addr, "BindAddress": "0.0.0.0", "Self": true}}),
+    );
+    // As Docker does, the call that needs the cluster follows at once: it waits for the
+    // join the address started.
+    let (ok, v) = try_create(&lab, "v1", "10.81.8.0/24", "10.81.8.1/24");
+    assert!(ok, "no cluster after DiscoverNew: {v}\n{}", lab.host_log(0));
+    let dev = lab.json_in(0, "ip", &["-d", "-j", "link", "show", "type", "vxlan"]);
+    assert_eq!(
+        dev[0]["linkinfo"]["info_data"]["local"],
+        addr.as_str(),
+        "{dev}"
+    );
+    assert_eq!(
+        lab.etcd_get("/sluice/v1/members/10.81.8.0/24/"),
+        vec![(
+            format!("/sluice/v1/members/10.81.8.0/24/{addr}"),
+            String::new()
+        )]
+    );
+
+    // Docker does not send it again when only sluice restarts: the daemon remembers it.
+    lab.kill_daemon(0);
+    lab.start_daemon(0).unwrap();
+    let (ok, v) = try_create(&lab, "v2", "10.81.7.0/24", "10.81.7.1/24");
+    assert!(ok, "after a restart: {v}\n{}", lab.host_log(0));
 }
 
 #[test]

@@ -244,17 +244,6 @@ fn managed_plugin_fails_clearly_without_each_capability() {
     env.docker_ok(["plugin", "rm", &full]);
 }
 
-/// Leaves the swarm and removes what joining it created on the host (`docker_gwbridge`),
-/// also when the test fails.
-struct SwarmGuard<'a>(&'a Env);
-
-impl Drop for SwarmGuard<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.docker(["swarm", "leave", "-f"]);
-        let _ = self.0.docker(["network", "rm", "docker_gwbridge"]);
-    }
-}
-
 /// A TCP port on 127.0.0.1 that nothing listens on now.
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -287,7 +276,7 @@ fn swarm_service_on_a_sluice_swarm_network() {
     let refused = env.docker_fails(["network", "create", "-d", &tag, "outside"]);
     assert!(refused.contains("not a swarm manager"), "{refused}");
 
-    let _guard = SwarmGuard(&env);
+    let _guard = docker::SwarmGuard(&env);
     let addr = format!("127.0.0.1:{}", free_port());
     env.docker_ok([
         "swarm",
@@ -560,33 +549,7 @@ fn two_node_swarm_service_spans_both_nodes() {
         plugin.enable();
     }
 
-    let _guards = (SwarmGuard(&worker), SwarmGuard(&manager));
-    manager.docker_ok([
-        "swarm",
-        "init",
-        "--advertise-addr",
-        "10.64.0.1:2377",
-        "--listen-addr",
-        "10.64.0.1:2377",
-    ]);
-    let token = manager.docker_ok(["swarm", "join-token", "-q", "worker"]);
-    worker.docker_ok([
-        "swarm",
-        "join",
-        "--token",
-        &token,
-        "--advertise-addr",
-        "10.64.0.2",
-        "--listen-addr",
-        "10.64.0.2:2377",
-        "10.64.0.1:2377",
-    ]);
-    let nodes = manager.docker_ok(["node", "ls", "--format", "{{.Status}}"]);
-    assert_eq!(
-        nodes.lines().filter(|s| *s == "Ready").count(),
-        2,
-        "{nodes}"
-    );
+    let _guards = docker::two_node_swarm(&manager, "10.64.0.1", &worker, "10.64.0.2");
 
     let net = "s2-net";
     manager.docker_ok([

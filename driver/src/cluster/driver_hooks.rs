@@ -392,13 +392,28 @@ impl<K: Kernel> Driver<K> {
         }
     }
 
-    /// Publishes every local endpoint of a `mode=vxlan` network again (at start, and after
-    /// this host's lease was lost and renewed).
+    /// Publishes every local endpoint of a `mode=vxlan` network again and claims this host's
+    /// addresses again (at start, and after this host's lease was lost and renewed): both
+    /// are bound to the current lease from then on.
     pub async fn publish_local_endpoints(&self) {
         let Some(cluster) = &self.cluster else {
             return;
         };
         let state = self.state.lock().await;
+        for pool in state.ipam.pools() {
+            for (ip, kind) in &pool.leases {
+                if *kind == LeaseKind::Gateway {
+                    continue;
+                }
+                match cluster.claim_address(pool.subnet, *ip).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        warn!(address = %ip, subnet = %pool.subnet, "address now held by another host (this host was away longer than its lease)")
+                    }
+                    Err(e) => warn!(error = %e, address = %ip, "claiming an address again"),
+                }
+            }
+        }
         for ep in state.endpoints.values() {
             let Some(net) = state.networks.get(&ep.network_id) else {
                 continue;
@@ -408,6 +423,40 @@ impl<K: Kernel> Driver<K> {
             {
                 warn!(error = %e, endpoint = %ep.id, "publishing an endpoint");
             }
+        }
+    }
+
+    /// Publishes a local endpoint again after its container's name and labels became known
+    /// (other hosts' policies select it by them).
+    pub(super) async fn republish(&self, state: &State, endpoint_id: &str) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let Some(ep) = state.endpoints.get(endpoint_id) else {
+            return;
+        };
+        if let Some(net) = state.networks.get(&ep.network_id)
+            && let Some(loc) = location(Some(cluster.as_ref()), net, ep)
+            && let Err(e) = cluster.publish_endpoint(&loc).await
+        {
+            warn!(error = %e, endpoint = %ep.id, "publishing an endpoint's identity");
+        }
+    }
+
+    /// This host deleted a `mode=vxlan` network: it leaves the cluster network (whose record
+    /// goes with the last member), unless another local network still is that one.
+    pub(super) async fn leave_cluster_network(&self, state: &State, net: &Network) {
+        let (Some(cluster), Some(v)) = (&self.cluster, &net.vxlan) else {
+            return;
+        };
+        let still_used = state.networks.values().any(|n| {
+            n.id != net.id
+                && n.vxlan
+                    .as_ref()
+                    .is_some_and(|o| o.cluster_network == v.cluster_network)
+        });
+        if !still_used && let Err(e) = cluster.leave_network(&v.cluster_network).await {
+            warn!(error = %e, network = %v.cluster_network, "leaving the cluster network");
         }
     }
 
@@ -605,6 +654,24 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.to_string().contains("only for mode=vxlan"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn the_last_host_deleting_the_network_removes_the_cluster_record() {
+        let store = Arc::new(Mutex::new(FakeStore::default()));
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (a, b) = (
+            host(da.path(), &store, "192.0.2.1"),
+            host(db.path(), &store, "192.0.2.2"),
+        );
+        a.create_network(vxlan_request("neta", &[])).await.unwrap();
+        b.create_network(vxlan_request("netb", &[])).await.unwrap();
+        a.delete_network("neta").await.unwrap();
+        assert!(store.lock().unwrap().networks.contains_key(SUBNET));
+        b.delete_network("netb").await.unwrap();
+        let s = store.lock().unwrap();
+        assert!(s.networks.is_empty(), "{:?}", s.networks);
+        assert!(s.members.is_empty(), "{:?}", s.members);
     }
 
     #[tokio::test]

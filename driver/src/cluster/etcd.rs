@@ -2,17 +2,19 @@
 //!
 //! | key | value | lifetime |
 //! | --- | --- | --- |
-//! | `networks/<name>` | [`ClusterNetwork`] (JSON) | until removed by an operator |
+//! | `networks/<name>` | [`ClusterNetwork`] (JSON) | until its last member leaves |
 //! | `vnis/<vni>` | the network name owning the VNI | with the network |
-//! | `leases/<subnet>/<ip>` | the host holding the address | until `ReleaseAddress` |
+//! | `members/<name>/<host>` | empty: the host has the network | until it deletes it |
+//! | `leases/<subnet>/<ip>` | the host holding the address | `ReleaseAddress`, or the host's etcd lease |
 //! | `identity` | last identity handed out | forever |
 //! | `endpoints/<network>/<endpoint>` | [`EndpointLocation`] (JSON) | the host's etcd lease |
 //! | `policies/<name>` | [`PolicyDoc`] (JSON) | until removed |
 //!
 //! Every allocation is one transaction (`create_revision == 0` or `mod_revision == seen`),
-//! so two hosts never get the same address, VNI or identity. Endpoint locations are bound to
-//! the host's lease: when a host dies its lease expires and etcd deletes them, which every
-//! other host's [`watch`] sees.
+//! so two hosts never get the same address, VNI or identity. Endpoint locations and address
+//! claims are bound to the host's lease: when a host dies its lease expires and etcd deletes
+//! them, which every other host's [`watch`] sees; a daemon that restarts within the TTL
+//! binds them to its new lease before the old one expires.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -218,14 +220,41 @@ impl EtcdCluster {
 
     async fn try_register(&self, request: &ClusterNetwork) -> Result<ClusterNetwork, ClusterError> {
         let key = format!("{ROOT}networks/{}", request.name);
+        let member = member_key(&request.name, &self.host);
         let explicit = request.vni != 0;
         let mut vni = if explicit { request.vni } else { 1 };
         loop {
-            if let Some(existing) = self.get_json::<ClusterNetwork>(&key).await? {
-                return match existing.mismatch(request) {
-                    Some(m) => Err(ClusterError::Conflict(m)),
-                    None => Ok(existing),
-                };
+            let resp = self
+                .client
+                .clone()
+                .get(key.clone(), None)
+                .await
+                .map_err(store_err("register network"))?;
+            if let Some(kv) = resp.kvs().first() {
+                let existing: ClusterNetwork = decode(&key, kv.value())?;
+                if let Some(m) = existing.mismatch(request) {
+                    return Err(ClusterError::Conflict(m));
+                }
+                // Membership only if the record is still the one compared (the last member
+                // may be deleting it right now: then start over and create it).
+                let txn = Txn::new()
+                    .when([Compare::mod_revision(
+                        key.clone(),
+                        CompareOp::Equal,
+                        kv.mod_revision(),
+                    )])
+                    .and_then([TxnOp::put(member.clone(), "", None)]);
+                if self
+                    .client
+                    .clone()
+                    .txn(txn)
+                    .await
+                    .map_err(store_err("register network"))?
+                    .succeeded()
+                {
+                    return Ok(existing);
+                }
+                continue;
             }
             let mut net = request.clone();
             net.vni = vni;
@@ -239,6 +268,7 @@ impl EtcdCluster {
                 .and_then([
                     TxnOp::put(key.clone(), value, None),
                     TxnOp::put(vni_key.clone(), net.name.clone(), None),
+                    TxnOp::put(member.clone(), "", None),
                 ]);
             let resp = self
                 .client
@@ -265,6 +295,52 @@ impl EtcdCluster {
             }
         }
     }
+
+    async fn try_leave(&self, name: &str) -> Result<(), ClusterError> {
+        let key = format!("{ROOT}networks/{name}");
+        self.client
+            .clone()
+            .delete(member_key(name, &self.host), None)
+            .await
+            .map_err(store_err("leave network"))?;
+        let resp = self
+            .client
+            .clone()
+            .get(key.clone(), None)
+            .await
+            .map_err(store_err("leave network"))?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(());
+        };
+        let net: ClusterNetwork = decode(&key, kv.value())?;
+        // Removed only while nobody is a member and the record is the one read: a host
+        // registering at the same time either made itself a member first (this fails) or
+        // finds the record gone and creates it again.
+        let txn = Txn::new()
+            .when([
+                Compare::create_revision(member_key(name, ""), CompareOp::Equal, 0).with_prefix(),
+                Compare::mod_revision(key.clone(), CompareOp::Equal, kv.mod_revision()),
+            ])
+            .and_then([
+                TxnOp::delete(key, None),
+                TxnOp::delete(format!("{ROOT}vnis/{}", net.vni), None),
+            ]);
+        if self
+            .client
+            .clone()
+            .txn(txn)
+            .await
+            .map_err(store_err("leave network"))?
+            .succeeded()
+        {
+            info!(network = %name, vni = net.vni, "last member left: cluster network removed");
+        }
+        Ok(())
+    }
+}
+
+fn member_key(network: &str, host: &str) -> String {
+    format!("{ROOT}members/{network}/{host}")
 }
 
 fn decode<T: serde::de::DeserializeOwned>(key: &str, value: &[u8]) -> Result<T, ClusterError> {
@@ -292,33 +368,49 @@ impl Cluster for EtcdCluster {
         Box::pin(async move { self.try_register(&request).await })
     }
 
+    fn leave_network(&self, name: &str) -> ClusterFuture<'_, ()> {
+        let name = name.to_owned();
+        Box::pin(async move { self.try_leave(&name).await })
+    }
+
     fn claim_address(&self, subnet: IpNetwork, ip: IpAddr) -> ClusterFuture<'_, bool> {
         Box::pin(async move {
             let key = lease_key(subnet, ip);
-            let txn = Txn::new()
+            let lease = self.lease.load(Ordering::SeqCst);
+            let put = || {
+                TxnOp::put(
+                    key.clone(),
+                    self.host.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+            };
+            let free = Txn::new()
                 .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-                .and_then([TxnOp::put(key.clone(), self.host.clone(), None)])
-                .or_else([TxnOp::get(key.clone(), None)]);
-            let resp = self
-                .client
+                .and_then([put()]);
+            let client = self.client.clone();
+            if client
                 .clone()
-                .txn(txn)
+                .txn(free)
                 .await
-                .map_err(store_err("claim address"))?;
-            if resp.succeeded() {
+                .map_err(store_err("claim address"))?
+                .succeeded()
+            {
                 return Ok(true);
             }
-            // Ours already (a repeated request) counts as claimed.
-            let holder = self
-                .client
+            // Ours already (a repeated request, or a restart): bound to the current lease.
+            let ours = Txn::new()
+                .when([Compare::value(
+                    key.clone(),
+                    CompareOp::Equal,
+                    self.host.clone(),
+                )])
+                .and_then([put()]);
+            Ok(client
                 .clone()
-                .get(key, None)
+                .txn(ours)
                 .await
-                .map_err(store_err("claim address"))?;
-            Ok(holder
-                .kvs()
-                .first()
-                .is_some_and(|kv| kv.value() == self.host.as_bytes()))
+                .map_err(store_err("claim address"))?
+                .succeeded())
         })
     }
 

@@ -8,6 +8,7 @@
 //! `Driver::sync_cluster_policies`). Without `--cluster` the driver has no [`Cluster`] and
 //! stays single-host on its embedded store.
 
+pub mod deferred;
 pub mod etcd;
 
 use std::collections::BTreeMap;
@@ -71,9 +72,16 @@ impl ClusterNetwork {
     pub fn mismatch(&self, other: &Self) -> Option<String> {
         let mut diffs = Vec::new();
         if self.subnets != other.subnets {
+            let list = |s: &[IpNetwork]| {
+                s.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
             diffs.push(format!(
-                "subnets {:?} (asked {:?})",
-                self.subnets, other.subnets
+                "subnets {} (asked {})",
+                list(&self.subnets),
+                list(&other.subnets)
             ));
         }
         if other.vni != 0 && self.vni != other.vni {
@@ -144,11 +152,18 @@ pub trait Cluster: Send + Sync + std::fmt::Debug + 'static {
     /// This host's tunnel address.
     fn vtep(&self) -> IpAddr;
 
-    /// Creates the cluster network or checks that `request` matches it; returns the record
-    /// (with its VNI, allocated uniquely when the request has none).
+    /// Creates the cluster network or checks that `request` matches it, and records this
+    /// host as one of its members; returns the record (with its VNI, allocated uniquely when
+    /// the request has none).
     fn register_network(&self, request: &ClusterNetwork) -> ClusterFuture<'_, ClusterNetwork>;
 
-    /// Claims `ip` in `subnet` for this host; `false` if another holder has it.
+    /// This host no longer has the network; the record (and its VNI) goes with the last
+    /// member. Idempotent.
+    fn leave_network(&self, name: &str) -> ClusterFuture<'_, ()>;
+
+    /// Claims `ip` in `subnet` for this host, bound to its lease (a dead host's claims go
+    /// with it); `false` if another holder has it. Claiming an address this host holds
+    /// again binds it to the current lease (after a restart or a lost lease).
     fn claim_address(&self, subnet: IpNetwork, ip: IpAddr) -> ClusterFuture<'_, bool>;
 
     /// Gives up this host's claim on `ip`. Idempotent.
@@ -182,6 +197,8 @@ pub mod fake {
     pub struct FakeStore {
         /// Networks by name.
         pub networks: BTreeMap<String, ClusterNetwork>,
+        /// Hosts having each network.
+        pub members: BTreeMap<String, std::collections::BTreeSet<String>>,
         /// Leases: (subnet, ip) → host.
         pub leases: BTreeMap<(IpNetwork, IpAddr), String>,
         /// Last identity handed out.
@@ -220,21 +237,42 @@ pub mod fake {
             let request = request.clone();
             Box::pin(async move {
                 self.with(|s| {
-                    if let Some(existing) = s.networks.get(&request.name) {
-                        return match existing.mismatch(&request) {
-                            Some(m) => Err(ClusterError::Conflict(m)),
-                            None => Ok(existing.clone()),
-                        };
-                    }
-                    let mut net = request.clone();
-                    if net.vni == 0 {
-                        net.vni = (1..)
-                            .find(|v| s.networks.values().all(|n| n.vni != *v))
-                            .unwrap_or(1);
-                    }
-                    s.networks.insert(net.name.clone(), net.clone());
+                    let net = match s.networks.get(&request.name) {
+                        Some(existing) => match existing.mismatch(&request) {
+                            Some(m) => return Err(ClusterError::Conflict(m)),
+                            None => existing.clone(),
+                        },
+                        None => {
+                            let mut net = request.clone();
+                            if net.vni == 0 {
+                                net.vni = (1..)
+                                    .find(|v| s.networks.values().all(|n| n.vni != *v))
+                                    .unwrap_or(1);
+                            }
+                            s.networks.insert(net.name.clone(), net.clone());
+                            net
+                        }
+                    };
+                    s.members
+                        .entry(net.name.clone())
+                        .or_default()
+                        .insert(self.host.clone());
                     Ok(net)
                 })
+            })
+        }
+        fn leave_network(&self, name: &str) -> ClusterFuture<'_, ()> {
+            let name = name.to_owned();
+            Box::pin(async move {
+                self.with(|s| {
+                    let members = s.members.entry(name.clone()).or_default();
+                    members.remove(&self.host);
+                    if members.is_empty() {
+                        s.members.remove(&name);
+                        s.networks.remove(&name);
+                    }
+                });
+                Ok(())
             })
         }
         fn claim_address(&self, subnet: IpNetwork, ip: IpAddr) -> ClusterFuture<'_, bool> {
