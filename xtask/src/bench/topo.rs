@@ -281,7 +281,7 @@ impl Lab {
         let c = self.netns(&format!("{tag}-c"))?;
         let s = self.netns(&format!("{tag}-s"))?;
         let name = format!("{NS_PREFIX}{tag}");
-        let extra: &[&str] = if fast { &["--fast-path"] } else { &[] };
+        let extra: &[&str] = if fast { &[] } else { &["--fast-path=false"] };
         if self.engine.is_none() {
             self.engine = Some(FakeEngine::start(&self.run_dir.join("docker.sock"))?);
         }
