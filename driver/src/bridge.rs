@@ -614,9 +614,10 @@ impl Kernel for LinuxKernel {
         let index = self.require_index(&spec.device, &op).await?;
         self.nl.set_alias(index, &self.owner).await?;
         // The fast path from the overlay: frames for local endpoints skip the bridge.
-        self.with_dp(&format!("attach the overlay fast path to {}", spec.device), |dp| {
-            dp.attach_overlay(index, spec.network)
-        })
+        self.with_dp(
+            &format!("attach the overlay fast path to {}", spec.device),
+            |dp| dp.attach_overlay(index, spec.network),
+        )
     }
 
     async fn program_remote(&self, peer: &crate::vxlan::RemotePeer) -> Result<(), KernelError> {

@@ -1777,7 +1777,11 @@ fn run_fast_path_leaves_natted_replies_fragments_and_icmp_errors_to_the_bridge()
         (flow.ifindex, flow.local_port, flow.remote_port, flow.proto),
         (lab.b, 80, 41000, 17)
     );
-    assert_eq!(lab.sends(lab.b, &reply), TC_ACT_OK, "the reply takes the bridge");
+    assert_eq!(
+        lab.sends(lab.b, &reply),
+        TC_ACT_OK,
+        "the reply takes the bridge"
+    );
     assert_eq!(
         lab.sends(lab.b, &ipv4(B4, A4, 17, &udp(80, 41001, b"r"))),
         TC_ACT_REDIRECT,

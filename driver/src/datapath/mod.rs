@@ -50,11 +50,11 @@ use aya::{Ebpf, EbpfLoader};
 use ipnetwork::IpNetwork;
 use sluice_common::{
     CounterKey, CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointInfo,
-    IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_CONNTRACK, MAP_COUNTERS,
-    MAP_BRIDGED, MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_LOCAL, MAP_NAMES,
+    IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_BRIDGED, MAP_CONNTRACK,
+    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_LOCAL, MAP_NAMES,
     MAP_OVERLAY, MAP_POLICY, MAP_SETTINGS, PROG_EGRESS, PROG_INGRESS, PROG_OVERLAY,
-    PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PolicyKey,
-    PolicyValue, Settings, VERDICT_ALLOW, VERDICT_DENY,
+    PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PolicyKey, PolicyValue, Settings, VERDICT_ALLOW,
+    VERDICT_DENY,
 };
 use tracing::{debug, info};
 
@@ -668,7 +668,12 @@ impl Datapath {
             self.forget_overlay(ifindex)?;
         }
         self.attach_hooks(ifindex, Some(&ifname), &OVERLAY_HOOKS)?;
-        info!(ifindex, network, fast_path = self.fast_path, "attached {PROG_OVERLAY}");
+        info!(
+            ifindex,
+            network,
+            fast_path = self.fast_path,
+            "attached {PROG_OVERLAY}"
+        );
         Ok(())
     }
 

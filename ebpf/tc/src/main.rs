@@ -61,12 +61,12 @@ mod programs {
         CounterKey, CounterValue, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_BYTES,
         DEFAULT_EVENTS_PER_SEC, DEFAULT_MAX_BRIDGED, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_COUNTERS,
         DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_IPCACHE, DEFAULT_MAX_OVERLAY, DEFAULT_MAX_POLICY,
-        DIR_EGRESS, DIR_INGRESS, DropEvent,
-        EP_EGRESS_ENFORCED, EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK,
-        EndpointInfo, FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, IpInfo, IpKey, POLICY_PREFIX_FULL,
-        PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_IDENTITY_PENDING, REASON_ISOLATION,
-        REASON_MALFORMED, REASON_NOT_IP, REASON_POLICY_DENY, REASON_SPOOFED, RateState, Settings,
-        VERDICT_ALLOW, VERDICT_DENY,
+        DIR_EGRESS, DIR_INGRESS, DropEvent, EP_EGRESS_ENFORCED, EP_IDENTITY_PENDING,
+        EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK, EndpointInfo, FAMILY_V4, IDENTITY_ANY,
+        IDENTITY_WORLD, IpInfo, IpKey, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
+        PROTO_UDP, PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_IDENTITY_PENDING,
+        REASON_ISOLATION, REASON_MALFORMED, REASON_NOT_IP, REASON_POLICY_DENY, REASON_SPOOFED,
+        RateState, Settings, VERDICT_ALLOW, VERDICT_DENY,
     };
 
     use crate::packet::{Frame, Packet, parse};
@@ -255,10 +255,7 @@ mod programs {
         if peer_ifindex == ifindex {
             return NOT_FAST;
         }
-        if BRIDGED
-            .get_ptr(&ct_key(ifindex, DIR_EGRESS, pkt))
-            .is_some()
-        {
+        if BRIDGED.get_ptr(&ct_key(ifindex, DIR_EGRESS, pkt)).is_some() {
             return NOT_FAST;
         }
         deliver(skb, peer_ifindex, peer, pkt)
@@ -417,7 +414,11 @@ mod programs {
         if ep.flags & (EP_ISOLATE | EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED) == 0 {
             return Ok(());
         }
-        let remote = if dir == DIR_EGRESS { &pkt.dst } else { &pkt.src };
+        let remote = if dir == DIR_EGRESS {
+            &pkt.dst
+        } else {
+            &pkt.src
+        };
 
         let peer = IPCACHE
             .get(Key::new(128, IpKey { addr: *remote }))
