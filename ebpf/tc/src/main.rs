@@ -6,6 +6,9 @@
 //! | [`sluice_egress`] | ingress | sends | egress policy |
 //! | [`sluice_ingress`] | egress | receives | ingress policy |
 //!
+//! `mode=vxlan`: [`sluice_overlay`] on the TCX ingress hook of the network's VXLAN device
+//! delivers frames from remote endpoints straight to local ones (the fast path, below).
+//!
 //! macvlan endpoints have no host-side peer: [`sluice_sandbox_egress`] (TCX egress) and
 //! [`sluice_sandbox_ingress`] (TCX ingress) run the same checks on the container's own
 //! interface, and drop everything on an interface missing from `ENDPOINTS` (fail closed).
@@ -26,6 +29,12 @@
 //! 8. `POLICY[subject, peer identity, dir, proto, port]` (LPM trie), and unless that said
 //!    deny, `POLICY[subject, ANY, dir, proto, port]`. Deny from either wins; else allow from
 //!    either allows (and creates the conntrack entry); else default deny.
+//!
+//! 9. Allowed, on a host veth, sent by the container (fast path): to an endpoint of the same
+//!    network on this host (`LOCAL`), unless the flow's request came through the host
+//!    (`BRIDGED`), the receiver's ingress policy is step 3–8 here and the packet is
+//!    `bpf_redirect_peer`ed into the receiver's namespace. Received through the bridge from
+//!    such an endpoint: the flow goes into `BRIDGED`.
 //!
 //! Every verdict bumps `COUNTERS[ifindex, dir, verdict]` (per-CPU hash); every drop emits a
 //! `DropEvent` to `EVENTS` if the per-CPU token bucket (`EVENT_RATE`, `SETTINGS`) allows.
