@@ -52,7 +52,7 @@ use sluice_common::{
     CounterKey, CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointInfo,
     IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_BRIDGED, MAP_CONNTRACK,
     MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_LOCAL, MAP_NAMES,
-    MAP_OVERLAY, MAP_POLICY, MAP_SETTINGS, PROG_EGRESS, PROG_INGRESS, PROG_OVERLAY,
+    MAP_OVERLAY, MAP_POLICY, MAP_SETTINGS, MAP_TUNNELS, PROG_EGRESS, PROG_INGRESS, PROG_OVERLAY,
     PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PolicyKey, PolicyValue, Settings, VERDICT_ALLOW,
     VERDICT_DENY,
 };
@@ -415,7 +415,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
         MAP_EVENTS => (MapType::RingBuf, 0, 0),
         MAP_LOCAL => (MapType::Hash, size(size_of::<IpKey>()), 4),
         MAP_BRIDGED => (MapType::LruHash, size(size_of::<CtKey>()), 8),
-        MAP_OVERLAY => (MapType::Hash, 4, 4),
+        MAP_OVERLAY | MAP_TUNNELS => (MapType::Hash, 4, 4),
         MAP_SETTINGS => (MapType::Array, 4, size(size_of::<Settings>())),
         MAP_EVENT_RATE => (
             MapType::PerCpuArray,
@@ -433,6 +433,7 @@ pub struct Datapath {
     local: HashMap<MapData, IpKey, u32>,
     bridged: HashMap<MapData, CtKey, u64>,
     overlay: HashMap<MapData, u32, u32>,
+    tunnels: HashMap<MapData, u32, u32>,
     fast_path: bool,
     ipcache: LpmTrie<MapData, IpKey, IpInfo>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
@@ -557,6 +558,8 @@ impl Datapath {
             .map_err(map_err("open", MAP_BRIDGED))?;
         let overlay = HashMap::try_from(take_map(&mut ebpf, MAP_OVERLAY)?)
             .map_err(map_err("open", MAP_OVERLAY))?;
+        let tunnels = HashMap::try_from(take_map(&mut ebpf, MAP_TUNNELS)?)
+            .map_err(map_err("open", MAP_TUNNELS))?;
         let ipcache = LpmTrie::try_from(take_map(&mut ebpf, MAP_IPCACHE)?)
             .map_err(map_err("open", MAP_IPCACHE))?;
         let policy = LpmTrie::try_from(take_map(&mut ebpf, MAP_POLICY)?)
@@ -576,6 +579,7 @@ impl Datapath {
             local,
             bridged,
             overlay,
+            tunnels,
             fast_path: config.fast_path,
             ipcache,
             policy,
@@ -596,6 +600,10 @@ impl Datapath {
             let devices: Vec<u32> = datapath.overlay.keys().filter_map(Result::ok).collect();
             for device in devices {
                 let _ = datapath.overlay.remove(&device);
+            }
+            let networks: Vec<u32> = datapath.tunnels.keys().filter_map(Result::ok).collect();
+            for network in networks {
+                let _ = datapath.tunnels.remove(&network);
             }
         }
         info!(
@@ -664,6 +672,9 @@ impl Datapath {
             self.overlay
                 .insert(ifindex, network, 0)
                 .map_err(map_err(format!("set overlay {ifindex}"), MAP_OVERLAY))?;
+            self.tunnels
+                .insert(network, ifindex, 0)
+                .map_err(map_err(format!("set tunnel of {network}"), MAP_TUNNELS))?;
         } else {
             self.forget_overlay(ifindex)?;
         }
@@ -687,6 +698,19 @@ impl Datapath {
     }
 
     fn forget_overlay(&mut self, ifindex: u32) -> Result<()> {
+        if let Some(network) = self.overlay_network(ifindex)?
+            && self.tunnels.get(&network, 0).ok() == Some(ifindex)
+        {
+            match self.tunnels.remove(&network) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    return Err(map_err(format!("remove tunnel of {network}"), MAP_TUNNELS)(
+                        e,
+                    ));
+                }
+            }
+        }
         match self.overlay.remove(&ifindex) {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),

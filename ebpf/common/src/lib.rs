@@ -53,6 +53,11 @@ pub const MAP_OVERLAY: &str = "OVERLAY";
 /// frame for a local endpoint of the device's network is judged by the receiver's
 /// **ingress** policy and redirected into its namespace (the rest takes the bridge).
 pub const PROG_OVERLAY: &str = "sluice_overlay";
+/// Map: a `mode=vxlan` network's number (`u32`) → ifindex of its VXLAN device (`u32`).
+/// Hash. The fast path towards other hosts: an endpoint's packet to a remote endpoint of its
+/// network (ipcache) goes straight to the VXLAN device, not through the bridge. Empty when
+/// the fast path is off.
+pub const MAP_TUNNELS: &str = "TUNNELS";
 /// Default `max_entries` of [`MAP_BRIDGED`].
 pub const DEFAULT_MAX_BRIDGED: u32 = 16_384;
 /// Default `max_entries` of [`MAP_OVERLAY`].
@@ -60,7 +65,7 @@ pub const DEFAULT_MAX_OVERLAY: u32 = 1_024;
 // --- end fast path ---
 
 /// Every map the object defines, in a fixed order.
-pub const MAP_NAMES: [&str; 11] = [
+pub const MAP_NAMES: [&str; 12] = [
     MAP_ENDPOINTS,
     MAP_IPCACHE,
     MAP_POLICY,
@@ -72,6 +77,7 @@ pub const MAP_NAMES: [&str; 11] = [
     MAP_LOCAL,
     MAP_BRIDGED,
     MAP_OVERLAY,
+    MAP_TUNNELS,
 ];
 
 /// Program for the **TCX ingress** hook of an endpoint's host-side veth: it sees what the

@@ -59,7 +59,7 @@ mod packet;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT};
-    use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect_peer};
+    use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_redirect_peer};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::Key;
     use aya_ebpf::maps::{
@@ -72,10 +72,11 @@ mod programs {
         DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_IPCACHE, DEFAULT_MAX_OVERLAY, DEFAULT_MAX_POLICY,
         DIR_EGRESS, DIR_INGRESS, DropEvent, EP_EGRESS_ENFORCED, EP_IDENTITY_PENDING,
         EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK, EndpointInfo, FAMILY_V4, IDENTITY_ANY,
-        IDENTITY_WORLD, IpInfo, IpKey, POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP,
-        PROTO_UDP, PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_IDENTITY_PENDING,
-        REASON_ISOLATION, REASON_MALFORMED, REASON_NOT_IP, REASON_POLICY_DENY, REASON_SPOOFED,
-        RateState, Settings, VERDICT_ALLOW, VERDICT_DENY,
+        IDENTITY_FIRST_CIDR, IDENTITY_FIRST_ENDPOINT, IDENTITY_WORLD, IpInfo, IpKey,
+        POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
+        REASON_DEFAULT_DENY, REASON_IDENTITY_PENDING, REASON_ISOLATION, REASON_MALFORMED,
+        REASON_NOT_IP, REASON_POLICY_DENY, REASON_SPOOFED, RateState, Settings, VERDICT_ALLOW,
+        VERDICT_DENY,
     };
 
     use crate::packet::{Frame, Packet, parse};
@@ -111,6 +112,10 @@ mod programs {
     /// VXLAN device ifindex → its network's number.
     #[map]
     static OVERLAY: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_OVERLAY, 0);
+
+    /// Network number → its VXLAN device ifindex.
+    #[map]
+    static TUNNELS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_OVERLAY, 0);
     // --- end fast path ---
 
     #[map]
@@ -259,7 +264,7 @@ mod programs {
             return NOT_FAST;
         }
         let Some((peer_ifindex, peer)) = local_endpoint(&pkt.dst, ep.network) else {
-            return NOT_FAST;
+            return to_tunnel(skb, ep.network, pkt);
         };
         if peer_ifindex == ifindex {
             return NOT_FAST;
@@ -268,6 +273,36 @@ mod programs {
             return NOT_FAST;
         }
         deliver(skb, peer_ifindex, peer, pkt)
+    }
+
+    /// `mode=vxlan`: a packet to an endpoint of the same network on another host (ipcache:
+    /// an endpoint identity of this network, not local) goes straight to the network's VXLAN
+    /// device (`TUNNELS`), which encapsulates it towards that host: the bridge is skipped.
+    /// The receiver's ingress policy is applied on its own host.
+    #[inline(never)]
+    fn to_tunnel(skb: *mut aya_ebpf::bindings::__sk_buff, network: u32, pkt: &Packet) -> i32 {
+        // SAFETY: a read of this program's own map; the value is a plain u32 copied out.
+        let Some(&device) = (unsafe { TUNNELS.get(&network) }) else {
+            return NOT_FAST;
+        };
+        let Some(peer) = IPCACHE.get(Key::new(128, IpKey { addr: pkt.dst })) else {
+            return NOT_FAST;
+        };
+        let endpoint_identity =
+            peer.identity >= IDENTITY_FIRST_ENDPOINT && peer.identity < IDENTITY_FIRST_CIDR;
+        if peer.network != network || !endpoint_identity {
+            return NOT_FAST;
+        }
+        let ctx = TcContext::new(skb);
+        let Ok(first) = ctx.load::<u8>(0) else {
+            return NOT_FAST;
+        };
+        if first & 1 != 0 {
+            return NOT_FAST;
+        }
+        // SAFETY: bpf_redirect only records the target device; the kernel transmits there.
+        let action = unsafe { bpf_redirect(device, 0) };
+        i32::try_from(action).unwrap_or(TC_ACT_SHOT)
     }
 
     /// On a host veth's egress hook (the bridge delivered it): a packet from a local endpoint
