@@ -374,6 +374,15 @@ impl Kernel for LinuxKernel {
     }
 
     async fn delete_link(&self, name: &str) -> Result<(), KernelError> {
+        // A VXLAN device carries the overlay fast path: its pinned link and map entry go too.
+        if name.starts_with(crate::vxlan::DEVICE_PREFIX)
+            && self.datapath.is_some()
+            && let Some(index) = self.nl.link_index(name).await?
+        {
+            self.with_dp(&format!("detach the overlay fast path from {name}"), |dp| {
+                dp.detach_overlay(index)
+            })?;
+        }
         if self.nl.delete_link(name).await? {
             info!("ip link del {name}");
         } else {
@@ -408,7 +417,11 @@ impl Kernel for LinuxKernel {
         let info = EndpointInfo::new(ep.identity, ep.network, ep.flags).with_addresses(v4, v6);
         self.with_dp(&op, |dp| {
             // Map entries first: the programs must find the endpoint from their first packet.
-            dp.set_endpoint(ifindex, info)?;
+            if ep.sandboxed {
+                dp.set_sandboxed_endpoint(ifindex, info)?;
+            } else {
+                dp.set_endpoint(ifindex, info)?;
+            }
             for address in &ep.addresses {
                 dp.set_ip(
                     host_route(*address),
@@ -599,7 +612,12 @@ impl Kernel for LinuxKernel {
         crate::vxlan::ensure_device(&self.nl, spec).await?;
         let op = format!("mark {}", spec.device);
         let index = self.require_index(&spec.device, &op).await?;
-        self.nl.set_alias(index, &self.owner).await
+        self.nl.set_alias(index, &self.owner).await?;
+        // The fast path from the overlay: frames for local endpoints skip the bridge.
+        self.with_dp(
+            &format!("attach the overlay fast path to {}", spec.device),
+            |dp| dp.attach_overlay(index, spec.network),
+        )
     }
 
     async fn program_remote(&self, peer: &crate::vxlan::RemotePeer) -> Result<(), KernelError> {

@@ -18,7 +18,7 @@ use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
 use tracing::debug;
@@ -604,6 +604,49 @@ impl Netlink {
             self.handle.neighbours().del(message).execute().await,
             format!(
                 "bridge fdb del {} dev #{index}",
+                crate::model::format_mac(&mac)
+            ),
+        )
+    }
+
+    /// A static entry in the forwarding database of the bridge that `index` is a port of
+    /// (`bridge fdb replace MAC dev IDX master static`): frames to `mac` go to that port
+    /// without the bridge having to learn it (the overlay fast path hands frames *from* it to
+    /// endpoints directly, so the bridge would never learn it and would flood).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`].
+    pub async fn replace_port_fdb(&self, index: u32, mac: [u8; 6]) -> Result<(), KernelError> {
+        self.handle
+            .neighbours()
+            .add_bridge(index, &mac)
+            .flags(NeighbourFlags::Controller)
+            .state(NeighbourState::Noarp)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl_error(format!(
+                "bridge fdb replace {} dev #{index} master static",
+                crate::model::format_mac(&mac)
+            )))
+    }
+
+    /// Removes what [`Netlink::replace_port_fdb`] added. Idempotent.
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] for anything but "not there".
+    pub async fn delete_port_fdb(&self, index: u32, mac: [u8; 6]) -> Result<(), KernelError> {
+        let mut message = NeighbourMessage::default();
+        message.header.family = AddressFamily::Bridge;
+        message.header.ifindex = index;
+        message.header.flags = NeighbourFlags::Controller;
+        message
+            .attributes
+            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+        ignore_missing(
+            self.handle.neighbours().del(message).execute().await,
+            format!(
+                "bridge fdb del {} dev #{index} master",
                 crate::model::format_mac(&mac)
             ),
         )

@@ -138,6 +138,8 @@ pub struct VxlanSpec {
     pub port: u16,
     /// MTU (the network's).
     pub mtu: u32,
+    /// The network's number (the fast path from the overlay delivers to its endpoints).
+    pub network: u32,
 }
 
 /// A remote endpoint as one host's kernel needs it.
@@ -217,6 +219,9 @@ pub async fn ensure_device(nl: &Netlink, spec: &VxlanSpec) -> Result<(), KernelE
 pub async fn program_peer(nl: &Netlink, peer: &RemotePeer) -> Result<(), KernelError> {
     let index = device_index(nl, &peer.device).await?;
     nl.replace_fdb(index, peer.mac, peer.vtep).await?;
+    // The bridge's own entry: it never learns remote MACs from frames the overlay fast path
+    // delivers past it.
+    nl.replace_port_fdb(index, peer.mac).await?;
     for a in &peer.addresses {
         nl.replace_neighbour(index, a.ip(), peer.mac).await?;
     }
@@ -238,6 +243,9 @@ pub async fn remove_peer(nl: &Netlink, peer: &RemotePeer) -> Result<(), KernelEr
         }
     }
     if let Err(e) = nl.delete_fdb(index, peer.mac).await {
+        first.get_or_insert(e);
+    }
+    if let Err(e) = nl.delete_port_fdb(index, peer.mac).await {
         first.get_or_insert(e);
     }
     first.map_or(Ok(()), Err)

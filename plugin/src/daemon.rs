@@ -91,9 +91,19 @@ pub struct DaemonArgs {
     /// Multi-host control plane (docs/multi-host.md).
     #[command(flatten)]
     pub cluster: crate::cluster::ClusterArgs,
-    /// Turn on the same-host fast path: traffic between endpoints of one network on this host
-    /// skips the bridge (docs/options.md; not yet for published-port hairpin setups).
-    #[arg(long, env = "SLUICE_FAST_PATH")]
+    /// The same-host fast path: traffic between endpoints of one network on this host (and
+    /// from the VXLAN device to them) skips the bridge, both policies still applied
+    /// (docs/options.md). On by default; `--fast-path=false` turns it off.
+    #[arg(
+        long,
+        env = "SLUICE_FAST_PATH",
+        default_value_t = true,
+        num_args = 0..=1,
+        require_equals = true,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
     pub fast_path: bool,
 }
 

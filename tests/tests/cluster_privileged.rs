@@ -482,3 +482,131 @@ fn vxlan_cluster_over_tls_with_client_certificates_and_password() {
     let err = lab.start_daemon(1).unwrap_err().to_string();
     assert!(err.contains("joining the cluster"), "{err}");
 }
+
+/// The endpoint of host `h` with address `address` in `sluice endpoints --json`.
+fn endpoint_status(lab: &Lab, h: usize, address: &str) -> Value {
+    let out = lab.cli(h, &["endpoints", "--json"]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+    status
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|e| e["addresses"].to_string().contains(address))
+        .cloned()
+        .unwrap_or_else(|| panic!("no endpoint {address} on host {h}: {status}"))
+}
+
+/// Frames the host-side veth `veth` of host `h` transmitted (what the bridge delivered to its
+/// container).
+fn tx_packets(lab: &Lab, h: usize, veth: &str) -> u64 {
+    lab.json_in(h, "ip", &["-s", "-j", "link", "show", "dev", veth])[0]["stats64"]["tx"]["packets"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counters for {veth} on host {h}"))
+}
+
+/// `ping -c COUNT` from `from` to `to`, fast.
+fn ping_burst(from: &Container, to: &Container, count: u32) -> bool {
+    let ip = ip_of(to);
+    let count = count.to_string();
+    sluice_tests::cluster::in_ns(
+        &from.ns,
+        "ping",
+        &["-q", "-c", &count, "-i", "0.01", "-W", "1", &ip],
+    )
+    .output()
+    .is_ok_and(|o| o.status.success())
+}
+
+/// Frames from a remote endpoint arrive on the VXLAN device and go straight into the local
+/// receiver's namespace (`sluice_overlay`, `bpf_redirect_peer`): the receiver's host veth
+/// does not transmit them, its ingress counters count them, and its ingress policy still
+/// decides. The bridge knows remote MACs without learning them. With `--fast-path=false`
+/// they cross the bridge again.
+#[test]
+fn vxlan_overlay_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new("f", 2, None).unwrap();
+    for h in 0..2 {
+        lab.start_daemon(h).unwrap();
+    }
+    let nets: Vec<(String, String)> = (0..2)
+        .map(|h| lab.create_network(h, SUBNET, &json!({})))
+        .collect();
+    let web = lab
+        .container(0, &nets[0].0, &nets[0].1, "web", &[("role", "web")])
+        .unwrap();
+    let other = lab
+        .container(0, &nets[0].0, &nets[0].1, "other", &[("role", "other")])
+        .unwrap();
+    let db = lab
+        .container(1, &nets[1].0, &nets[1].1, "db", &[("role", "db")])
+        .unwrap();
+    assert!(
+        eventually(SETTLE, || ping(&web, &db)),
+        "{}",
+        lab.host_log(1)
+    );
+    assert!(eventually(SETTLE, || ping(&other, &db)));
+
+    // The bridge of host 1 has a static entry for web's MAC on its VXLAN port.
+    let fdb = lab.json_in(1, "bridge", &["-j", "fdb", "show"]);
+    assert!(
+        fdb.as_array()
+            .into_iter()
+            .flatten()
+            .any(|e| e["mac"] == web.mac.as_str()
+                && e["ifname"].as_str().is_some_and(|n| n.starts_with("slvx"))
+                && e["master"].as_str().is_some_and(|m| m.starts_with("slbr"))
+                && e["state"] == "static"),
+        "{fdb}"
+    );
+
+    let db_ip = ip_of(&db);
+    let veth = endpoint_status(&lab, 1, &db_ip)["host_veth"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let allowed = |lab: &Lab| {
+        endpoint_status(lab, 1, &db_ip)["ingress"]["allowed"]["packets"]
+            .as_u64()
+            .unwrap()
+    };
+    let (tx, counted) = (tx_packets(&lab, 1, &veth), allowed(&lab));
+    assert!(ping_burst(&web, &db, 50));
+    let bridged = tx_packets(&lab, 1, &veth) - tx;
+    assert!(
+        bridged < 10,
+        "{bridged} of 50 echo requests from the overlay crossed the bridge"
+    );
+    assert!(allowed(&lab) - counted >= 50, "not counted as db's ingress");
+
+    // The receiver's ingress policy decides on the fast path.
+    let file = lab.dir.path().join("db.yaml");
+    std::fs::write(&file, POLICY).unwrap();
+    let applied = lab.cli(0, &["policy", "apply", "-f", &file.to_string_lossy()]);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert!(
+        eventually(SETTLE, || !ping(&other, &db)),
+        "policy not enforced for a remote peer on the fast path"
+    );
+    assert!(ping(&web, &db), "allowed remote peer blocked");
+
+    // Fast path off on host 1: the same traffic crosses the bridge.
+    lab.kill_daemon(1);
+    lab.hosts[1].flags = vec!["--fast-path=false".into()];
+    lab.start_daemon(1).unwrap();
+    assert!(eventually(SETTLE, || ping(&web, &db)));
+    let tx = tx_packets(&lab, 1, &veth);
+    assert!(ping_burst(&web, &db, 50));
+    assert!(
+        tx_packets(&lab, 1, &veth) - tx >= 50,
+        "with --fast-path=false the bridge should deliver"
+    );
+    assert!(!ping(&other, &db), "policy lost with the fast path off");
+}

@@ -4,7 +4,7 @@
 //! (its `FORWARD` policy is `DROP`).
 //!
 //! Subnets `10.38.0.0/16` and outside links `10.77.41-49.0/30` are this file's; host ports
-//! 8080 and 18081-18083 too. Tests on the shared environment use networks of their own and
+//! 8080, 18081-18083 and 18089 too. Tests on the shared environment use networks of their own and
 //! run in parallel; the restart test has its own environment.
 
 #![allow(
@@ -755,4 +755,95 @@ fn north_south_survives_dockerd_and_sluice_restarts_and_rm_leaves_no_table() {
         wait_until(Duration::from_secs(10), || !nft_table_exists(&table(&env))),
         "the table outlived the last network"
     );
+}
+
+/// Frames the host-side veth `veth` transmitted: what the bridge delivered to its container.
+fn veth_tx_packets(veth: &str) -> u64 {
+    let out = Command::new("ip")
+        .args(["-s", "-j", "link", "show", "dev", veth])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v[0]["stats64"]["tx"]["packets"].as_u64().unwrap()
+}
+
+/// With the daemon's defaults (fast path on): container-to-container traffic reaches the
+/// receiver without crossing the bridge (its host veth transmits nothing while sluice counts
+/// the packets as its ingress), and a container still reaches a published port of its own
+/// network through a host address (hairpin: DNAT, masquerade, the replies back through the
+/// host). Subnet 10.38.9.0/24, host port 18089.
+#[test]
+fn fast_path_skips_the_bridge_between_containers_and_hairpin_still_answers() {
+    if docker::skip_unless_root() {
+        return;
+    }
+    let env = env();
+    assert_subnet_free("10.38.9.0/24");
+    env.create_network(
+        "ns-fast",
+        &["--subnet", "10.38.9.0/24", "--gateway", "10.38.9.1"],
+    );
+    env.run_container_cmd("ns-fast", "ns-fast-web", &["-p", "18089:80"], WEB);
+    env.run_container("ns-fast", "ns-fast-client", &[]);
+    let web_ip = env.container_ip("ns-fast-web", "ns-fast");
+    // `target` is nc's arguments: `IP PORT`.
+    let get = |target: &str| {
+        let out = env.exec(
+            "ns-fast-client",
+            &[
+                "sh",
+                "-c",
+                &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {target}"),
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).contains("hello-sluice")
+    };
+    let direct = format!("{web_ip} 80");
+    assert!(
+        wait_until(Duration::from_secs(20), || get(&direct)),
+        "the client cannot reach web directly\n{}",
+        diagnose(env)
+    );
+
+    let ep = env.endpoint_id("ns-fast-web", "ns-fast");
+    let status: Value = serde_json::from_str(&env.sluice_cli_ok(&["endpoints", "--json"])).unwrap();
+    let web = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["id"] == ep.as_str())
+        .unwrap_or_else(|| panic!("web not in sluice endpoints: {status}"))
+        .clone();
+    let veth = web["host_veth"].as_str().unwrap().to_owned();
+    let ingress = || -> u64 {
+        let status: Value =
+            serde_json::from_str(&env.sluice_cli_ok(&["endpoints", "--json"])).unwrap();
+        status
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == ep.as_str())
+            .map_or(0, |e| e["ingress"]["allowed"]["packets"].as_u64().unwrap())
+    };
+    let (tx, counted) = (veth_tx_packets(&veth), ingress());
+    for _ in 0..10 {
+        assert!(get(&direct), "a direct GET failed");
+    }
+    let bridged = veth_tx_packets(&veth) - tx;
+    let received = ingress() - counted;
+    assert!(received >= 30, "sluice counted {received} packets into web");
+    assert!(
+        bridged < 10,
+        "{bridged} of {received} packets into web crossed the bridge"
+    );
+
+    // Hairpin through the gateway (a host address): works with the fast path on.
+    assert!(
+        wait_until(Duration::from_secs(10), || get("10.38.9.1 18089")),
+        "hairpin to the published port fails with the fast path on\n{}",
+        diagnose(env)
+    );
+
+    env.docker_ok(["rm", "-f", "ns-fast-web", "ns-fast-client"]);
+    env.docker_ok(["network", "rm", "ns-fast"]);
 }

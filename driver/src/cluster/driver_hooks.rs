@@ -29,6 +29,7 @@ pub(super) fn vxlan_spec(net: &Network) -> Option<VxlanSpec> {
         local: v.local,
         port: v.port,
         mtu: net.mtu.unwrap_or(1450),
+        network: net.number,
     })
 }
 

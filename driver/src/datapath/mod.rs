@@ -50,10 +50,11 @@ use aya::{Ebpf, EbpfLoader};
 use ipnetwork::IpNetwork;
 use sluice_common::{
     CounterKey, CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointInfo,
-    IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_CONNTRACK, MAP_COUNTERS,
-    MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_LOCAL, MAP_NAMES, MAP_POLICY,
-    MAP_SETTINGS, PROG_EGRESS, PROG_INGRESS, PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PolicyKey,
-    PolicyValue, Settings, VERDICT_ALLOW, VERDICT_DENY,
+    IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_BRIDGED, MAP_CONNTRACK,
+    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_LOCAL, MAP_NAMES,
+    MAP_OVERLAY, MAP_POLICY, MAP_SETTINGS, MAP_TUNNELS, PROG_EGRESS, PROG_INGRESS, PROG_OVERLAY,
+    PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PolicyKey, PolicyValue, Settings, VERDICT_ALLOW,
+    VERDICT_DENY,
 };
 use tracing::{debug, info};
 
@@ -164,10 +165,11 @@ pub struct DatapathConfig {
     /// When the pin directory does not exist and its parent is not on a bpffs, mount one on
     /// the parent (for the default, on `/sys/fs/bpf`) instead of failing.
     pub mount_bpffs: bool,
-    /// The same-host fast path (`LOCAL` map): traffic between two endpoints on one network of
-    /// this host skips the bridge (`bpf_redirect_peer`), both policies still applied. Off by
-    /// default (`sluice daemon --fast-path` turns it on): the reply of a hairpin-DNATed
-    /// published-port connection would skip the host's de-NAT.
+    /// The same-host fast path (`LOCAL`, `OVERLAY` maps): traffic between two endpoints on one
+    /// network of this host, and from a VXLAN device to a local endpoint, skips the bridge
+    /// (`bpf_redirect_peer`), both policies still applied; replies of flows whose requests
+    /// came through the host (DNAT) take the bridge (`BRIDGED`). On by default
+    /// (`sluice daemon --fast-path=false` turns it off).
     pub fast_path: bool,
 }
 
@@ -186,7 +188,7 @@ impl DatapathConfig {
             max_entries: Vec::new(),
             settings: Settings::default(),
             mount_bpffs: true,
-            fast_path: false,
+            fast_path: true,
         }
     }
 
@@ -198,7 +200,7 @@ impl DatapathConfig {
             max_entries: Vec::new(),
             settings: Settings::default(),
             mount_bpffs: false,
-            fast_path: false,
+            fast_path: true,
         }
     }
 }
@@ -361,9 +363,17 @@ const SANDBOX_HOOKS: [(&str, TcAttachType); 2] = [
     (PROG_SANDBOX_INGRESS, TcAttachType::Ingress),
 ];
 
+/// The fast path's program on a VXLAN device: what arrives from remote endpoints.
+const OVERLAY_HOOKS: [(&str, TcAttachType); 1] = [(PROG_OVERLAY, TcAttachType::Ingress)];
+
 /// Every program and its hook: loaded, pinned and detached alike.
-const ALL_HOOKS: [(&str, TcAttachType); 4] =
-    [HOOKS[0], HOOKS[1], SANDBOX_HOOKS[0], SANDBOX_HOOKS[1]];
+const ALL_HOOKS: [(&str, TcAttachType); 5] = [
+    HOOKS[0],
+    HOOKS[1],
+    SANDBOX_HOOKS[0],
+    SANDBOX_HOOKS[1],
+    OVERLAY_HOOKS[0],
+];
 
 /// Expected kernel map type, key size and value size of each map.
 /// The `LOCAL` keys of an endpoint: its non-zero addresses.
@@ -404,6 +414,8 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
         ),
         MAP_EVENTS => (MapType::RingBuf, 0, 0),
         MAP_LOCAL => (MapType::Hash, size(size_of::<IpKey>()), 4),
+        MAP_BRIDGED => (MapType::LruHash, size(size_of::<CtKey>()), 8),
+        MAP_OVERLAY | MAP_TUNNELS => (MapType::Hash, 4, 4),
         MAP_SETTINGS => (MapType::Array, 4, size(size_of::<Settings>())),
         MAP_EVENT_RATE => (
             MapType::PerCpuArray,
@@ -419,6 +431,9 @@ pub struct Datapath {
     ebpf: Ebpf,
     endpoints: HashMap<MapData, u32, EndpointInfo>,
     local: HashMap<MapData, IpKey, u32>,
+    bridged: HashMap<MapData, CtKey, u64>,
+    overlay: HashMap<MapData, u32, u32>,
+    tunnels: HashMap<MapData, u32, u32>,
     fast_path: bool,
     ipcache: LpmTrie<MapData, IpKey, IpInfo>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
@@ -539,6 +554,12 @@ impl Datapath {
             .map_err(map_err("open", MAP_ENDPOINTS))?;
         let local = HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL)?)
             .map_err(map_err("open", MAP_LOCAL))?;
+        let bridged = HashMap::try_from(take_map(&mut ebpf, MAP_BRIDGED)?)
+            .map_err(map_err("open", MAP_BRIDGED))?;
+        let overlay = HashMap::try_from(take_map(&mut ebpf, MAP_OVERLAY)?)
+            .map_err(map_err("open", MAP_OVERLAY))?;
+        let tunnels = HashMap::try_from(take_map(&mut ebpf, MAP_TUNNELS)?)
+            .map_err(map_err("open", MAP_TUNNELS))?;
         let ipcache = LpmTrie::try_from(take_map(&mut ebpf, MAP_IPCACHE)?)
             .map_err(map_err("open", MAP_IPCACHE))?;
         let policy = LpmTrie::try_from(take_map(&mut ebpf, MAP_POLICY)?)
@@ -556,6 +577,9 @@ impl Datapath {
             ebpf,
             endpoints,
             local,
+            bridged,
+            overlay,
+            tunnels,
             fast_path: config.fast_path,
             ipcache,
             policy,
@@ -572,6 +596,14 @@ impl Datapath {
             let keys: Vec<IpKey> = datapath.local.keys().filter_map(Result::ok).collect();
             for key in keys {
                 let _ = datapath.local.remove(&key);
+            }
+            let devices: Vec<u32> = datapath.overlay.keys().filter_map(Result::ok).collect();
+            for device in devices {
+                let _ = datapath.overlay.remove(&device);
+            }
+            let networks: Vec<u32> = datapath.tunnels.keys().filter_map(Result::ok).collect();
+            for network in networks {
+                let _ = datapath.tunnels.remove(&network);
             }
         }
         info!(
@@ -618,12 +650,96 @@ impl Datapath {
     /// by this call may remain attached; call [`Datapath::detach`] to clean up.
     pub fn attach(&mut self, ifindex: u32) -> Result<()> {
         let ifname = interface_name(ifindex)?;
-        self.attach_hooks(ifindex, Some(&ifname), HOOKS)?;
+        self.attach_hooks(ifindex, Some(&ifname), &HOOKS)?;
         info!(
             ifindex,
             "attached datapath (tcx ingress {PROG_EGRESS}, tcx egress {PROG_INGRESS})"
         );
         Ok(())
+    }
+
+    /// The fast path for a `mode=vxlan` network: attaches `sluice_overlay` to the TCX ingress
+    /// hook of its VXLAN device `ifindex` and records the device's network, so frames from
+    /// remote endpoints to local endpoints of `network` skip the bridge (after the
+    /// receiver's ingress policy). With the fast path off, the program is attached but idle
+    /// (no `OVERLAY` entry). Pinned as [`Datapath::attach`]. Idempotent.
+    ///
+    /// # Errors
+    /// As [`Datapath::attach`]; a failed map write.
+    pub fn attach_overlay(&mut self, ifindex: u32, network: u32) -> Result<()> {
+        let ifname = interface_name(ifindex)?;
+        if self.fast_path {
+            self.overlay
+                .insert(ifindex, network, 0)
+                .map_err(map_err(format!("set overlay {ifindex}"), MAP_OVERLAY))?;
+            self.tunnels
+                .insert(network, ifindex, 0)
+                .map_err(map_err(format!("set tunnel of {network}"), MAP_TUNNELS))?;
+        } else {
+            self.forget_overlay(ifindex)?;
+        }
+        self.attach_hooks(ifindex, Some(&ifname), &OVERLAY_HOOKS)?;
+        info!(
+            ifindex,
+            network,
+            fast_path = self.fast_path,
+            "attached {PROG_OVERLAY}"
+        );
+        Ok(())
+    }
+
+    /// Undoes [`Datapath::attach_overlay`]. Idempotent; works after the device is gone.
+    ///
+    /// # Errors
+    /// As [`Datapath::detach`].
+    pub fn detach_overlay(&mut self, ifindex: u32) -> Result<()> {
+        self.forget_overlay(ifindex)?;
+        self.detach(ifindex)
+    }
+
+    fn forget_overlay(&mut self, ifindex: u32) -> Result<()> {
+        if let Some(network) = self.overlay_network(ifindex)?
+            && self.tunnels.get(&network, 0).ok() == Some(ifindex)
+        {
+            match self.tunnels.remove(&network) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    return Err(map_err(format!("remove tunnel of {network}"), MAP_TUNNELS)(
+                        e,
+                    ));
+                }
+            }
+        }
+        match self.overlay.remove(&ifindex) {
+            Ok(()) => Ok(()),
+            Err(e) if is_not_found(&e) => Ok(()),
+            Err(e) => Err(map_err(format!("remove overlay {ifindex}"), MAP_OVERLAY)(e)),
+        }
+    }
+
+    /// The network number `OVERLAY` holds for VXLAN device `ifindex`.
+    ///
+    /// # Errors
+    /// If the map read fails.
+    pub fn overlay_network(&self, ifindex: u32) -> Result<Option<u32>> {
+        match self.overlay.get(&ifindex, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(map_err(format!("get overlay {ifindex}"), MAP_OVERLAY)(e)),
+        }
+    }
+
+    /// Flows the fast path leaves to the bridge because their requests came through the host
+    /// (`BRIDGED`), as the replying endpoint sees them.
+    ///
+    /// # Errors
+    /// If the map read fails.
+    pub fn bridged_flows(&self) -> Result<Vec<CtKey>> {
+        self.bridged
+            .keys()
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err("read bridged flows", MAP_BRIDGED))
     }
 
     /// Attaches the macvlan programs to the endpoint's **own** interface `ifindex` (there is
@@ -638,7 +754,7 @@ impl Datapath {
     /// As [`Datapath::attach`].
     pub fn attach_sandboxed(&mut self, ifindex: u32) -> Result<()> {
         let ifname = interface_name(ifindex)?;
-        self.attach_hooks(ifindex, Some(&ifname), SANDBOX_HOOKS)?;
+        self.attach_hooks(ifindex, Some(&ifname), &SANDBOX_HOOKS)?;
         info!(
             ifindex,
             "attached datapath (tcx egress {PROG_SANDBOX_EGRESS}, tcx ingress {PROG_SANDBOX_INGRESS})"
@@ -654,7 +770,7 @@ impl Datapath {
     /// [`DatapathError::NoSuchInterface`] when the link has no programs to update (they can
     /// only be attached before the move); update and pin errors.
     pub fn refresh_sandboxed(&mut self, ifindex: u32) -> Result<()> {
-        self.attach_hooks(ifindex, None, SANDBOX_HOOKS)
+        self.attach_hooks(ifindex, None, &SANDBOX_HOOKS)
     }
 
     /// `ifname`: the device's name in this namespace, `None` when it is not here (then only
@@ -663,9 +779,9 @@ impl Datapath {
         &mut self,
         ifindex: u32,
         ifname: Option<&str>,
-        hooks: [(&'static str, TcAttachType); 2],
+        hooks: &[(&'static str, TcAttachType)],
     ) -> Result<()> {
-        for (program, hook) in hooks {
+        for &(program, hook) in hooks {
             if let Some(pins) = self.pins.clone() {
                 self.attach_pinned(&pins, ifindex, ifname, program, hook)?;
             } else if !self.links.contains_key(&(ifindex, program)) {
@@ -854,11 +970,24 @@ impl Datapath {
     /// # Errors
     /// If the map write fails (e.g. full).
     pub fn set_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
+        self.set_endpoint_with(ifindex, info, self.fast_path)
+    }
+
+    /// [`Datapath::set_endpoint`] for a macvlan endpoint (programs on the container's own
+    /// interface): never a fast-path target, `bpf_redirect_peer` needs a veth.
+    ///
+    /// # Errors
+    /// If a map write fails.
+    pub fn set_sandboxed_endpoint(&mut self, ifindex: u32, info: EndpointInfo) -> Result<()> {
+        self.set_endpoint_with(ifindex, info, false)
+    }
+
+    fn set_endpoint_with(&mut self, ifindex: u32, info: EndpointInfo, fast: bool) -> Result<()> {
         self.endpoints
             .insert(ifindex, info, 0)
             .map_err(map_err(format!("set endpoint {ifindex}"), MAP_ENDPOINTS))?;
         for key in local_keys(&info) {
-            if self.fast_path {
+            if fast {
                 self.local
                     .insert(key, ifindex, 0)
                     .map_err(map_err(format!("set fast path to {ifindex}"), MAP_LOCAL))?;
@@ -948,6 +1077,19 @@ impl Datapath {
             }
         }
         self.flush_conntrack(Some(ifindex))?;
+        let bridged: Vec<CtKey> = self
+            .bridged
+            .keys()
+            .filter_map(std::result::Result::ok)
+            .filter(|k| k.ifindex == ifindex)
+            .collect();
+        for key in bridged {
+            match self.bridged.remove(&key) {
+                Ok(()) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("forget bridged flows", MAP_BRIDGED)(e)),
+            }
+        }
         Ok(())
     }
 

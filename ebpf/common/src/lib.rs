@@ -38,8 +38,34 @@ pub const MAP_EVENT_RATE: &str = "EVENT_RATE";
 /// Empty when the fast path is off.
 pub const MAP_LOCAL: &str = "LOCAL";
 
+// --- fast path (issue 6) ---
+/// Map: [`CtKey`] of a flow, from the point of view of the endpoint that will *reply* →
+/// `bpf_ktime_get_ns()` when its last request was seen (`u64`). LRU hash. Requests that
+/// reached a local endpoint through the bridge although their sender is a local endpoint of
+/// the same network went through the host (a DNAT, a route): the replies must go back the
+/// same way to be de-NATed, so the fast path leaves these flows to the bridge.
+pub const MAP_BRIDGED: &str = "BRIDGED";
+/// Map: ifindex of a `mode=vxlan` network's VXLAN device (`u32`) → the network's number
+/// (`u32`). Hash. [`PROG_OVERLAY`] on that device delivers decapsulated frames for local
+/// endpoints of that network straight to them. Empty when the fast path is off.
+pub const MAP_OVERLAY: &str = "OVERLAY";
+/// Program for the **TCX ingress** hook of a VXLAN device: what remote endpoints send; a
+/// frame for a local endpoint of the device's network is judged by the receiver's
+/// **ingress** policy and redirected into its namespace (the rest takes the bridge).
+pub const PROG_OVERLAY: &str = "sluice_overlay";
+/// Map: a `mode=vxlan` network's number (`u32`) → ifindex of its VXLAN device (`u32`).
+/// Hash. The fast path towards other hosts: an endpoint's packet to a remote endpoint of its
+/// network (ipcache) goes straight to the VXLAN device, not through the bridge. Empty when
+/// the fast path is off.
+pub const MAP_TUNNELS: &str = "TUNNELS";
+/// Default `max_entries` of [`MAP_BRIDGED`].
+pub const DEFAULT_MAX_BRIDGED: u32 = 16_384;
+/// Default `max_entries` of [`MAP_OVERLAY`].
+pub const DEFAULT_MAX_OVERLAY: u32 = 1_024;
+// --- end fast path ---
+
 /// Every map the object defines, in a fixed order.
-pub const MAP_NAMES: [&str; 9] = [
+pub const MAP_NAMES: [&str; 12] = [
     MAP_ENDPOINTS,
     MAP_IPCACHE,
     MAP_POLICY,
@@ -49,6 +75,9 @@ pub const MAP_NAMES: [&str; 9] = [
     MAP_SETTINGS,
     MAP_EVENT_RATE,
     MAP_LOCAL,
+    MAP_BRIDGED,
+    MAP_OVERLAY,
+    MAP_TUNNELS,
 ];
 
 /// Program for the **TCX ingress** hook of an endpoint's host-side veth: it sees what the

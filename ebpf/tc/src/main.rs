@@ -6,6 +6,9 @@
 //! | [`sluice_egress`] | ingress | sends | egress policy |
 //! | [`sluice_ingress`] | egress | receives | ingress policy |
 //!
+//! `mode=vxlan`: [`sluice_overlay`] on the TCX ingress hook of the network's VXLAN device
+//! delivers frames from remote endpoints straight to local ones (the fast path, below).
+//!
 //! macvlan endpoints have no host-side peer: [`sluice_sandbox_egress`] (TCX egress) and
 //! [`sluice_sandbox_ingress`] (TCX ingress) run the same checks on the container's own
 //! interface, and drop everything on an interface missing from `ENDPOINTS` (fail closed).
@@ -26,6 +29,12 @@
 //! 8. `POLICY[subject, peer identity, dir, proto, port]` (LPM trie), and unless that said
 //!    deny, `POLICY[subject, ANY, dir, proto, port]`. Deny from either wins; else allow from
 //!    either allows (and creates the conntrack entry); else default deny.
+//!
+//! 9. Allowed, on a host veth, sent by the container (fast path): to an endpoint of the same
+//!    network on this host (`LOCAL`), unless the flow's request came through the host
+//!    (`BRIDGED`), the receiver's ingress policy is step 3–8 here and the packet is
+//!    `bpf_redirect_peer`ed into the receiver's namespace. Received through the bridge from
+//!    such an endpoint: the flow goes into `BRIDGED`.
 //!
 //! Every verdict bumps `COUNTERS[ifindex, dir, verdict]` (per-CPU hash); every drop emits a
 //! `DropEvent` to `EVENTS` if the per-CPU token bucket (`EVENT_RATE`, `SETTINGS`) allows.
@@ -50,7 +59,7 @@ mod packet;
 #[cfg(target_arch = "bpf")]
 mod programs {
     use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT};
-    use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect_peer};
+    use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_redirect_peer};
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::Key;
     use aya_ebpf::maps::{
@@ -59,13 +68,15 @@ mod programs {
     use aya_ebpf::programs::TcContext;
     use sluice_common::{
         CounterKey, CounterValue, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_BYTES,
-        DEFAULT_EVENTS_PER_SEC, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_COUNTERS, DEFAULT_MAX_ENDPOINTS,
-        DEFAULT_MAX_IPCACHE, DEFAULT_MAX_POLICY, DIR_EGRESS, DIR_INGRESS, DropEvent,
-        EP_EGRESS_ENFORCED, EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK,
-        EndpointInfo, FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, IpInfo, IpKey, POLICY_PREFIX_FULL,
-        PolicyKey, PolicyValue, REASON_DEFAULT_DENY, REASON_IDENTITY_PENDING, REASON_ISOLATION,
-        REASON_MALFORMED, REASON_NOT_IP, REASON_POLICY_DENY, REASON_SPOOFED, RateState, Settings,
-        VERDICT_ALLOW, VERDICT_DENY,
+        DEFAULT_EVENTS_PER_SEC, DEFAULT_MAX_BRIDGED, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_COUNTERS,
+        DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_IPCACHE, DEFAULT_MAX_OVERLAY, DEFAULT_MAX_POLICY,
+        DIR_EGRESS, DIR_INGRESS, DropEvent, EP_EGRESS_ENFORCED, EP_IDENTITY_PENDING,
+        EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK, EndpointInfo, FAMILY_V4, IDENTITY_ANY,
+        IDENTITY_FIRST_CIDR, IDENTITY_FIRST_ENDPOINT, IDENTITY_WORLD, IpInfo, IpKey,
+        POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
+        REASON_DEFAULT_DENY, REASON_IDENTITY_PENDING, REASON_ISOLATION, REASON_MALFORMED,
+        REASON_NOT_IP, REASON_POLICY_DENY, REASON_SPOOFED, RateState, Settings, VERDICT_ALLOW,
+        VERDICT_DENY,
     };
 
     use crate::packet::{Frame, Packet, parse};
@@ -93,6 +104,20 @@ mod programs {
     #[map]
     static LOCAL: HashMap<IpKey, u32> = HashMap::with_max_entries(2 * DEFAULT_MAX_ENDPOINTS, 0);
 
+    // --- fast path (issue 6): see `sluice_common::MAP_BRIDGED` / `MAP_OVERLAY` ---
+    /// Flows (as the replying endpoint sees them) whose requests came through the host.
+    #[map]
+    static BRIDGED: LruHashMap<CtKey, u64> = LruHashMap::with_max_entries(DEFAULT_MAX_BRIDGED, 0);
+
+    /// VXLAN device ifindex → its network's number.
+    #[map]
+    static OVERLAY: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_OVERLAY, 0);
+
+    /// Network number → its VXLAN device ifindex.
+    #[map]
+    static TUNNELS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_OVERLAY, 0);
+    // --- end fast path ---
+
     #[map]
     static EVENTS: RingBuf = RingBuf::with_byte_size(DEFAULT_EVENTS_BYTES, 0);
 
@@ -112,7 +137,7 @@ mod programs {
     /// Attach to the host veth's TCX **ingress**: what the container sends.
     #[classifier]
     fn sluice_egress(ctx: TcContext) -> i32 {
-        match classify(&ctx, DIR_EGRESS) {
+        match classify(&ctx, DIR_EGRESS, true) {
             Ok(action) => action,
             Err(action) => action,
         }
@@ -121,7 +146,7 @@ mod programs {
     /// Attach to the host veth's TCX **egress**: what the container receives.
     #[classifier]
     fn sluice_ingress(ctx: TcContext) -> i32 {
-        match classify(&ctx, DIR_INGRESS) {
+        match classify(&ctx, DIR_INGRESS, true) {
             Ok(action) => action,
             Err(action) => action,
         }
@@ -150,7 +175,8 @@ mod programs {
         if endpoint(ifindex).is_none() {
             return TC_ACT_SHOT;
         }
-        match classify(ctx, dir) {
+        // No fast path here: bpf_redirect_peer needs a veth and the TC ingress hook.
+        match classify(ctx, dir, false) {
             Ok(action) => action,
             Err(action) => action,
         }
@@ -166,9 +192,11 @@ mod programs {
         Denied { reason, rule_id: 0 }
     }
 
-    /// `Ok(TC_ACT_OK)` or `Err(TC_ACT_SHOT)`, with the counter bumped and the event sent.
+    /// `Ok(TC_ACT_OK)` or `Err(TC_ACT_SHOT)`, with the counter bumped and the event sent;
+    /// `Ok(TC_ACT_REDIRECT)` when the fast path took the packet. `veth`: the program sits on
+    /// an endpoint's host-side veth (the fast path applies).
     #[inline(always)]
-    fn classify(ctx: &TcContext, dir: u8) -> Result<i32, i32> {
+    fn classify(ctx: &TcContext, dir: u8, veth: bool) -> Result<i32, i32> {
         // SAFETY: `ctx.skb.skb` is the `__sk_buff` context pointer the kernel passed to this
         // program; reading `ifindex` from it is a plain context access the verifier permits
         // for SCHED_CLS programs.
@@ -194,10 +222,14 @@ mod programs {
         match verdict {
             Ok(()) => {
                 count(ifindex, dir, VERDICT_ALLOW, len);
-                if dir == DIR_EGRESS && parsed {
-                    let action = fast_path(ctx.skb.skb, ep, ifindex, &pkt);
-                    if action != NOT_FAST {
-                        return Ok(action);
+                if veth && parsed {
+                    if dir == DIR_EGRESS {
+                        let action = fast_path(ctx.skb.skb, ep, ifindex, &pkt);
+                        if action != NOT_FAST {
+                            return Ok(action);
+                        }
+                    } else {
+                        note_bridged(ep, ifindex, &pkt);
                     }
                 }
                 Ok(TC_ACT_OK)
@@ -210,14 +242,17 @@ mod programs {
         }
     }
 
+    // --- fast path (issue 6) ---
+
     /// The same-host fast path, for an IP packet the sender's egress policy allowed: when its
-    /// destination is an endpoint on the same network of this host (`LOCAL`) and the frame is
-    /// unicast, judge it with the receiver's **ingress** policy here (the same [`decide`], the
-    /// receiver's counters and drop events) and hand it straight to the receiver's namespace
-    /// with `bpf_redirect_peer`, skipping the bridge and the receiver's host veth. ARP,
-    /// broadcast, multicast, other networks (routed through the gateway), the gateway, the
-    /// host and the world take the bridge as before: [`NOT_FAST`]. (At most five arguments
-    /// and no `Option` return: BPF functions take no stack arguments.)
+    /// destination is an endpoint on the same network of this host (`LOCAL`), [`deliver`]
+    /// judges it with the receiver's ingress policy and hands it straight to the receiver's
+    /// namespace, skipping the bridge and the receiver's host veth. Left to the bridge
+    /// ([`NOT_FAST`]): ARP, broadcast, multicast, fragments, ICMP errors and protocols other
+    /// than TCP, UDP and ICMP echo, other networks (routed through the gateway), the gateway,
+    /// the host and the world, and replies of flows whose requests came through the host
+    /// (`BRIDGED`: a DNAT the host must undo). (At most five arguments and no `Option`
+    /// return: BPF functions take no stack arguments.)
     #[inline(never)]
     fn fast_path(
         skb: *mut aya_ebpf::bindings::__sk_buff,
@@ -225,19 +260,144 @@ mod programs {
         ifindex: u32,
         pkt: &Packet,
     ) -> i32 {
-        // SAFETY: a read of this program's own map; the value is a plain u32 copied out.
-        let Some(&peer_ifindex) = (unsafe { LOCAL.get(&IpKey { addr: pkt.dst }) }) else {
+        if !fast_eligible(pkt) {
             return NOT_FAST;
+        }
+        let Some((peer_ifindex, peer)) = local_endpoint(&pkt.dst, ep.network) else {
+            return to_tunnel(skb, ep.network, pkt);
         };
         if peer_ifindex == ifindex {
             return NOT_FAST;
         }
-        let Some(peer) = endpoint(peer_ifindex) else {
-            return NOT_FAST;
-        };
-        if peer.network != ep.network {
+        if BRIDGED.get_ptr(&ct_key(ifindex, DIR_EGRESS, pkt)).is_some() {
             return NOT_FAST;
         }
+        deliver(skb, peer_ifindex, peer, pkt)
+    }
+
+    /// `mode=vxlan`: a packet to an endpoint of the same network on another host (ipcache:
+    /// an endpoint identity of this network, not local) goes straight to the network's VXLAN
+    /// device (`TUNNELS`), which encapsulates it towards that host: the bridge is skipped.
+    /// The receiver's ingress policy is applied on its own host.
+    #[inline(never)]
+    fn to_tunnel(skb: *mut aya_ebpf::bindings::__sk_buff, network: u32, pkt: &Packet) -> i32 {
+        // SAFETY: a read of this program's own map; the value is a plain u32 copied out.
+        let Some(&device) = (unsafe { TUNNELS.get(&network) }) else {
+            return NOT_FAST;
+        };
+        let Some(peer) = IPCACHE.get(Key::new(128, IpKey { addr: pkt.dst })) else {
+            return NOT_FAST;
+        };
+        let endpoint_identity =
+            peer.identity >= IDENTITY_FIRST_ENDPOINT && peer.identity < IDENTITY_FIRST_CIDR;
+        if peer.network != network || !endpoint_identity {
+            return NOT_FAST;
+        }
+        let ctx = TcContext::new(skb);
+        let Ok(first) = ctx.load::<u8>(0) else {
+            return NOT_FAST;
+        };
+        if first & 1 != 0 {
+            return NOT_FAST;
+        }
+        // SAFETY: bpf_redirect only records the target device; the kernel transmits there.
+        let action = unsafe { bpf_redirect(device, 0) };
+        i32::try_from(action).unwrap_or(TC_ACT_SHOT)
+    }
+
+    /// On a host veth's egress hook (the bridge delivered it): a packet from a local endpoint
+    /// of the same network did not take the fast path, so it went through the host (a DNAT to
+    /// this endpoint, a route). Remember the flow so that this endpoint's replies take the
+    /// bridge too and meet the host's conntrack (de-NAT) on the way back.
+    #[inline(never)]
+    fn note_bridged(ep: &EndpointInfo, ifindex: u32, pkt: &Packet) {
+        if !fast_eligible(pkt) {
+            return;
+        }
+        let Some((sender, _)) = local_endpoint(&pkt.src, ep.network) else {
+            return;
+        };
+        if sender == ifindex {
+            return;
+        }
+        let key = ct_key(ifindex, DIR_INGRESS, pkt);
+        if BRIDGED.get_ptr(&key).is_none() {
+            // SAFETY: bpf_ktime_get_ns has no preconditions.
+            let now = unsafe { bpf_ktime_get_ns() };
+            // An LRU map evicts instead of failing; a lost entry only costs one reply.
+            let _ignored = BRIDGED.insert(&key, now, u64::from(BPF_ANY));
+        }
+    }
+
+    /// Attach to the TCX **ingress** hook of a VXLAN device (`OVERLAY` names its network):
+    /// a decapsulated frame from a remote endpoint to a local endpoint of that network is
+    /// judged by the receiver's ingress policy and redirected straight into its namespace;
+    /// everything else goes on to the bridge untouched.
+    #[classifier]
+    fn sluice_overlay(ctx: TcContext) -> i32 {
+        // SAFETY: as in `classify`: a plain context read the verifier permits.
+        let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+        // SAFETY: a read of this program's own map; the value is a plain u32 copied out.
+        let Some(&network) = (unsafe { OVERLAY.get(&ifindex) }) else {
+            return TC_ACT_OK;
+        };
+        let action = from_overlay(ctx.skb.skb, network);
+        if action == NOT_FAST {
+            TC_ACT_OK
+        } else {
+            action
+        }
+    }
+
+    #[inline(never)]
+    fn from_overlay(skb: *mut aya_ebpf::bindings::__sk_buff, network: u32) -> i32 {
+        let mut pkt = Packet::EMPTY;
+        if !matches!(parse(skb, &mut pkt), Ok(Frame::Ip)) || !fast_eligible(&pkt) {
+            return NOT_FAST;
+        }
+        let Some((peer_ifindex, peer)) = local_endpoint(&pkt.dst, network) else {
+            return NOT_FAST;
+        };
+        deliver(skb, peer_ifindex, peer, &pkt)
+    }
+
+    /// TCP, UDP and ICMP echo, unfragmented: what the fast path may carry. An ICMP error
+    /// quotes a flow the host may have NATed, and a fragment's siblings may not all be
+    /// recognisable: they take the bridge.
+    #[inline(always)]
+    fn fast_eligible(pkt: &Packet) -> bool {
+        if pkt.fragment {
+            return false;
+        }
+        let icmp_type = (pkt.dport >> 8) as u8;
+        match pkt.proto {
+            PROTO_TCP | PROTO_UDP => true,
+            PROTO_ICMP => icmp_type == 0 || icmp_type == 8,
+            PROTO_ICMPV6 => icmp_type == 128 || icmp_type == 129,
+            _ => false,
+        }
+    }
+
+    /// The local endpoint (host veth ifindex and entry) holding `addr` on network `network`.
+    #[inline(always)]
+    fn local_endpoint(addr: &[u8; 16], network: u32) -> Option<(u32, &'static EndpointInfo)> {
+        // SAFETY: a read of this program's own map; the value is a plain u32 copied out.
+        let peer_ifindex = *unsafe { LOCAL.get(&IpKey { addr: *addr }) }?;
+        let peer = endpoint(peer_ifindex)?;
+        (peer.network == network).then_some((peer_ifindex, peer))
+    }
+
+    /// Judges a unicast IP packet with the receiver's **ingress** policy (the same
+    /// [`decide`], the receiver's counters and drop events) and, if it passes, hands it into
+    /// the receiver's namespace with `bpf_redirect_peer`. A broadcast or multicast
+    /// destination MAC: [`NOT_FAST`].
+    #[inline(always)]
+    fn deliver(
+        skb: *mut aya_ebpf::bindings::__sk_buff,
+        peer_ifindex: u32,
+        peer: &EndpointInfo,
+        pkt: &Packet,
+    ) -> i32 {
         let ctx = TcContext::new(skb);
         // Destination MAC: group bit set = broadcast/multicast, which the bridge floods.
         let Ok(first) = ctx.load::<u8>(0) else {
@@ -262,6 +422,8 @@ mod programs {
             }
         }
     }
+
+    // --- end fast path ---
 
     #[inline(always)]
     const fn enforced_flag(dir: u8) -> u32 {
@@ -296,10 +458,10 @@ mod programs {
         if ep.flags & (EP_ISOLATE | EP_INGRESS_ENFORCED | EP_EGRESS_ENFORCED) == 0 {
             return Ok(());
         }
-        let (local, remote, local_port, remote_port) = if dir == DIR_EGRESS {
-            (&pkt.src, &pkt.dst, pkt.sport, pkt.dport)
+        let remote = if dir == DIR_EGRESS {
+            &pkt.dst
         } else {
-            (&pkt.dst, &pkt.src, pkt.dport, pkt.sport)
+            &pkt.src
         };
 
         let peer = IPCACHE
@@ -316,24 +478,7 @@ mod programs {
             return Ok(());
         }
 
-        // ICMP: the echo identifier stands in for the port on the container's side, so an
-        // echo request and its reply share the entry; other ICMP types use 0/0.
-        let (ct_local_port, ct_remote_port) =
-            if pkt.proto == sluice_common::PROTO_ICMP || pkt.proto == sluice_common::PROTO_ICMPV6 {
-                (pkt.echo_id, 0)
-            } else {
-                (local_port, remote_port)
-            };
-        let ct_key = CtKey {
-            ifindex,
-            local_port: ct_local_port,
-            remote_port: ct_remote_port,
-            proto: pkt.proto,
-            family: pkt.family,
-            _pad: [0; 2],
-            local_addr: *local,
-            remote_addr: *remote,
-        };
+        let ct_key = ct_key(ifindex, dir, pkt);
         if CONNTRACK.get_ptr(ct_key).is_some() {
             return Ok(());
         }
@@ -366,6 +511,34 @@ mod programs {
             Ok(())
         } else {
             Err(drop(REASON_DEFAULT_DENY))
+        }
+    }
+
+    /// The flow of `pkt` as endpoint `ifindex` sees it (`dir`: which way the packet goes for
+    /// it), the key of `CONNTRACK` and `BRIDGED`. ICMP: the echo identifier stands in for the
+    /// port on the container's side, so an echo request and its reply share the entry; other
+    /// ICMP types use 0/0.
+    #[inline(always)]
+    fn ct_key(ifindex: u32, dir: u8, pkt: &Packet) -> CtKey {
+        let (local, remote, local_port, remote_port) = if dir == DIR_EGRESS {
+            (&pkt.src, &pkt.dst, pkt.sport, pkt.dport)
+        } else {
+            (&pkt.dst, &pkt.src, pkt.dport, pkt.sport)
+        };
+        let (local_port, remote_port) = if pkt.proto == PROTO_ICMP || pkt.proto == PROTO_ICMPV6 {
+            (pkt.echo_id, 0)
+        } else {
+            (local_port, remote_port)
+        };
+        CtKey {
+            ifindex,
+            local_port,
+            remote_port,
+            proto: pkt.proto,
+            family: pkt.family,
+            _pad: [0; 2],
+            local_addr: *local,
+            remote_addr: *remote,
         }
     }
 

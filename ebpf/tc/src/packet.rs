@@ -40,6 +40,9 @@ pub(crate) struct Packet {
     pub(crate) dport: u16,
     /// ICMP echo identifier (host order) for echo request/reply, else 0.
     pub(crate) echo_id: u16,
+    /// An IPv4 fragment (first or not; IPv6 fragments show as protocol 44). The same-host
+    /// fast path leaves fragments to the bridge.
+    pub(crate) fragment: bool,
 }
 
 impl Packet {
@@ -51,6 +54,7 @@ impl Packet {
         sport: 0,
         dport: 0,
         echo_id: 0,
+        fragment: false,
     };
 }
 
@@ -105,7 +109,10 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<Frame, Malformed> {
     pkt.dst[10] = 0xff;
     pkt.dst[11] = 0xff;
     pkt.dst[12..16].copy_from_slice(&h[16..20]);
-    let fragment_offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+    let flags_offset = u16::from_be_bytes([h[6], h[7]]);
+    let fragment_offset = flags_offset & 0x1fff;
+    // More Fragments, or an offset: part of a fragmented datagram.
+    pkt.fragment = flags_offset & 0x2000 != 0 || fragment_offset != 0;
     if fragment_offset != 0 {
         return Ok(Frame::Ip);
     }

@@ -182,6 +182,50 @@ impl Daemon {
         .map(drop)
     }
 
+    /// A network through sluice's IPAM, as dockerd creates one with `--ipam-driver sluice`
+    /// (RequestPool, the gateway's RequestAddress, CreateNetwork with `generic` options);
+    /// returns the pool ID and the gateway (without prefix).
+    pub(crate) fn create_ipam_network(
+        &self,
+        id: &str,
+        subnet: &str,
+        generic: &Value,
+    ) -> Result<(String, String)> {
+        let pool = self.call(
+            "IpamDriver.RequestPool",
+            &json!({"AddressSpace": "LocalDefault", "Pool": subnet, "SubPool": "", "Options": {}, "V6": false}),
+        )?;
+        let pool_id = pool["PoolID"].as_str().context("no PoolID")?.to_owned();
+        let gateway = self.call(
+            "IpamDriver.RequestAddress",
+            &json!({"PoolID": pool_id, "Address": "", "Options": {"RequestAddressType": "com.docker.network.gateway"}}),
+        )?;
+        let gateway = gateway["Address"]
+            .as_str()
+            .context("no gateway")?
+            .to_owned();
+        self.call(
+            "NetworkDriver.CreateNetwork",
+            &json!({
+                "NetworkID": id,
+                "Options": {"com.docker.network.generic": generic},
+                "IPv4Data": [{"AddressSpace": "LocalDefault", "Pool": subnet, "Gateway": gateway, "AuxAddresses": {}}],
+                "IPv6Data": [],
+            }),
+        )?;
+        let bare = gateway.split('/').next().unwrap_or_default().to_owned();
+        Ok((pool_id, bare))
+    }
+
+    /// An endpoint address from sluice's IPAM (with prefix).
+    pub(crate) fn request_address(&self, pool: &str) -> Result<String> {
+        let v = self.call(
+            "IpamDriver.RequestAddress",
+            &json!({"PoolID": pool, "Address": "", "Options": null}),
+        )?;
+        Ok(v["Address"].as_str().context("no Address")?.to_owned())
+    }
+
     /// CreateEndpoint + Join; returns the host-side name of the link Docker would move into
     /// the sandbox, and the MAC the driver chose (if any).
     pub(crate) fn create_and_join(

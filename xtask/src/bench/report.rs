@@ -207,7 +207,7 @@ pub(crate) fn targets(run: &Run) -> Vec<Target> {
             paired_median(run, "sluice-vxlan", "kernel-vxlan", Metric::UdpPps),
             true,
             0.95,
-            " sluice VXLAN is not in this build",
+            &few,
         ),
         check(
             "`docker run` to a reachable container, sluice ÷ Docker bridge",

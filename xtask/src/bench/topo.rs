@@ -1,12 +1,11 @@
 //! The topologies under test, each in namespaces of its own (all named `sbn-…`, so a run that
 //! was killed is cleaned up by the next one). Adding a topology is one variant and one
-//! `build_*` function: "sluice VXLAN" and "sluice macvlan" are listed and report that this
-//! build has no such mode until those modes are merged.
+//! `build_*` function.
 
 use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
@@ -31,11 +30,16 @@ pub(crate) enum Topology {
     SluiceBridge { entries: usize, fast_path: bool },
     /// Two host namespaces joined by a plain kernel VXLAN pair over a veth underlay.
     KernelVxlan,
-    /// sluice's VXLAN mode with policy between two host namespaces.
+    /// sluice's VXLAN mode between two host namespaces (an underlay veth, etcd, a real
+    /// daemon on each), one endpoint on each, a policy of [`OVERLAY_ENTRIES`] entries.
     SluiceVxlan,
-    /// sluice's macvlan mode.
+    /// sluice's macvlan mode (a real daemon, the parent a veth into a LAN namespace), two
+    /// endpoints on the parent, a policy of [`OVERLAY_ENTRIES`] entries.
     SluiceMacvlan,
 }
+
+/// Policy entries of the sluice VXLAN and macvlan topologies (as the bridge target's 10k).
+pub(crate) const OVERLAY_ENTRIES: usize = 10_000;
 
 fn short(n: usize) -> String {
     match n {
@@ -79,20 +83,23 @@ impl Topology {
                 if *fast_path { "" } else { ", fast path off" }
             ),
             Self::KernelVxlan => "plain kernel VXLAN pair, no policy (baseline)".into(),
-            Self::SluiceVxlan => "sluice VXLAN with policy".into(),
-            Self::SluiceMacvlan => "sluice macvlan".into(),
+            Self::SluiceVxlan => format!(
+                "sluice VXLAN (two hosts, etcd, real daemons), {} policy entries",
+                short(OVERLAY_ENTRIES)
+            ),
+            Self::SluiceMacvlan => format!(
+                "sluice macvlan (real daemon, veth parent), {} policy entries",
+                short(OVERLAY_ENTRIES)
+            ),
         }
     }
 
     /// Why this build cannot run the topology, if it cannot.
     pub(crate) fn unavailable(&self) -> Option<&'static str> {
         match self {
-            Self::SluiceVxlan => {
-                Some("sluice has no `mode=vxlan` in this build (issue 5, being merged separately)")
+            Self::SluiceVxlan if !on_path("etcd") => {
+                Some("etcd is not installed (`cargo xtask setup` installs it)")
             }
-            Self::SluiceMacvlan => Some(
-                "sluice has no `mode=macvlan` in this build (issue 5, being merged separately)",
-            ),
             _ => None,
         }
     }
@@ -117,6 +124,8 @@ pub(crate) struct Lab {
     pub(crate) run_dir: PathBuf,
     pub(crate) sluice: PathBuf,
     engine: Option<FakeEngine>,
+    /// Other processes (etcd), ended by PID when dropped.
+    children: Vec<Child>,
 }
 
 pub(crate) fn sh(program: &str, args: &[&str]) -> Result<()> {
@@ -161,6 +170,7 @@ impl Lab {
             run_dir,
             sluice,
             engine: None,
+            children: Vec::new(),
         }
     }
 
@@ -201,9 +211,8 @@ impl Lab {
             Topology::DockerBridge { rules } => self.docker_bridge(t, rules, index),
             Topology::SluiceBridge { entries, .. } => self.sluice_bridge(t, entries, index),
             Topology::KernelVxlan => self.kernel_vxlan(t, index),
-            Topology::SluiceVxlan | Topology::SluiceMacvlan => {
-                bail!("{}", t.unavailable().unwrap_or("not available"))
-            }
+            Topology::SluiceVxlan => self.sluice_vxlan(t, index),
+            Topology::SluiceMacvlan => self.sluice_macvlan(t, index),
         }
     }
 
@@ -281,7 +290,7 @@ impl Lab {
         let c = self.netns(&format!("{tag}-c"))?;
         let s = self.netns(&format!("{tag}-s"))?;
         let name = format!("{NS_PREFIX}{tag}");
-        let extra: &[&str] = if fast { &["--fast-path"] } else { &[] };
+        let extra: &[&str] = if fast { &[] } else { &["--fast-path=false"] };
         if self.engine.is_none() {
             self.engine = Some(FakeEngine::start(&self.run_dir.join("docker.sock"))?);
         }
@@ -301,45 +310,149 @@ impl Lab {
             engine.add(&format!("{tag}-{role}"), &sandbox, &net, &ep);
             let (src, mac) =
                 daemon.create_and_join(&net, &ep, &address, &sandbox, &[("role", role)])?;
-            // What libnetwork does after Join: move the link into the sandbox, rename it,
-            // give it the endpoint's MAC and address, and route through the gateway.
-            ipn(&h, &["link", "set", &src, "netns", ns])?;
-            ipn(ns, &["link", "set", &src, "name", "eth0"])?;
-            if let Some(mac) = mac {
-                ipn(ns, &["link", "set", "eth0", "address", &mac])?;
-            }
-            addr_up(ns, "eth0", &address)?;
-            ipn(
+            plumb(
+                &h,
                 ns,
-                &["route", "add", "default", "via", &format!("10.252.{k}.1")],
+                &src,
+                mac.as_deref(),
+                &address,
+                &format!("10.252.{k}.1"),
             )?;
         }
-        // Until the resolver has named both endpoints, they are "pending" and dropped.
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            let (_, body) =
-                super::api::request(&daemon.admin, "GET", "/v1/endpoints", "text/plain", "")?;
-            if !body.contains("\"pending\"") {
-                break;
-            }
-            if std::time::Instant::now() > deadline {
-                bail!("the endpoints' identities stayed pending for 20 s");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        if entries > 0 {
-            for doc in policy_docs(entries, "{}") {
-                daemon
-                    .apply_policy(&doc)
-                    .with_context(|| format!("apply a policy of {entries} entries"))?;
-            }
-        }
+        wait_named(&daemon)?;
+        apply_policy(&daemon, entries)?;
         self.daemons.push(daemon);
         Ok(Built {
             topology,
             client: c,
             server: s,
             server_ip: Ipv4Addr::new(10, 252, k, 3),
+        })
+    }
+
+    /// Two "hosts" joined by an underlay veth (10.249.k.0/24), etcd on the first, a sluice
+    /// daemon with `--cluster` on each, one `mode=vxlan` network (10.248.k.0/24, through
+    /// sluice's IPAM as dockerd would ask), the client on host a and the server on host b.
+    fn sluice_vxlan(&mut self, topology: Topology, k: u8) -> Result<Built> {
+        let ha = self.netns("svx-ha")?;
+        let hb = self.netns("svx-hb")?;
+        let c = self.netns("svx-c")?;
+        let s = self.netns("svx-s")?;
+        veth(&ha, "u0", &hb, "u0")?;
+        let (ua, ub) = (format!("10.249.{k}.1"), format!("10.249.{k}.2"));
+        addr_up(&ha, "u0", &format!("{ua}/24"))?;
+        addr_up(&hb, "u0", &format!("{ub}/24"))?;
+        let url = self.start_etcd(&ha, &ua, k)?;
+        let subnet = format!("10.248.{k}.0/24");
+        let mut daemons = Vec::new();
+        for (host, addr, tag) in [(&ha, &ua, "a"), (&hb, &ub, "b")] {
+            let name = format!("{NS_PREFIX}vx{k}{tag}");
+            let cluster = ["--cluster", url.as_str(), "--advertise-addr", addr.as_str()];
+            let daemon = Daemon::start(&self.sluice, host, &name, &self.run_dir, "none", &cluster)?;
+            // Each host's dockerd names its network differently; the subnet joins them.
+            let net = format!("{:0<64}", format!("5c{k:02x}{tag}"));
+            let (pool, gateway) =
+                daemon.create_ipam_network(&net, &subnet, &serde_json::json!({"mode": "vxlan"}))?;
+            daemons.push((daemon, host, net, pool, gateway));
+        }
+        for ((daemon, host, net, pool, gateway), (ns, role)) in
+            daemons.iter().zip([(&c, "client"), (&s, "server")])
+        {
+            let address = daemon.request_address(pool)?;
+            let ep = format!("{:0<64}", format!("5e{k:02x}{role}"));
+            let sandbox = format!("/proc/{ns}/ns/net");
+            let (src, mac) =
+                daemon.create_and_join(net, &ep, &address, &sandbox, &[("role", role)])?;
+            plumb(host, ns, &src, mac.as_deref(), &address, gateway)?;
+        }
+        let server_ip = server_address(&s)?;
+        // One cluster-wide policy, applied on host a; wait until host b enforces it too.
+        apply_policy(&daemons[0].0, OVERLAY_ENTRIES)?;
+        wait_policies(&daemons[1].0, policy_docs(OVERLAY_ENTRIES, "{}").len())?;
+        self.daemons
+            .extend(daemons.into_iter().map(|(daemon, ..)| daemon));
+        Ok(Built {
+            topology,
+            client: c,
+            server: s,
+            server_ip,
+        })
+    }
+
+    /// etcd in `ns`, listening on `addr`; returns the `--cluster` URL.
+    fn start_etcd(&mut self, ns: &str, addr: &str, k: u8) -> Result<String> {
+        let client = format!("http://{addr}:2379");
+        let data = self.run_dir.join(format!("etcd{k}"));
+        let log = std::fs::File::create(self.run_dir.join(format!("etcd{k}.log")))?;
+        let child = in_ns(ns, None, "etcd")
+            .arg("--data-dir")
+            .arg(&data)
+            .args([
+                "--listen-client-urls",
+                &client,
+                "--advertise-client-urls",
+                &client,
+            ])
+            .args(["--listen-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-advertise-peer-urls", "http://127.0.0.1:2380"])
+            .args(["--initial-cluster", "default=http://127.0.0.1:2380"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("start etcd")?;
+        self.children.push(child);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !in_ns(ns, None, "etcdctl")
+            .args(["--endpoints", &client, "endpoint", "health"])
+            .env("ETCDCTL_API", "3")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            if std::time::Instant::now() > deadline {
+                bail!("etcd did not become healthy in 30 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        Ok(format!("etcd://{addr}:2379"))
+    }
+
+    /// A host namespace whose parent `lan0` is a veth into a LAN namespace (10.247.k.254),
+    /// one `mode=macvlan` network on it (10.247.k.0/24), client and server as macvlan
+    /// endpoints on the same parent (macvlan bridge mode: they talk without the LAN).
+    fn sluice_macvlan(&mut self, topology: Topology, k: u8) -> Result<Built> {
+        let h = self.netns("smv-h")?;
+        let lan = self.netns("smv-lan")?;
+        let c = self.netns("smv-c")?;
+        let s = self.netns("smv-s")?;
+        veth(&h, "lan0", &lan, "eth0")?;
+        ipn(&h, &["link", "set", "lan0", "up"])?;
+        let gateway = format!("10.247.{k}.254");
+        addr_up(&lan, "eth0", &format!("{gateway}/24"))?;
+        let name = format!("{NS_PREFIX}mv{k}");
+        let daemon = Daemon::start(&self.sluice, &h, &name, &self.run_dir, "none", &[])?;
+        let net = format!("{:0<64}", format!("3a{k:02x}"));
+        let generic = serde_json::json!({"mode": "macvlan", "parent": "lan0"});
+        let (pool, gateway) =
+            daemon.create_ipam_network(&net, &format!("10.247.{k}.0/24"), &generic)?;
+        for (ns, role) in [(&c, "client"), (&s, "server")] {
+            let address = daemon.request_address(&pool)?;
+            let ep = format!("{:0<64}", format!("3e{k:02x}{role}"));
+            let sandbox = format!("/proc/{ns}/ns/net");
+            let (src, mac) =
+                daemon.create_and_join(&net, &ep, &address, &sandbox, &[("role", role)])?;
+            plumb(&h, ns, &src, mac.as_deref(), &address, &gateway)?;
+        }
+        let server_ip = server_address(&s)?;
+        apply_policy(&daemon, OVERLAY_ENTRIES)?;
+        self.daemons.push(daemon);
+        Ok(Built {
+            topology,
+            client: c,
+            server: s,
+            server_ip,
         })
     }
 
@@ -371,8 +484,13 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        // Daemons first (they hold the plugin sockets), then the namespaces and their links.
+        // Daemons first (they hold the plugin sockets), then etcd, then the namespaces and
+        // their links.
         self.daemons.clear();
+        for mut child in self.children.drain(..) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
         for mut holder in self.holders.drain(..).rev() {
             let _ = holder.kill();
             let _ = holder.wait();
@@ -385,6 +503,91 @@ fn veth(ns_a: &str, a: &str, ns_b: &str, b: &str) -> Result<()> {
     ip(&[
         "link", "add", a, "netns", ns_a, "type", "veth", "peer", "name", b, "netns", ns_b,
     ])
+}
+
+/// What libnetwork does after Join: moves the link `src` from `host` into the sandbox `ns`,
+/// renames it `eth0`, gives it the endpoint's MAC and address, routes through `gateway`.
+fn plumb(
+    host: &str,
+    ns: &str,
+    src: &str,
+    mac: Option<&str>,
+    address: &str,
+    gateway: &str,
+) -> Result<()> {
+    ipn(host, &["link", "set", src, "netns", ns])?;
+    ipn(ns, &["link", "set", src, "name", "eth0"])?;
+    if let Some(mac) = mac {
+        ipn(ns, &["link", "set", "eth0", "address", mac])?;
+    }
+    addr_up(ns, "eth0", address)?;
+    ipn(ns, &["route", "add", "default", "via", gateway])
+}
+
+/// The IPv4 address of `eth0` in `ns`.
+fn server_address(ns: &str) -> Result<Ipv4Addr> {
+    let out = in_ns(ns, None, "ip")
+        .args(["-4", "-o", "addr", "show", "dev", "eth0"])
+        .output()
+        .context("ip addr show")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .and_then(|a| a.parse().ok())
+        .with_context(|| format!("no IPv4 address on eth0 in {ns}: {text}"))
+}
+
+/// Until the resolver has named the endpoints, they are "pending" and dropped.
+fn wait_named(daemon: &Daemon) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let (_, body) =
+            super::api::request(&daemon.admin, "GET", "/v1/endpoints", "text/plain", "")?;
+        if !body.contains("\"pending\"") {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the endpoints' identities stayed pending for 20 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The benchmark's policy of `entries` entries (none for 0), document by document.
+fn apply_policy(daemon: &Daemon, entries: usize) -> Result<()> {
+    if entries > 0 {
+        for doc in policy_docs(entries, "{}") {
+            daemon
+                .apply_policy(&doc)
+                .with_context(|| format!("apply a policy of {entries} entries"))?;
+        }
+    }
+    Ok(())
+}
+
+/// Waits until `daemon` lists the `docs` benchmark policies (applied on another host, they
+/// arrive through etcd), then until its endpoints' entries are in place.
+fn wait_policies(daemon: &Daemon, docs: usize) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let last = format!("bench-{}", docs.saturating_sub(1));
+    loop {
+        let (_, body) =
+            super::api::request(&daemon.admin, "GET", "/v1/policies", "text/plain", "")?;
+        if body.contains(&last) {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("the policy did not reach the second host within 120 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
 }
 
 fn addr_up(ns: &str, dev: &str, cidr: &str) -> Result<()> {
@@ -504,6 +707,8 @@ mod tests {
                 fast_path: false,
             },
             Topology::KernelVxlan,
+            Topology::SluiceVxlan,
+            Topology::SluiceMacvlan,
         ]
         .iter()
         .map(Topology::id)
@@ -515,10 +720,12 @@ mod tests {
                 "docker-bridge-1k",
                 "sluice-bridge-100k",
                 "sluice-bridge-100k-nofast",
-                "kernel-vxlan"
+                "kernel-vxlan",
+                "sluice-vxlan",
+                "sluice-macvlan"
             ]
         );
-        assert!(Topology::SluiceVxlan.unavailable().is_some());
+        assert!(Topology::SluiceMacvlan.unavailable().is_none());
         assert!(Topology::BareVeth.unavailable().is_none());
     }
 
