@@ -84,6 +84,21 @@ impl Daemon {
         extra: &[&str],
     ) -> Result<Self> {
         let plugin = run_dir.join(format!("{name}.sock"));
+        Self::start_at(sluice, ns, name, run_dir, &plugin, docker_host, extra)
+    }
+
+    /// Like [`Daemon::start`], serving the plugin API on `plugin` (e.g.
+    /// `/run/docker/plugins/<name>.sock`, where a dockerd finds it).
+    pub(crate) fn start_at(
+        sluice: &Path,
+        ns: &str,
+        name: &str,
+        run_dir: &Path,
+        plugin: &Path,
+        docker_host: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let plugin = plugin.to_path_buf();
         let admin = run_dir.join(format!("{name}.admin.sock"));
         let state = run_dir.join(format!("{name}.state"));
         let log = std::fs::File::create(run_dir.join(format!("{name}.log")))?;

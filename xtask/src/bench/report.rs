@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::dockerd::DockerTimings;
 use super::measure::Metric;
 use super::stats::{Summary, paired_ratios, percentile, slow_flags};
 
@@ -100,6 +101,8 @@ pub(crate) struct Run {
     pub(crate) machine: Machine,
     pub(crate) topologies: Vec<TopologyResult>,
     pub(crate) control: Option<Control>,
+    /// `docker run` / `docker network connect` with a private dockerd (suite `docker`).
+    pub(crate) docker: Option<DockerTimings>,
     pub(crate) not_measured: Vec<String>,
     pub(crate) targets: Vec<Target>,
 }
@@ -168,6 +171,20 @@ pub(crate) fn targets(run: &Run) -> Vec<Target> {
         String::new()
     };
     let cp = run.control.as_ref();
+    let docker_run = run.docker.as_ref().and_then(DockerTimings::worst_run_ratio);
+    let docker_note = match (&run.docker, docker_run) {
+        (None, _) => " not measured: suite `docker` did not run".to_owned(),
+        (Some(_), None) => " not measured: the docker suite failed (see errors)".to_owned(),
+        (Some(d), Some((_, n))) => format!(
+            " (median of {} paired repetitions; the worst of {} existing endpoints: {n})",
+            d.repetitions,
+            d.levels
+                .iter()
+                .map(|l| l.endpoints.to_string())
+                .collect::<Vec<_>>()
+                .join("/")
+        ),
+    };
     vec![
         check(
             "sluice bridge 10k entries, UDP 64 B pps ÷ bare veth",
@@ -211,10 +228,10 @@ pub(crate) fn targets(run: &Run) -> Vec<Target> {
         ),
         check(
             "`docker run` to a reachable container, sluice ÷ Docker bridge",
-            None,
+            docker_run.map(|(r, _)| r),
             false,
             1.1,
-            " not measured: the dockerd part of the control-plane benchmark is not written yet",
+            &docker_note,
         ),
         check(
             "CreateEndpoint + Join p99 with 50 concurrent callers, ms",
@@ -344,6 +361,9 @@ pub(crate) fn markdown(run: &Run, chart: &str) -> String {
         }
         let _ = writeln!(s);
     }
+    if let Some(d) = &run.docker {
+        docker_markdown(&mut s, d);
+    }
     if !run.not_measured.is_empty() {
         let _ = writeln!(s, "Not measured in this run:\n");
         for n in &run.not_measured {
@@ -365,6 +385,77 @@ pub(crate) fn markdown(run: &Run, chart: &str) -> String {
         );
     }
     s
+}
+
+/// The `docker run` / `docker network connect` table.
+fn docker_markdown(s: &mut String, d: &DockerTimings) {
+    let _ = writeln!(
+        s,
+        "### `docker run` and `docker network connect`, sluice vs Docker's bridge\n"
+    );
+    let _ = writeln!(
+        s,
+        "Private dockerd {}, {} repetitions per cell, drivers alternating; \"answers\": {}. \
+         Milliseconds p50 / p90 / p99; the ratio is sluice ÷ bridge paired by repetition, \
+         median (min–max).\n",
+        d.dockerd_version, d.repetitions, d.answers
+    );
+    let _ = writeln!(
+        s,
+        "| operation | endpoints on the network | sluice ms | Docker bridge ms | sluice ÷ bridge |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- |");
+    let cell = |l: &super::dockerd::Latency| {
+        let f = |v: Option<f64>| v.map_or("–".into(), fmt_num);
+        let failed = l.errors.iter().flatten().count();
+        let failed = if failed > 0 {
+            format!(" ({failed} failed)")
+        } else {
+            String::new()
+        };
+        format!(
+            "{} / {} / {}{failed}",
+            f(l.p50_ms),
+            f(l.p90_ms),
+            f(l.p99_ms)
+        )
+    };
+    for level in &d.levels {
+        for op in &level.ops {
+            let what = if op.op == "run" {
+                "`docker run -d --network X`"
+            } else {
+                "`docker network connect X`"
+            };
+            let ratio = op.ratio.map_or("–".into(), |r| {
+                format!("{:.2}x ({:.2}–{:.2})", r.median, r.min, r.max)
+            });
+            let _ = writeln!(
+                s,
+                "| {what} | {} | {} | {} | {ratio} |",
+                level.endpoints,
+                cell(&op.sluice),
+                cell(&op.bridge)
+            );
+        }
+    }
+    let _ = writeln!(s);
+    let failed_samples = d
+        .levels
+        .iter()
+        .flat_map(|l| &l.ops)
+        .flat_map(|o| [&o.sluice, &o.bridge])
+        .filter_map(|l| l.errors.iter().flatten().next())
+        .take(3);
+    let notes: Vec<String> = d
+        .errors
+        .iter()
+        .map(|e| format!("- error: {e}"))
+        .chain(failed_samples.map(|e| format!("- failed sample: {e}")))
+        .collect();
+    if !notes.is_empty() {
+        let _ = writeln!(s, "{}\n", notes.join("\n"));
+    }
 }
 
 /// Begin and end markers of the generated section in docs/benchmarks.md.
@@ -522,6 +613,7 @@ mod tests {
                 rss_mib: Some(20.0),
                 ..Control::default()
             }),
+            docker: None,
             not_measured: vec![],
             targets: vec![],
         };
