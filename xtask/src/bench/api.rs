@@ -119,6 +119,8 @@ impl Daemon {
             .arg("--name")
             .arg(name)
             .args(extra)
+            // One log line per plugin call with its duration (read by the docker suite).
+            .env("SLUICE_LOG_SPAN_TIMES", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -143,12 +143,25 @@ pub(crate) struct Level {
     pub(crate) ops: Vec<OpTiming>,
 }
 
+/// How long sluice spent in one kind of plugin call over the whole suite (from its log's
+/// span-close lines, `SLUICE_LOG_SPAN_TIMES=1`), or waiting for an Engine API lookup.
+#[derive(Debug, Clone, Default, Serialize)]
+pub(crate) struct CallTiming {
+    pub(crate) call: String,
+    pub(crate) count: usize,
+    pub(crate) p50_ms: Option<f64>,
+    pub(crate) p90_ms: Option<f64>,
+    pub(crate) max_ms: Option<f64>,
+}
+
 #[derive(Debug, Clone, Default, Serialize)]
 pub(crate) struct DockerTimings {
     pub(crate) dockerd_version: String,
     pub(crate) repetitions: usize,
     pub(crate) answers: String,
     pub(crate) levels: Vec<Level>,
+    /// sluice's own time per plugin call (busy + idle of its span), all calls of the suite.
+    pub(crate) plugin_calls: Vec<CallTiming>,
     pub(crate) errors: Vec<String>,
 }
 
@@ -257,19 +270,22 @@ fn run(sluice: &Path, run_dir: &Path, levels: &[usize], t: &mut DockerTimings) -
     let plugin_dir = Path::new("/run/docker/plugins");
     std::fs::create_dir_all(plugin_dir)?;
     let plugin_socket = plugin_dir.join(format!("{name}.sock"));
-    let engine = Engine {
-        dockerd: Dockerd::new(dir, &name, Some(netns.clone())),
-        plugin_socket: plugin_socket.clone(),
-    };
+    let dockerd = Dockerd::new(dir, &name, Some(netns.clone()));
     let daemon = Daemon::start_at(
         sluice,
         &ns,
         &name,
         run_dir,
         &plugin_socket,
-        engine.dockerd.docker_host(),
+        dockerd.docker_host(),
         &[],
     )?;
+    // Declared after the daemon, so dropped before it: dockerd removes its containers and
+    // networks while sluice still answers.
+    let engine = Engine {
+        dockerd,
+        plugin_socket,
+    };
     println!("bench: docker: starting a private dockerd in namespace {ns}");
     engine.dockerd.start()?;
     engine.dockerd.build_busybox_image(IMAGE)?;
@@ -343,7 +359,65 @@ fn run(sluice: &Path, run_dir: &Path, levels: &[usize], t: &mut DockerTimings) -
     // dockerd first (it calls the plugin while removing), then sluice, then the namespace.
     drop(engine);
     lab.daemons.push(daemon);
+    let log = sluice_dockerd::read_lossy(&run_dir.join(format!("{name}.log")));
+    t.plugin_calls = call_timings(&log);
     Ok(())
+}
+
+/// Per plugin call (span name), the durations of its span-close lines, plus the Engine API
+/// identity lookups (`resolved container identity latency_ms=…`).
+fn call_timings(log: &str) -> Vec<CallTiming> {
+    let mut by_call: std::collections::BTreeMap<String, Vec<f64>> =
+        std::collections::BTreeMap::new();
+    for line in log.lines() {
+        if let Some((call, ms)) = span_close(line) {
+            by_call.entry(call).or_default().push(ms);
+        } else if line.contains("resolved container identity")
+            && let Some(ms) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("latency_ms="))
+                .and_then(|v| v.parse::<f64>().ok())
+        {
+            by_call
+                .entry("Engine API identity lookup (after Join)".into())
+                .or_default()
+                .push(ms);
+        }
+    }
+    by_call
+        .into_iter()
+        .map(|(call, ms)| CallTiming {
+            count: ms.len(),
+            p50_ms: percentile(&ms, 50.0),
+            p90_ms: percentile(&ms, 90.0),
+            max_ms: percentile(&ms, 100.0),
+            call,
+        })
+        .collect()
+}
+
+/// `(span name, busy + idle in ms)` of a tracing span-close line such as
+/// `… INFO Join{network=… endpoint=…}: sluice_plugin::server: close time.busy=1.2ms time.idle=30µs`.
+fn span_close(line: &str) -> Option<(String, f64)> {
+    let (head, times) = line.split_once(": close time.busy=")?;
+    let (busy, idle) = times.split_once(" time.idle=")?;
+    let span = head.split_whitespace().nth(2)?;
+    let name = span.split(['{', ':']).next()?.to_owned();
+    Some((name, duration_ms(busy)? + duration_ms(idle.trim())?))
+}
+
+/// tracing's `Debug` of a duration (`12ns`, `1.5µs`, `3.2ms`, `1.01s`) in ms.
+fn duration_ms(s: &str) -> Option<f64> {
+    let split = s.find(|c: char| !(c.is_ascii_digit() || c == '.'))?;
+    let (v, unit) = s.split_at(split);
+    let v: f64 = v.parse().ok()?;
+    Some(match unit {
+        "ns" => v / 1e6,
+        "µs" | "us" => v / 1e3,
+        "ms" => v,
+        "s" => v * 1e3,
+        _ => return None,
+    })
 }
 
 fn last(l: &Latency) -> String {
@@ -551,6 +625,29 @@ mod tests {
     fn in_net(ip: u32, (net, len): (Ipv4Addr, u32)) -> bool {
         let mask = u32::MAX << (32 - len);
         ip & mask == u32::from(net) & mask
+    }
+
+    #[test]
+    fn plugin_call_times_come_from_span_close_lines() {
+        let log = "\
+2026-11-28T10:03:50.46Z  INFO CreateEndpoint{network=3afb endpoint=d253}: sluice_driver::bridge: ip link add x
+2026-11-28T10:03:50.48Z  INFO CreateEndpoint{network=3afb endpoint=d253}: sluice_plugin::server: close time.busy=25.5ms time.idle=500µs
+2026-11-28T10:03:50.49Z  INFO Join{network=3afb endpoint=d253}: sluice_plugin::server: close time.busy=900µs time.idle=100µs
+2026-11-28T10:03:50.50Z  INFO CreateEndpoint{network=3afb endpoint=e253}: sluice_plugin::server: close time.busy=1.5s time.idle=12ns
+2026-11-28T10:03:51.10Z  INFO sluice_plugin::engine: resolved container identity latency_ms=609 endpoint=d253 container=f name=p labels=0
+";
+        let t = call_timings(log);
+        let get = |c: &str| t.iter().find(|x| x.call == c).unwrap();
+        assert_eq!(get("CreateEndpoint").count, 2);
+        assert!((get("CreateEndpoint").max_ms.unwrap() - 1500.0).abs() < 0.01);
+        assert!((get("Join").p50_ms.unwrap() - 1.0).abs() < 1e-9);
+        assert_eq!(
+            get("Engine API identity lookup (after Join)").p50_ms,
+            Some(609.0)
+        );
+        assert_eq!(t.len(), 3);
+        assert_eq!(duration_ms("3"), None);
+        assert_eq!(duration_ms("3h"), None);
     }
 
     #[test]

@@ -440,6 +440,29 @@ fn docker_markdown(s: &mut String, d: &DockerTimings) {
         }
     }
     let _ = writeln!(s);
+    if !d.plugin_calls.is_empty() {
+        let _ = writeln!(
+            s,
+            "Where sluice's time goes: each plugin call as sluice's log times it (span busy + \
+             idle, all calls of this suite, background containers included), and the Engine \
+             API identity lookup, which runs after `Join`, outside the call:\n"
+        );
+        let _ = writeln!(s, "| call | count | p50 ms | p90 ms | max ms |");
+        let _ = writeln!(s, "| --- | --- | --- | --- | --- |");
+        let f = |v: Option<f64>| v.map_or("–".into(), fmt_num);
+        for c in &d.plugin_calls {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                c.call,
+                c.count,
+                f(c.p50_ms),
+                f(c.p90_ms),
+                f(c.max_ms)
+            );
+        }
+        let _ = writeln!(s);
+    }
     let failed_samples = d
         .levels
         .iter()
@@ -632,6 +655,51 @@ mod tests {
         assert_eq!(t[4].status, Status::NotMeasured); // no sluice VXLAN
         assert_eq!(t[6].status, Status::Miss); // p99 12 ms
         assert_eq!(t[7].status, Status::Pass);
+    }
+
+    #[test]
+    fn docker_run_target_takes_the_worst_endpoint_count_and_renders() {
+        use super::super::dockerd::{Level, OpTiming};
+        let mut r = run();
+        assert_eq!(r.targets[5].status, Status::NotMeasured);
+        let ratio = |m: f64| {
+            Some(Summary {
+                median: m,
+                min: m,
+                max: m,
+                n: 3,
+            })
+        };
+        let level = |endpoints: usize, run_ratio: f64| Level {
+            endpoints,
+            ops: vec![
+                OpTiming {
+                    op: "run".into(),
+                    ratio: ratio(run_ratio),
+                    ..OpTiming::default()
+                },
+                OpTiming {
+                    op: "connect".into(),
+                    ratio: ratio(2.0),
+                    ..OpTiming::default()
+                },
+            ],
+        };
+        r.docker = Some(DockerTimings {
+            repetitions: 3,
+            levels: vec![level(0, 1.05), level(100, 1.08)],
+            ..DockerTimings::default()
+        });
+        r.targets = targets(&r);
+        assert_eq!(r.targets[5].status, Status::Pass, "{:?}", r.targets[5]);
+        assert_eq!(r.targets[5].measured, Some(1.08));
+        assert!(r.targets[5].note.contains("100"), "{}", r.targets[5].note);
+        let md = markdown(&r, "c.svg");
+        assert!(md.contains("| `docker network connect X` | 100 |"), "{md}");
+        assert!(md.contains("1.08x"), "{md}");
+        r.docker.as_mut().unwrap().levels[1].ops[0].ratio = ratio(1.2);
+        r.targets = targets(&r);
+        assert_eq!(r.targets[5].status, Status::Miss);
     }
 
     #[test]
