@@ -360,28 +360,45 @@ fn run(sluice: &Path, run_dir: &Path, levels: &[usize], t: &mut DockerTimings) -
     drop(engine);
     lab.daemons.push(daemon);
     let log = sluice_dockerd::read_lossy(&run_dir.join(format!("{name}.log")));
-    t.plugin_calls = call_timings(&log);
+    let probed: Vec<String> = (0..2 * probe_index)
+        .map(|k| SLUICE_NET.probe_ip(k).to_string())
+        .collect();
+    t.plugin_calls = call_timings(&log, &probed);
     Ok(())
 }
 
-/// Per plugin call (span name), the durations of its span-close lines, plus the Engine API
-/// identity lookups (`resolved container identity latency_ms=…`).
-fn call_timings(log: &str) -> Vec<CallTiming> {
+/// Per plugin call (span name), the durations of the span-close lines of the timed
+/// containers (endpoints whose container is a `probe-…`, IPAM calls for an address in
+/// `probed`), plus their Engine API identity lookups (`resolved container identity
+/// latency_ms=…`). Background containers, created 8 at a time, are left out.
+fn call_timings(log: &str, probed: &[String]) -> Vec<CallTiming> {
+    let field = |line: &str, key: &str| -> Option<String> {
+        line.split([' ', '{', '}', ':'])
+            .find_map(|w| w.strip_prefix(key))
+            .map(str::to_owned)
+    };
+    let mut probe_endpoints = std::collections::BTreeSet::new();
     let mut by_call: std::collections::BTreeMap<String, Vec<f64>> =
         std::collections::BTreeMap::new();
     for line in log.lines() {
-        if let Some((call, ms)) = span_close(line) {
-            by_call.entry(call).or_default().push(ms);
-        } else if line.contains("resolved container identity")
-            && let Some(ms) = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("latency_ms="))
-                .and_then(|v| v.parse::<f64>().ok())
+        if line.contains("resolved container identity")
+            && field(line, "name=").is_some_and(|n| n.starts_with("probe-"))
+            && let Some(ep) = field(line, "endpoint=")
         {
-            by_call
-                .entry("Engine API identity lookup (after Join)".into())
-                .or_default()
-                .push(ms);
+            probe_endpoints.insert(ep);
+            if let Some(ms) = field(line, "latency_ms=").and_then(|v| v.parse::<f64>().ok()) {
+                by_call
+                    .entry("Engine API identity lookup (after Join)".into())
+                    .or_default()
+                    .push(ms);
+            }
+        }
+    }
+    for line in log.lines() {
+        let ours = field(line, "endpoint=").is_some_and(|e| probe_endpoints.contains(&e))
+            || field(line, "address=").is_some_and(|a| probed.contains(&a));
+        if ours && let Some((call, ms)) = span_close(line) {
+            by_call.entry(call).or_default().push(ms);
         }
     }
     by_call
@@ -634,18 +651,25 @@ mod tests {
 2026-11-28T10:03:50.48Z  INFO CreateEndpoint{network=3afb endpoint=d253}: sluice_plugin::server: close time.busy=25.5ms time.idle=500µs
 2026-11-28T10:03:50.49Z  INFO Join{network=3afb endpoint=d253}: sluice_plugin::server: close time.busy=900µs time.idle=100µs
 2026-11-28T10:03:50.50Z  INFO CreateEndpoint{network=3afb endpoint=e253}: sluice_plugin::server: close time.busy=1.5s time.idle=12ns
-2026-11-28T10:03:51.10Z  INFO sluice_plugin::engine: resolved container identity latency_ms=609 endpoint=d253 container=f name=p labels=0
+2026-11-28T10:03:50.51Z  INFO Join{network=3afb endpoint=f000}: sluice_plugin::server: close time.busy=9ms time.idle=1ms
+2026-11-28T10:03:50.51Z  INFO RequestAddress{pool=10.67.0.0/21 address=10.67.4.2}: sluice_plugin::server: close time.busy=2ms time.idle=1ms
+2026-11-28T10:03:50.51Z  INFO RequestAddress{pool=10.67.0.0/21 address=}: sluice_plugin::server: close time.busy=5ms time.idle=1ms
+2026-11-28T10:03:51.10Z  INFO sluice_plugin::engine: resolved container identity latency_ms=609 endpoint=d253 container=f name=probe-run-x-0 labels=0
+2026-11-28T10:03:51.10Z  INFO sluice_plugin::engine: resolved container identity latency_ms=600 endpoint=e253 container=f name=probe-conn-x-0 labels=0
+2026-11-28T10:03:51.10Z  INFO sluice_plugin::engine: resolved container identity latency_ms=1 endpoint=f000 container=f name=bg-1 labels=0
 ";
-        let t = call_timings(log);
+        let t = call_timings(log, &["10.67.4.2".to_owned()]);
         let get = |c: &str| t.iter().find(|x| x.call == c).unwrap();
         assert_eq!(get("CreateEndpoint").count, 2);
         assert!((get("CreateEndpoint").max_ms.unwrap() - 1500.0).abs() < 0.01);
+        // The background container's Join (10 ms) is left out.
+        assert_eq!(get("Join").count, 1);
         assert!((get("Join").p50_ms.unwrap() - 1.0).abs() < 1e-9);
-        assert_eq!(
-            get("Engine API identity lookup (after Join)").p50_ms,
-            Some(609.0)
-        );
-        assert_eq!(t.len(), 3);
+        assert_eq!(get("RequestAddress").count, 1);
+        assert_eq!(get("RequestAddress").p50_ms, Some(3.0));
+        let lookups = get("Engine API identity lookup (after Join)");
+        assert_eq!((lookups.count, lookups.max_ms), (2, Some(609.0)));
+        assert_eq!(t.len(), 4);
         assert_eq!(duration_ms("3"), None);
         assert_eq!(duration_ms("3h"), None);
     }

@@ -295,48 +295,9 @@ pub(crate) fn markdown(run: &Run, chart: &str) -> String {
          their topology's median are slow and counted in the last column.\n",
         super::stats::SLOW_FRACTION * 100.0
     );
-    let _ = write!(s, "| topology |");
-    for metric in Metric::ALL {
-        let _ = write!(s, " {} |", metric.label());
+    if !run.topologies.is_empty() {
+        datapath_markdown(&mut s, run, chart);
     }
-    let _ = writeln!(s, " slow samples |");
-    let _ = writeln!(s, "| --- |{} --- |", " --- |".repeat(Metric::ALL.len()));
-    for t in &run.topologies {
-        if let Some(why) = &t.unavailable {
-            let _ = writeln!(
-                s,
-                "| {} | not run: {why} |{}",
-                t.description,
-                " |".repeat(Metric::ALL.len())
-            );
-            continue;
-        }
-        let _ = write!(s, "| {} |", t.description);
-        let mut slow = 0;
-        for metric in Metric::ALL {
-            match t.series(metric) {
-                Some(se) => {
-                    slow += se.slow.iter().filter(|f| **f).count();
-                    let scale = metric.display_scale();
-                    let v = se
-                        .summary
-                        .map_or("failed".into(), |x| fmt_num(x.median * scale));
-                    let r = se.ratio_to_bare.map_or(String::new(), |r| {
-                        format!(" ({:.2}x, {:.2}–{:.2})", r.median, r.min, r.max)
-                    });
-                    let _ = write!(s, " {v}{r} |");
-                }
-                None => {
-                    let _ = write!(s, " – |");
-                }
-            }
-        }
-        let _ = writeln!(s, " {slow} |");
-    }
-    let _ = writeln!(
-        s,
-        "\n![UDP 64 B pps and TCP_RR as a ratio to bare veth]({chart})\n"
-    );
     if let Some(c) = &run.control {
         let _ = writeln!(s, "### Control plane\n");
         let _ = writeln!(
@@ -387,11 +348,57 @@ pub(crate) fn markdown(run: &Run, chart: &str) -> String {
     s
 }
 
+/// The datapath table and chart.
+fn datapath_markdown(s: &mut String, run: &Run, chart: &str) {
+    let _ = write!(s, "| topology |");
+    for metric in Metric::ALL {
+        let _ = write!(s, " {} |", metric.label());
+    }
+    let _ = writeln!(s, " slow samples |");
+    let _ = writeln!(s, "| --- |{} --- |", " --- |".repeat(Metric::ALL.len()));
+    for t in &run.topologies {
+        if let Some(why) = &t.unavailable {
+            let _ = writeln!(
+                s,
+                "| {} | not run: {why} |{}",
+                t.description,
+                " |".repeat(Metric::ALL.len())
+            );
+            continue;
+        }
+        let _ = write!(s, "| {} |", t.description);
+        let mut slow = 0;
+        for metric in Metric::ALL {
+            match t.series(metric) {
+                Some(se) => {
+                    slow += se.slow.iter().filter(|f| **f).count();
+                    let scale = metric.display_scale();
+                    let v = se
+                        .summary
+                        .map_or("failed".into(), |x| fmt_num(x.median * scale));
+                    let r = se.ratio_to_bare.map_or(String::new(), |r| {
+                        format!(" ({:.2}x, {:.2}–{:.2})", r.median, r.min, r.max)
+                    });
+                    let _ = write!(s, " {v}{r} |");
+                }
+                None => {
+                    let _ = write!(s, " – |");
+                }
+            }
+        }
+        let _ = writeln!(s, " {slow} |");
+    }
+    let _ = writeln!(
+        s,
+        "\n![UDP 64 B pps and TCP_RR as a ratio to bare veth]({chart})\n"
+    );
+}
+
 /// The `docker run` / `docker network connect` table.
 fn docker_markdown(s: &mut String, d: &DockerTimings) {
     let _ = writeln!(
         s,
-        "### `docker run` and `docker network connect`, sluice vs Docker's bridge\n"
+        "### `docker run` and `docker network connect`, sluice vs Docker's bridge driver\n"
     );
     let _ = writeln!(
         s,
@@ -444,8 +451,8 @@ fn docker_markdown(s: &mut String, d: &DockerTimings) {
         let _ = writeln!(
             s,
             "Where sluice's time goes: each plugin call as sluice's log times it (span busy + \
-             idle, all calls of this suite, background containers included), and the Engine \
-             API identity lookup, which runs after `Join`, outside the call:\n"
+             idle, the timed containers' calls only), and the Engine API identity lookup, \
+             which runs after `Join`, outside the calls:\n"
         );
         let _ = writeln!(s, "| call | count | p50 ms | p90 ms | max ms |");
         let _ = writeln!(s, "| --- | --- | --- | --- | --- |");
