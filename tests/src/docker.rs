@@ -11,6 +11,9 @@
 //! that an [`Env`] spawned itself are ever signalled.
 //!
 //! The test image [`IMAGE`] is made with `docker import` from the host's static busybox.
+//!
+//! The dockerd half (launch, stop, docker CLI with a timeout, image) is the `sluice-dockerd`
+//! crate, which `cargo xtask bench docker` uses too; this module adds sluice to it.
 
 use std::ffi::OsStr;
 use std::fs;
