@@ -26,14 +26,17 @@ use anyhow::{Context as _, Result, bail};
 use serde::Serialize;
 use sluice_dockerd::Dockerd;
 
-use super::api::Daemon;
+use super::api::{Daemon, DaemonPaths};
 use super::stats::{Summary, paired_ratios, percentile};
 use super::topo::Lab;
 
 /// The image every container runs (built with `docker import` from busybox-static).
 const IMAGE: &str = "sluice-bench/busybox:latest";
-/// Where the private dockerd keeps everything (short: unix socket paths are limited).
-const DOCKERD_DIR: &str = "/tmp/sluice-bench-dockerd";
+/// Prefix of the suite's scratch directories, `/tmp/sbdk-<pid>` (dockerd in `d/`, sluice in
+/// `s/`; short, as unix socket paths are limited) and pin directories
+/// (`/sys/fs/bpf/sbdk-<pid>`): per process, so that no other benchmark run's clean-up
+/// touches them.
+const SCRATCH_PREFIX: &str = "sbdk-";
 /// How long one docker command may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long a container gets to answer after its `docker run` / `network connect` returned.
@@ -239,30 +242,75 @@ impl Drop for Engine {
     }
 }
 
-/// Stops a dockerd that a killed earlier run left in [`DOCKERD_DIR`] (by the PID in its
-/// pidfile, only when that process still names the directory), and removes the directory.
-fn remove_leftover(dir: &Path) {
-    if let Ok(pid) = std::fs::read_to_string(dir.join("dockerd.pid"))
-        && let Ok(pid) = pid.trim().parse::<u32>()
-        && sluice_dockerd::read_lossy(Path::new(&format!("/proc/{pid}/cmdline")))
-            .contains(&*dir.to_string_lossy())
-    {
-        println!("bench: docker: stopping dockerd {pid} left by an earlier run");
-        let _ = std::process::Command::new("kill")
-            .arg(pid.to_string())
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+/// The suite's scratch and pin directories, removed when dropped (declared first, so dropped
+/// after everything that uses them).
+struct Scratch {
+    base: PathBuf,
+    pins: PathBuf,
+}
+
+impl Scratch {
+    fn new() -> Result<Self> {
+        remove_leftovers();
+        let name = format!("{SCRATCH_PREFIX}{}", std::process::id());
+        let s = Self {
+            base: Path::new("/tmp").join(&name),
+            pins: Path::new("/sys/fs/bpf").join(&name),
+        };
+        std::fs::create_dir_all(s.base.join("s"))?;
+        Ok(s)
     }
-    sluice_dockerd::unmount_under(dir);
-    let _ = std::fs::remove_dir_all(dir);
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        sluice_dockerd::unmount_under(&self.base);
+        let _ = std::fs::remove_dir_all(&self.base);
+        let _ = std::fs::remove_dir_all(&self.pins);
+    }
+}
+
+/// Removes what runs killed earlier left: `/tmp/sbdk-<pid>` of dead processes, with their
+/// dockerd stopped by the PID in its pidfile (only when that process still names the
+/// directory), and their pins.
+fn remove_leftovers() {
+    let Ok(entries) = std::fs::read_dir("/tmp") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(SCRATCH_PREFIX)
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if Path::new(&format!("/proc/{pid}")).exists() {
+            continue;
+        }
+        let dir = entry.path();
+        if let Ok(d) = std::fs::read_to_string(dir.join("d/dockerd.pid"))
+            && let Ok(d) = d.trim().parse::<u32>()
+            && sluice_dockerd::read_lossy(Path::new(&format!("/proc/{d}/cmdline")))
+                .contains(&*dir.to_string_lossy())
+        {
+            println!("bench: docker: stopping dockerd {d} left by an earlier run");
+            let _ = std::process::Command::new("kill")
+                .arg(d.to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Path::new(&format!("/proc/{d}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        sluice_dockerd::unmount_under(&dir);
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(Path::new("/sys/fs/bpf").join(&name));
+    }
 }
 
 fn run(sluice: &Path, run_dir: &Path, levels: &[usize], t: &mut DockerTimings) -> Result<()> {
-    let dir = Path::new(DOCKERD_DIR);
-    remove_leftover(dir);
+    let scratch = Scratch::new()?;
     let mut lab = Lab::new(sluice.to_path_buf(), run_dir.to_path_buf());
     let ns = lab.netns("docker")?;
     let netns = PathBuf::from(format!("/proc/{ns}/ns/net"));
@@ -270,16 +318,13 @@ fn run(sluice: &Path, run_dir: &Path, levels: &[usize], t: &mut DockerTimings) -
     let plugin_dir = Path::new("/run/docker/plugins");
     std::fs::create_dir_all(plugin_dir)?;
     let plugin_socket = plugin_dir.join(format!("{name}.sock"));
-    let dockerd = Dockerd::new(dir, &name, Some(netns.clone()));
-    let daemon = Daemon::start_at(
-        sluice,
-        &ns,
-        &name,
-        run_dir,
-        &plugin_socket,
-        dockerd.docker_host(),
-        &[],
-    )?;
+    let dockerd = Dockerd::new(&scratch.base.join("d"), &name, Some(netns.clone()));
+    let paths = DaemonPaths {
+        run_dir: scratch.base.join("s"),
+        plugin: plugin_socket.clone(),
+        bpf_dir: scratch.pins.join(&name),
+    };
+    let daemon = Daemon::start_at(sluice, &ns, &name, &paths, dockerd.docker_host(), &[])?;
     // Declared after the daemon, so dropped before it: dockerd removes its containers and
     // networks while sluice still answers.
     let engine = Engine {
@@ -358,8 +403,8 @@ fn run(sluice: &Path, run_dir: &Path, levels: &[usize], t: &mut DockerTimings) -
     }
     // dockerd first (it calls the plugin while removing), then sluice, then the namespace.
     drop(engine);
-    lab.daemons.push(daemon);
-    let log = sluice_dockerd::read_lossy(&run_dir.join(format!("{name}.log")));
+    drop(daemon);
+    let log = sluice_dockerd::read_lossy(&paths.run_dir.join(format!("{name}.log")));
     let probed: Vec<String> = (0..2 * probe_index)
         .map(|k| SLUICE_NET.probe_ip(k).to_string())
         .collect();
