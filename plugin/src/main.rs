@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use sluice_plugin::admin::{self, AdminClient};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::format::FmtSpan;
 
 /// sluice: a Docker network driver and IPAM plugin.
 #[derive(Debug, Parser)]
@@ -76,8 +77,16 @@ enum PolicyCommand {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log_level.clone());
+    // SLUICE_LOG_SPAN_TIMES=1: one more line per protocol call when its span closes, with
+    // its time (`time.busy`, `time.idle`); `cargo xtask bench docker` reads them.
+    let span_events = if std::env::var_os("SLUICE_LOG_SPAN_TIMES").is_some_and(|v| v == "1") {
+        FmtSpan::CLOSE
+    } else {
+        FmtSpan::NONE
+    };
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&filter)?)
+        .with_span_events(span_events)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();

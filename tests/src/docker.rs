@@ -11,36 +11,34 @@
 //! that an [`Env`] spawned itself are ever signalled.
 //!
 //! The test image [`IMAGE`] is made with `docker import` from the host's static busybox.
+//!
+//! The dockerd half (launch, stop, docker CLI with a timeout, image) is the `sluice-dockerd`
+//! crate, which `cargo xtask bench docker` uses too; this module adds sluice to it.
 
 use std::ffi::OsStr;
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io::{Read as _, Write as _};
-use std::os::unix::fs::PermissionsExt as _;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, Once, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
+use sluice_dockerd::{
+    Dockerd, START_TIMEOUT, STOP_TIMEOUT, lock, open_log, output_with_timeout, read_lossy,
+    stop_child, unmount_under,
+};
+pub use sluice_dockerd::{run_with_timeout, tail};
 
 /// The image every test container runs: Debian's static busybox with its applets.
 pub const IMAGE: &str = "sluice-test/busybox:latest";
 
-/// How long dockerd and sluice get to answer after a start.
-const START_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a stopped daemon gets before SIGKILL.
-const STOP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long one docker / docker-compose command may take (dockerd retries a plugin that does
 /// not answer for 30 s per call).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
-/// How long one docker command may take during clean-up.
-const CLEANUP_COMMAND_TIMEOUT: Duration = Duration::from_secs(60);
-/// Serialises dockerd start-ups across test processes.
-const DOCKERD_START_LOCK: &str = "/run/sluice-e2e-dockerd-start.lock";
 /// Lines of each log shown when a command fails.
 const LOG_TAIL_LINES: usize = 50;
 
@@ -87,13 +85,11 @@ pub struct Env {
 #[derive(Debug)]
 struct Inner {
     dir: PathBuf,
-    docker_host: String,
-    containerd_namespace: String,
+    dockerd: Dockerd,
     driver: String,
     plugin_socket: PathBuf,
     pool_v4: String,
     pool_v6: String,
-    dockerd: Mutex<Option<Child>>,
     sluice: Mutex<Option<Child>>,
     cleaned: AtomicBool,
     /// Network namespace dockerd (and sluice) run in (`None`: the host's).
@@ -178,8 +174,11 @@ impl Env {
             .with_context(|| format!("create {}", plugin_dir.display()))?;
         let driver = format!("slt{pid}n{n}");
         let inner = Arc::new(Inner {
-            docker_host: format!("unix://{}", dir.join("docker.sock").display()),
-            containerd_namespace: format!("sle2e-{pid}-{n}"),
+            dockerd: Dockerd::new(
+                &dir,
+                &format!("sle2e-{pid}-{n}"),
+                netns.as_ref().map(|ns| PathBuf::from(format!("/run/netns/{ns}"))),
+            ),
             plugin_socket: plugin_dir.join(format!("{driver}.sock")),
             driver,
             // One /16 per environment, split into /24s; 10.100-199 stays clear of the
@@ -188,7 +187,6 @@ impl Env {
             // Inside sluice's default ULA /48, one /56 per environment.
             pool_v6: format!("fd53:6c75:6963:{:x}00::/56", n % 256),
             dir,
-            dockerd: Mutex::new(None),
             sluice: Mutex::new(None),
             cleaned: AtomicBool::new(false),
             netns,
@@ -200,8 +198,8 @@ impl Env {
             env.inner.spawn_sluice()?;
             env.inner.wait_sluice()?;
         }
-        env.inner.start_dockerd()?;
-        env.build_image()?;
+        env.inner.dockerd.start()?;
+        env.inner.dockerd.build_busybox_image(IMAGE)?;
         Ok(env)
     }
 
@@ -238,7 +236,7 @@ impl Env {
     /// `DOCKER_HOST` of the private dockerd (`unix:///tmp/sle2e-…/docker.sock`).
     #[must_use]
     pub fn docker_host(&self) -> &str {
-        &self.inner.docker_host
+        self.inner.dockerd.docker_host()
     }
 
     /// Runs `docker -H <private socket> ARGS…`.
@@ -253,7 +251,8 @@ impl Env {
     {
         let args: Vec<_> = args.into_iter().map(|a| a.as_ref().to_owned()).collect();
         self.inner
-            .try_docker(&args, COMMAND_TIMEOUT)
+            .dockerd
+            .docker(&args, COMMAND_TIMEOUT)
             .unwrap_or_else(|e| panic!("{e}\n{}", self.logs_tail()))
     }
 
@@ -305,7 +304,7 @@ impl Env {
         let mut cmd = Command::new("docker-compose");
         cmd.args(&args)
             .current_dir(project_dir)
-            .env("DOCKER_HOST", &self.inner.docker_host);
+            .env("DOCKER_HOST", self.inner.dockerd.docker_host());
         match output_with_timeout(&mut cmd, COMMAND_TIMEOUT) {
             Ok(Some(out)) => out,
             Ok(None) => panic!(
@@ -480,7 +479,7 @@ impl Env {
 
     /// `docker rm -f` every container of this environment.
     pub fn remove_all_containers(&self) {
-        self.inner.remove_all_containers();
+        self.inner.dockerd.remove_all_containers();
     }
 
     /// Sends `signal` to the sluice daemon and waits for it to exit (SIGKILL after 20 s).
@@ -522,8 +521,8 @@ impl Env {
     /// # Panics
     /// When it does not come back.
     pub fn restart_dockerd(&self) {
-        self.inner.stop_dockerd();
-        if let Err(e) = self.inner.start_dockerd() {
+        self.inner.dockerd.stop();
+        if let Err(e) = self.inner.dockerd.start() {
             panic!("dockerd did not start again: {e:#}\n{}", self.logs_tail());
         }
     }
@@ -537,7 +536,7 @@ impl Env {
     /// The private dockerd's log so far (all its runs).
     #[must_use]
     pub fn dockerd_log(&self) -> String {
-        read_lossy(&self.inner.dir.join("dockerd.log"))
+        self.inner.dockerd.log()
     }
 
     /// The last lines of both logs, for failure messages.
@@ -555,68 +554,6 @@ impl Env {
         plugin_call(self.plugin_socket(), method, body)
             .unwrap_or_else(|e| panic!("POST /{method}: {e:#}\n{}", self.logs_tail()))
     }
-
-    fn build_image(&self) -> Result<()> {
-        let busybox =
-            find_tool("busybox").context("busybox not found (apt-get install busybox-static)")?;
-        if is_dynamically_linked(&busybox)? {
-            bail!(
-                "{} is dynamically linked; the test image needs Debian's busybox-static",
-                busybox.display()
-            );
-        }
-        let root = self.inner.dir.join("image");
-        for sub in ["bin", "etc", "tmp", "root", "proc", "sys", "dev", "var"] {
-            fs::create_dir_all(root.join(sub))?;
-        }
-        fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
-        fs::copy(&busybox, root.join("bin/busybox"))
-            .with_context(|| format!("copy {}", busybox.display()))?;
-        fs::set_permissions(root.join("bin/busybox"), fs::Permissions::from_mode(0o755))?;
-        let list = Command::new(&busybox)
-            .arg("--list")
-            .output()
-            .context("busybox --list")?;
-        for applet in String::from_utf8_lossy(&list.stdout).lines() {
-            let applet = applet.trim();
-            if applet.is_empty() || applet == "busybox" || applet.contains('/') {
-                continue;
-            }
-            std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))
-                .with_context(|| format!("symlink applet {applet}"))?;
-        }
-        fs::write(
-            root.join("etc/passwd"),
-            "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\n",
-        )?;
-        fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
-        let tarball = self.inner.dir.join("image.tar");
-        let status = Command::new("tar")
-            .arg("-C")
-            .arg(&root)
-            .args(["--numeric-owner", "--owner=0", "--group=0", "-cf"])
-            .arg(&tarball)
-            .arg(".")
-            .status()
-            .context("run tar")?;
-        if !status.success() {
-            bail!("tar of the test image failed ({status})");
-        }
-        let out = self.docker([
-            OsStr::new("import"),
-            OsStr::new("--change"),
-            OsStr::new("CMD [\"sh\"]"),
-            tarball.as_os_str(),
-            OsStr::new(IMAGE),
-        ]);
-        if !out.status.success() {
-            bail!(
-                "docker import of the test image failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        Ok(())
-    }
 }
 
 impl Drop for Env {
@@ -627,73 +564,12 @@ impl Drop for Env {
 }
 
 impl Inner {
-    /// Runs the docker CLI against the private dockerd, killing it after `timeout`.
-    fn try_docker<S: AsRef<OsStr>>(&self, args: &[S], timeout: Duration) -> Result<Output, String> {
-        let mut cmd = Command::new("docker");
-        cmd.arg("-H").arg(&self.docker_host).args(args);
-        let shown = || {
-            args.iter()
-                .map(|a| a.as_ref().to_string_lossy().into_owned())
-                .collect::<Vec<_>>()
-                .join(" ")
-        };
-        match output_with_timeout(&mut cmd, timeout) {
-            Ok(Some(out)) => Ok(out),
-            Ok(None) => Err(format!(
-                "`docker {}` did not finish within {timeout:?}",
-                shown()
-            )),
-            Err(e) => Err(format!("cannot run the docker CLI: {e}")),
-        }
-    }
-
-    /// Runs the docker CLI for clean-up: never panics; failures are reported and give `None`.
-    fn docker_quiet<S: AsRef<OsStr>>(&self, args: &[S]) -> Option<Output> {
-        self.try_docker(args, CLEANUP_COMMAND_TIMEOUT)
-            .map_err(|e| eprintln!("sluice tests: cleanup: {e}"))
-            .ok()
-    }
-
     fn logs_tail(&self) -> String {
         format!(
             "--- sluice log (last {LOG_TAIL_LINES} lines) ---\n{}\n--- dockerd log (last {LOG_TAIL_LINES} lines) ---\n{}",
             tail(&read_lossy(&self.dir.join("sluice.log")), LOG_TAIL_LINES),
-            tail(&read_lossy(&self.dir.join("dockerd.log")), LOG_TAIL_LINES)
+            tail(&self.dockerd.log(), LOG_TAIL_LINES)
         )
-    }
-
-    /// Starts dockerd and waits until it answers. Starts are serialised, within this process
-    /// and across processes (a lock file): concurrent dockerds race creating their iptables
-    /// chains and one dies with "Chain already exists". A dockerd that exits during start-up
-    /// anyway is started again, twice at most.
-    fn start_dockerd(&self) -> Result<()> {
-        static IN_PROCESS: Mutex<()> = Mutex::new(());
-        let _in_process = lock(&IN_PROCESS);
-        let lock_file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(DOCKERD_START_LOCK)
-            .with_context(|| format!("open {DOCKERD_START_LOCK}"))?;
-        let _across_processes =
-            nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
-                .map_err(|(_, e)| e)
-                .with_context(|| format!("lock {DOCKERD_START_LOCK}"))?;
-        let mut attempt = 1;
-        loop {
-            self.spawn_dockerd()?;
-            match self.wait_dockerd() {
-                Ok(()) => return Ok(()),
-                Err(e) if attempt < 3 && exited(&self.dockerd).is_some() => {
-                    eprintln!(
-                        "sluice tests: dockerd start attempt {attempt} failed, retrying: {e:#}"
-                    );
-                    attempt += 1;
-                    std::thread::sleep(Duration::from_secs(1));
-                }
-                Err(e) => return Err(e),
-            }
-        }
     }
 
     /// `program` in this environment's network namespace, if it has one. nsenter execs the
@@ -706,68 +582,6 @@ impl Inner {
                 c
             }
             None => Command::new(program),
-        }
-    }
-
-    fn spawn_dockerd(&self) -> Result<()> {
-        let dockerd =
-            find_tool("dockerd").context("dockerd not found (apt-get install docker.io)")?;
-        let config = self.dir.join("daemon.json");
-        // An empty config file, so /etc/docker/daemon.json of the machine does not apply.
-        fs::write(&config, "{}\n")?;
-        let log = open_log(&self.dir.join("dockerd.log"))?;
-        let child = self
-            .command_in_netns(&dockerd)
-            .arg("--config-file")
-            .arg(&config)
-            .arg("--data-root")
-            .arg(self.dir.join("data"))
-            .arg("--exec-root")
-            .arg(self.dir.join("exec"))
-            .arg("--pidfile")
-            .arg(self.dir.join("dockerd.pid"))
-            .arg("-H")
-            .arg(&self.docker_host)
-            .arg("--bridge=none")
-            .arg("--containerd-namespace")
-            .arg(&self.containerd_namespace)
-            .arg("--containerd-plugins-namespace")
-            .arg(format!("{}-plugins", self.containerd_namespace))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("start dockerd")?;
-        *lock(&self.dockerd) = Some(child);
-        Ok(())
-    }
-
-    fn wait_dockerd(&self) -> Result<()> {
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let answered = self
-                .try_docker(
-                    &["info", "--format", "{{.ServerVersion}}"],
-                    Duration::from_secs(20),
-                )
-                .is_ok_and(|out| out.status.success());
-            if answered {
-                return Ok(());
-            }
-            if let Some(status) = exited(&self.dockerd) {
-                bail!(
-                    "dockerd exited ({status}) before answering; its log:\n{}",
-                    tail(&read_lossy(&self.dir.join("dockerd.log")), LOG_TAIL_LINES)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "dockerd did not answer on {} within {START_TIMEOUT:?}; its log:\n{}",
-                    self.docker_host,
-                    tail(&read_lossy(&self.dir.join("dockerd.log")), LOG_TAIL_LINES)
-                );
-            }
-            std::thread::sleep(Duration::from_millis(250));
         }
     }
 
@@ -793,7 +607,7 @@ impl Inner {
             .args(["--default-ipv6-pool", &self.pool_v6])
             .args(["--default-ipv6-pool-size", "64"])
             .args(["--log-level", "debug"])
-            .args(["--docker-host", &self.docker_host])
+            .args(["--docker-host", self.dockerd.docker_host()])
             .arg("--admin-socket")
             .arg(admin_socket_of(&self.driver))
             .arg("--bpf-dir")
@@ -833,65 +647,10 @@ impl Inner {
         }
     }
 
-    fn dockerd_running(&self) -> bool {
-        lock(&self.dockerd)
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
     fn sluice_running(&self) -> bool {
         lock(&self.sluice)
             .as_mut()
             .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
-    }
-
-    fn stop_dockerd(&self) {
-        let mut guard = lock(&self.dockerd);
-        if let Some(child) = guard.as_mut()
-            && !stop_child(child, Signal::SIGTERM, STOP_TIMEOUT)
-        {
-            // dockerd was SIGKILLed: its managed containerd outlives it. Stop that too, but
-            // only when its pid file is ours and the process still names our exec-root.
-            self.stop_orphaned_containerd();
-        }
-        *guard = None;
-    }
-
-    fn stop_orphaned_containerd(&self) {
-        let pid_file = self.dir.join("exec/containerd/containerd.pid");
-        let Ok(pid) = fs::read_to_string(&pid_file) else {
-            return;
-        };
-        let Ok(pid) = pid.trim().parse::<i32>() else {
-            return;
-        };
-        let cmdline = read_lossy(Path::new(&format!("/proc/{pid}/cmdline")));
-        if cmdline.contains(&*self.dir.to_string_lossy()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-    }
-
-    fn remove_all_containers(&self) {
-        let Some(ids) = self.docker_quiet(&["ps", "-aq"]) else {
-            return;
-        };
-        let ids: Vec<String> = String::from_utf8_lossy(&ids.stdout)
-            .split_whitespace()
-            .map(str::to_owned)
-            .collect();
-        if !ids.is_empty() {
-            let mut args = vec!["rm".to_owned(), "-f".to_owned()];
-            args.extend(ids);
-            let Some(out) = self.docker_quiet(&args) else {
-                return;
-            };
-            if !out.status.success() {
-                eprintln!(
-                    "sluice tests: docker rm -f failed: {}",
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-        }
     }
 
     /// With `SLUICE_TEST_KEEP_LOGS` set, copies both logs to `/tmp/sle2e-logs/` before the
@@ -921,12 +680,17 @@ impl Inner {
             return;
         }
         let mut network_ids = Vec::new();
-        if self.dockerd_running() {
-            self.remove_all_containers();
+        if self.dockerd.running() {
+            self.dockerd.remove_all_containers();
             let filter = format!("driver={}", self.driver);
-            if let Some(out) =
-                self.docker_quiet(&["network", "ls", "-q", "--no-trunc", "--filter", &filter])
-            {
+            if let Some(out) = self.dockerd.docker_quiet(&[
+                "network",
+                "ls",
+                "-q",
+                "--no-trunc",
+                "--filter",
+                &filter,
+            ]) {
                 network_ids = String::from_utf8_lossy(&out.stdout)
                     .split_whitespace()
                     .map(str::to_owned)
@@ -935,7 +699,7 @@ impl Inner {
             // Without sluice, Docker would retry its calls for a while: skip then.
             if self.sluice_running() {
                 for id in &network_ids {
-                    let Some(out) = self.docker_quiet(&["network", "rm", id]) else {
+                    let Some(out) = self.dockerd.docker_quiet(&["network", "rm", id]) else {
                         continue;
                     };
                     if !out.status.success() {
@@ -947,7 +711,7 @@ impl Inner {
                 }
             }
         }
-        self.stop_dockerd();
+        self.dockerd.stop();
         {
             let mut guard = lock(&self.sluice);
             if let Some(child) = guard.as_mut() {
@@ -1325,174 +1089,10 @@ pub fn sluice_bin() -> PathBuf {
     target.join("debug/sluice")
 }
 
-fn find_tool(tool: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/local/sbin", "/usr/sbin", "/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join(tool))
-        .find(|p| {
-            p.metadata()
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-}
-
-/// True when the ELF file has a `PT_INTERP` program header (needs a dynamic loader).
-fn is_dynamically_linked(path: &Path) -> Result<bool> {
-    const PT_INTERP: u32 = 3;
-    let data = fs::read(path).with_context(|| format!("read {}", path.display()))?;
-    let u16_at = |o: usize| data.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
-    let u32_at = |o: usize| {
-        data.get(o..o + 4)
-            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-            .map(u32::from_le_bytes)
-    };
-    let u64_at = |o: usize| {
-        data.get(o..o + 8)
-            .and_then(|b| <[u8; 8]>::try_from(b).ok())
-            .map(u64::from_le_bytes)
-    };
-    // 64-bit little-endian ELF only (x86_64 / aarch64 Debian).
-    if data.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) {
-        bail!("{} is not a 64-bit little-endian ELF file", path.display());
-    }
-    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38))
-    else {
-        bail!("{}: truncated ELF header", path.display());
-    };
-    let phoff = usize::try_from(phoff)?;
-    Ok((0..usize::from(phnum))
-        .any(|i| u32_at(phoff + i * usize::from(phentsize)) == Some(PT_INTERP)))
-}
-
-/// Runs `cmd` (stdin from /dev/null) and collects its output; kills it (it is our own child)
-/// and returns `None` when it runs longer than `timeout`.
-fn output_with_timeout(cmd: &mut Command, timeout: Duration) -> std::io::Result<Option<Output>> {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as _));
-    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as _));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        if let Some(status) = child.try_wait()? {
-            break Some(status);
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let stdout = stdout.join().unwrap_or_default();
-    let stderr = stderr.join().unwrap_or_default();
-    Ok(status.map(|status| Output {
-        status,
-        stdout,
-        stderr,
-    }))
-}
-
-/// Sends `signal`, waits up to `timeout`, then SIGKILLs. True when it exited before SIGKILL.
-fn stop_child(child: &mut Child, signal: Signal, timeout: Duration) -> bool {
-    if matches!(child.try_wait(), Ok(Some(_))) {
-        return true;
-    }
-    let Ok(pid) = i32::try_from(child.id()) else {
-        return false;
-    };
-    let _ = kill(Pid::from_raw(pid), signal);
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        match child.try_wait() {
-            Ok(Some(_)) | Err(_) => return true,
-            Ok(None) => std::thread::sleep(Duration::from_millis(100)),
-        }
-    }
-    eprintln!("sluice tests: pid {pid} ignored {signal} for {timeout:?}; sending SIGKILL");
-    let _ = child.kill();
-    let _ = child.wait();
-    false
-}
-
 fn exited(child: &Mutex<Option<Child>>) -> Option<std::process::ExitStatus> {
     lock(child)
         .as_mut()
         .and_then(|c| c.try_wait().ok().flatten())
-}
-
-/// Lazily unmounts everything mounted under `dir`, deepest first.
-fn unmount_under(dir: &Path) {
-    let Ok(info) = fs::read_to_string("/proc/self/mountinfo") else {
-        return;
-    };
-    let prefix = dir.to_string_lossy().into_owned();
-    let mut points: Vec<String> = info
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4))
-        .map(unescape_mount_path)
-        .filter(|p| p == &prefix || p.starts_with(&format!("{prefix}/")))
-        .collect();
-    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
-    points.dedup();
-    for p in points {
-        let _ = Command::new("umount")
-            .args(["-l", &p])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-/// Decodes mountinfo's octal escapes (`\040` for a space, …).
-fn unescape_mount_path(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\'
-            && let Some(Ok(digits)) = bytes.get(i + 1..i + 4).map(std::str::from_utf8)
-            && let Ok(v) = u8::from_str_radix(digits, 8)
-        {
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-fn open_log(path: &Path) -> Result<fs::File> {
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("open {}", path.display()))
-}
-
-fn read_lossy(path: &Path) -> String {
-    fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
-}
-
-/// The last `n` lines of `text`.
-#[must_use]
-pub fn tail(text: &str, n: usize) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 fn join(args: &[std::ffi::OsString]) -> String {
@@ -1500,10 +1100,6 @@ fn join(args: &[std::ffi::OsString]) -> String {
         .map(|a| a.to_string_lossy().into_owned())
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1641,12 +1237,4 @@ pub fn two_node_swarm<'a>(
         "{nodes}"
     );
     guards
-}
-
-/// Runs `cmd` (stdin from /dev/null) and collects its output; kills it after `timeout`.
-///
-/// # Errors
-/// When it cannot start, or runs longer than `timeout`.
-pub fn run_with_timeout(cmd: &mut Command, timeout: Duration) -> Result<Output> {
-    output_with_timeout(cmd, timeout)?.with_context(|| format!("did not finish within {timeout:?}"))
 }

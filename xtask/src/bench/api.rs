@@ -62,6 +62,14 @@ pub(crate) fn parse_response(raw: &str) -> Result<(u16, String)> {
     Ok((status, out))
 }
 
+/// Where a [`Daemon`] keeps things: admin socket, state and log in `run_dir`.
+#[derive(Debug, Clone)]
+pub(crate) struct DaemonPaths {
+    pub(crate) run_dir: PathBuf,
+    pub(crate) plugin: PathBuf,
+    pub(crate) bpf_dir: PathBuf,
+}
+
 /// A `sluice daemon` started by the benchmark inside a namespace, stopped (SIGTERM by PID)
 /// when dropped.
 #[derive(Debug)]
@@ -83,7 +91,26 @@ impl Daemon {
         docker_host: &str,
         extra: &[&str],
     ) -> Result<Self> {
-        let plugin = run_dir.join(format!("{name}.sock"));
+        let paths = DaemonPaths {
+            run_dir: run_dir.to_path_buf(),
+            plugin: run_dir.join(format!("{name}.sock")),
+            bpf_dir: Path::new(super::BPF_ROOT).join(name),
+        };
+        Self::start_at(sluice, ns, name, &paths, docker_host, extra)
+    }
+
+    /// Like [`Daemon::start`], with the plugin socket (e.g. `/run/docker/plugins/<name>.sock`,
+    /// where a dockerd finds it), the pin directory and the directory of the rest chosen.
+    pub(crate) fn start_at(
+        sluice: &Path,
+        ns: &str,
+        name: &str,
+        paths: &DaemonPaths,
+        docker_host: &str,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let run_dir = paths.run_dir.as_path();
+        let plugin = paths.plugin.clone();
         let admin = run_dir.join(format!("{name}.admin.sock"));
         let state = run_dir.join(format!("{name}.state"));
         let log = std::fs::File::create(run_dir.join(format!("{name}.log")))?;
@@ -100,10 +127,12 @@ impl Daemon {
             .arg("--docker-host")
             .arg(docker_host)
             .arg("--bpf-dir")
-            .arg(super::BPF_ROOT.to_owned() + "/" + name)
+            .arg(&paths.bpf_dir)
             .arg("--name")
             .arg(name)
             .args(extra)
+            // One log line per plugin call with its duration (read by the docker suite).
+            .env("SLUICE_LOG_SPAN_TIMES", "1")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -5,9 +5,12 @@
 //! - [`topo`]: the topologies, each in its own `sbn-*` namespaces, removed afterwards;
 //! - [`measure`]: iperf3 / sockperf, client on CPU 0 and server on CPU 1;
 //! - [`api`]: the daemon's plugin and admin sockets, called as Docker and `sluice policy` do;
+//! - [`dockerd`]: `docker run` / `docker network connect` with a real private dockerd, sluice
+//!   vs Docker's bridge driver;
 //! - [`stats`], [`report`]: medians, paired ratios, slow samples, targets, JSON, docs, chart.
 
 mod api;
+mod dockerd;
 mod engine;
 mod measure;
 mod report;
@@ -30,8 +33,9 @@ pub(crate) const BPF_ROOT: &str = "/sys/fs/bpf/sluice-bench";
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct BenchArgs {
-    /// `all` (datapath, control plane, micro), `datapath`, `control` or `micro`.
-    #[arg(value_parser = ["all", "datapath", "control", "micro"], default_value = "all")]
+    /// `all` (datapath, control plane, docker, micro), `datapath`, `control` (plugin socket),
+    /// `docker` (`docker run` / `network connect` with a private dockerd) or `micro`.
+    #[arg(value_parser = ["all", "datapath", "control", "docker", "micro"], default_value = "all")]
     pub(crate) suite: String,
     /// A smoke run of about two minutes: fewer topologies, 2 repetitions of 1 s.
     #[arg(long)]
@@ -76,21 +80,14 @@ pub(crate) fn bench(args: &BenchArgs, root: &Path, sluice: Option<PathBuf>) -> R
     topo::remove_leftovers();
     let run_dir = topo::run_dir()?;
     let mut topologies = Vec::new();
-    let mut not_measured = vec![
-        "`docker run --network X` to a reachable container and `docker network connect`, sluice \
-         vs Docker's bridge driver at 0/100/500 endpoints (needs the private-dockerd launcher; \
-         not written yet)"
-            .to_owned(),
-    ];
-    if args.suite != "control" {
+    let mut not_measured = Vec::new();
+    let runs = |suite: &str| args.suite == "all" || args.suite == suite;
+    if runs("datapath") {
         topologies = datapath(args.quick, reps, seconds, &sluice, &run_dir)?;
     }
-    let control = if args.suite == "datapath" {
-        None
-    } else {
-        Some(control_plane(&sluice, &run_dir, args.quick))
-    };
-    if args.suite == "datapath" || args.suite == "control" {
+    let control = runs("control").then(|| control_plane(&sluice, &run_dir, args.quick));
+    let docker = runs("docker").then(|| dockerd::bench(&sluice, &run_dir, args.quick, args.reps));
+    if args.suite != "all" {
         not_measured.push(format!("suites other than `{}`", args.suite));
     }
     let machine = Machine {
@@ -112,6 +109,7 @@ pub(crate) fn bench(args: &BenchArgs, root: &Path, sluice: Option<PathBuf>) -> R
         machine,
         topologies,
         control,
+        docker,
         not_measured,
         targets: Vec::new(),
     };

@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use super::dockerd::DockerTimings;
 use super::measure::Metric;
 use super::stats::{Summary, paired_ratios, percentile, slow_flags};
 
@@ -100,6 +101,8 @@ pub(crate) struct Run {
     pub(crate) machine: Machine,
     pub(crate) topologies: Vec<TopologyResult>,
     pub(crate) control: Option<Control>,
+    /// `docker run` / `docker network connect` with a private dockerd (suite `docker`).
+    pub(crate) docker: Option<DockerTimings>,
     pub(crate) not_measured: Vec<String>,
     pub(crate) targets: Vec<Target>,
 }
@@ -168,6 +171,20 @@ pub(crate) fn targets(run: &Run) -> Vec<Target> {
         String::new()
     };
     let cp = run.control.as_ref();
+    let docker_run = run.docker.as_ref().and_then(DockerTimings::worst_run_ratio);
+    let docker_note = match (&run.docker, docker_run) {
+        (None, _) => " not measured: suite `docker` did not run".to_owned(),
+        (Some(_), None) => " not measured: the docker suite failed (see errors)".to_owned(),
+        (Some(d), Some((_, n))) => format!(
+            " (median of {} paired repetitions; the worst of {} existing endpoints: {n})",
+            d.repetitions,
+            d.levels
+                .iter()
+                .map(|l| l.endpoints.to_string())
+                .collect::<Vec<_>>()
+                .join("/")
+        ),
+    };
     vec![
         check(
             "sluice bridge 10k entries, UDP 64 B pps ÷ bare veth",
@@ -211,10 +228,10 @@ pub(crate) fn targets(run: &Run) -> Vec<Target> {
         ),
         check(
             "`docker run` to a reachable container, sluice ÷ Docker bridge",
-            None,
+            docker_run.map(|(r, _)| r),
             false,
             1.1,
-            " not measured: the dockerd part of the control-plane benchmark is not written yet",
+            &docker_note,
         ),
         check(
             "CreateEndpoint + Join p99 with 50 concurrent callers, ms",
@@ -278,6 +295,61 @@ pub(crate) fn markdown(run: &Run, chart: &str) -> String {
          their topology's median are slow and counted in the last column.\n",
         super::stats::SLOW_FRACTION * 100.0
     );
+    if !run.topologies.is_empty() {
+        datapath_markdown(&mut s, run, chart);
+    }
+    if let Some(c) = &run.control {
+        let _ = writeln!(s, "### Control plane\n");
+        let _ = writeln!(
+            s,
+            "- CreateEndpoint + Join over the plugin socket, {} concurrent callers, {} \
+             endpoints: p50 {} ms, p99 {} ms.",
+            c.callers,
+            c.endpoints,
+            c.create_join_p50_ms.map_or("–".into(), fmt_num),
+            c.create_join_p99_ms.map_or("–".into(), fmt_num)
+        );
+        let _ = writeln!(
+            s,
+            "- Applying a policy of {} CIDR entries with those endpoints attached: {} s; \
+             daemon RSS afterwards: {} MiB.",
+            c.policy_entries,
+            c.policy_apply_s.map_or("–".into(), fmt_num),
+            c.rss_mib.map_or("–".into(), fmt_num)
+        );
+        for e in &c.errors {
+            let _ = writeln!(s, "- error: {e}");
+        }
+        let _ = writeln!(s);
+    }
+    if let Some(d) = &run.docker {
+        docker_markdown(&mut s, d);
+    }
+    if !run.not_measured.is_empty() {
+        let _ = writeln!(s, "Not measured in this run:\n");
+        for n in &run.not_measured {
+            let _ = writeln!(s, "- {n}");
+        }
+        let _ = writeln!(s);
+    }
+    let _ = writeln!(s, "### Targets\n\n| target | measured | wanted | result |");
+    let _ = writeln!(s, "| --- | --- | --- | --- |");
+    for t in &run.targets {
+        let _ = writeln!(
+            s,
+            "| {}{} | {} | {} | **{}** |",
+            t.name,
+            t.note,
+            t.measured.map_or("–".into(), fmt_num),
+            t.want,
+            t.status.as_str()
+        );
+    }
+    s
+}
+
+/// The datapath table and chart.
+fn datapath_markdown(s: &mut String, run: &Run, chart: &str) {
     let _ = write!(s, "| topology |");
     for metric in Metric::ALL {
         let _ = write!(s, " {} |", metric.label());
@@ -320,51 +392,100 @@ pub(crate) fn markdown(run: &Run, chart: &str) -> String {
         s,
         "\n![UDP 64 B pps and TCP_RR as a ratio to bare veth]({chart})\n"
     );
-    if let Some(c) = &run.control {
-        let _ = writeln!(s, "### Control plane\n");
+}
+
+/// The `docker run` / `docker network connect` table.
+fn docker_markdown(s: &mut String, d: &DockerTimings) {
+    let _ = writeln!(
+        s,
+        "### `docker run` and `docker network connect`, sluice vs Docker's bridge driver\n"
+    );
+    let _ = writeln!(
+        s,
+        "Private dockerd {}, {} repetitions per cell, drivers alternating; \"answers\": {}. \
+         Milliseconds p50 / p90 / p99; the ratio is sluice ÷ bridge paired by repetition, \
+         median (min–max).\n",
+        d.dockerd_version, d.repetitions, d.answers
+    );
+    let _ = writeln!(
+        s,
+        "| operation | endpoints on the network | sluice ms | Docker bridge ms | sluice ÷ bridge |"
+    );
+    let _ = writeln!(s, "| --- | --- | --- | --- | --- |");
+    let cell = |l: &super::dockerd::Latency| {
+        let f = |v: Option<f64>| v.map_or("–".into(), fmt_num);
+        let failed = l.errors.iter().flatten().count();
+        let failed = if failed > 0 {
+            format!(" ({failed} failed)")
+        } else {
+            String::new()
+        };
+        format!(
+            "{} / {} / {}{failed}",
+            f(l.p50_ms),
+            f(l.p90_ms),
+            f(l.p99_ms)
+        )
+    };
+    for level in &d.levels {
+        for op in &level.ops {
+            let what = if op.op == "run" {
+                "`docker run -d --network X`"
+            } else {
+                "`docker network connect X`"
+            };
+            let ratio = op.ratio.map_or("–".into(), |r| {
+                format!("{:.2}x ({:.2}–{:.2})", r.median, r.min, r.max)
+            });
+            let _ = writeln!(
+                s,
+                "| {what} | {} | {} | {} | {ratio} |",
+                level.endpoints,
+                cell(&op.sluice),
+                cell(&op.bridge)
+            );
+        }
+    }
+    let _ = writeln!(s);
+    if !d.plugin_calls.is_empty() {
         let _ = writeln!(
             s,
-            "- CreateEndpoint + Join over the plugin socket, {} concurrent callers, {} \
-             endpoints: p50 {} ms, p99 {} ms.",
-            c.callers,
-            c.endpoints,
-            c.create_join_p50_ms.map_or("–".into(), fmt_num),
-            c.create_join_p99_ms.map_or("–".into(), fmt_num)
+            "Where sluice's time goes: each plugin call as sluice's log times it (span busy + \
+             idle, the timed containers' calls only), and the Engine API identity lookup, \
+             which runs after `Join`, outside the calls:\n"
         );
-        let _ = writeln!(
-            s,
-            "- Applying a policy of {} CIDR entries with those endpoints attached: {} s; \
-             daemon RSS afterwards: {} MiB.",
-            c.policy_entries,
-            c.policy_apply_s.map_or("–".into(), fmt_num),
-            c.rss_mib.map_or("–".into(), fmt_num)
-        );
-        for e in &c.errors {
-            let _ = writeln!(s, "- error: {e}");
+        let _ = writeln!(s, "| call | count | p50 ms | p90 ms | max ms |");
+        let _ = writeln!(s, "| --- | --- | --- | --- | --- |");
+        let f = |v: Option<f64>| v.map_or("–".into(), fmt_num);
+        for c in &d.plugin_calls {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                c.call,
+                c.count,
+                f(c.p50_ms),
+                f(c.p90_ms),
+                f(c.max_ms)
+            );
         }
         let _ = writeln!(s);
     }
-    if !run.not_measured.is_empty() {
-        let _ = writeln!(s, "Not measured in this run:\n");
-        for n in &run.not_measured {
-            let _ = writeln!(s, "- {n}");
-        }
-        let _ = writeln!(s);
+    let failed_samples = d
+        .levels
+        .iter()
+        .flat_map(|l| &l.ops)
+        .flat_map(|o| [&o.sluice, &o.bridge])
+        .filter_map(|l| l.errors.iter().flatten().next())
+        .take(3);
+    let notes: Vec<String> = d
+        .errors
+        .iter()
+        .map(|e| format!("- error: {e}"))
+        .chain(failed_samples.map(|e| format!("- failed sample: {e}")))
+        .collect();
+    if !notes.is_empty() {
+        let _ = writeln!(s, "{}\n", notes.join("\n"));
     }
-    let _ = writeln!(s, "### Targets\n\n| target | measured | wanted | result |");
-    let _ = writeln!(s, "| --- | --- | --- | --- |");
-    for t in &run.targets {
-        let _ = writeln!(
-            s,
-            "| {}{} | {} | {} | **{}** |",
-            t.name,
-            t.note,
-            t.measured.map_or("–".into(), fmt_num),
-            t.want,
-            t.status.as_str()
-        );
-    }
-    s
 }
 
 /// Begin and end markers of the generated section in docs/benchmarks.md.
@@ -522,6 +643,7 @@ mod tests {
                 rss_mib: Some(20.0),
                 ..Control::default()
             }),
+            docker: None,
             not_measured: vec![],
             targets: vec![],
         };
@@ -540,6 +662,51 @@ mod tests {
         assert_eq!(t[4].status, Status::NotMeasured); // no sluice VXLAN
         assert_eq!(t[6].status, Status::Miss); // p99 12 ms
         assert_eq!(t[7].status, Status::Pass);
+    }
+
+    #[test]
+    fn docker_run_target_takes_the_worst_endpoint_count_and_renders() {
+        use super::super::dockerd::{Level, OpTiming};
+        let mut r = run();
+        assert_eq!(r.targets[5].status, Status::NotMeasured);
+        let ratio = |m: f64| {
+            Some(Summary {
+                median: m,
+                min: m,
+                max: m,
+                n: 3,
+            })
+        };
+        let level = |endpoints: usize, run_ratio: f64| Level {
+            endpoints,
+            ops: vec![
+                OpTiming {
+                    op: "run".into(),
+                    ratio: ratio(run_ratio),
+                    ..OpTiming::default()
+                },
+                OpTiming {
+                    op: "connect".into(),
+                    ratio: ratio(2.0),
+                    ..OpTiming::default()
+                },
+            ],
+        };
+        r.docker = Some(DockerTimings {
+            repetitions: 3,
+            levels: vec![level(0, 1.05), level(100, 1.08)],
+            ..DockerTimings::default()
+        });
+        r.targets = targets(&r);
+        assert_eq!(r.targets[5].status, Status::Pass, "{:?}", r.targets[5]);
+        assert_eq!(r.targets[5].measured, Some(1.08));
+        assert!(r.targets[5].note.contains("100"), "{}", r.targets[5].note);
+        let md = markdown(&r, "c.svg");
+        assert!(md.contains("| `docker network connect X` | 100 |"), "{md}");
+        assert!(md.contains("1.08x"), "{md}");
+        r.docker.as_mut().unwrap().levels[1].ops[0].ratio = ratio(1.2);
+        r.targets = targets(&r);
+        assert_eq!(r.targets[5].status, Status::Miss);
     }
 
     #[test]
