@@ -405,7 +405,9 @@ impl Kernel for LinuxKernel {
             std::net::IpAddr::V6(v6) => Some(v6.octets()),
             std::net::IpAddr::V4(_) => None,
         });
-        let info = EndpointInfo::new(ep.identity, ep.network, ep.flags).with_addresses(v4, v6);
+        let info = EndpointInfo::new(ep.identity, ep.network, ep.flags)
+            .with_addresses(v4, v6)
+            .with_subject(ep.subject);
         self.with_dp(&op, |dp| {
             // Map entries first: the programs must find the endpoint from their first packet.
             dp.set_endpoint(ifindex, info)?;

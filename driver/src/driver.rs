@@ -25,6 +25,7 @@ use crate::names;
 use crate::nat::{NatRuleset, NetworkNat, PortRequest, PublishedPort};
 use crate::policy::{
     Applied, EndpointView, NetworkView, PolicyDoc, PolicyEngine, PolicyError, Resolution,
+    SubjectIds,
 };
 use crate::store::{Change, Store, StoreError};
 
@@ -114,8 +115,10 @@ struct State {
     /// The policy documents.
     policies: PolicyEngine,
     /// The policies resolved against the current endpoints: rules, enforced directions,
-    /// pending identities.
+    /// pending identities, policy subjects.
     resolution: Resolution,
+    /// Policy subjects, stable across resolutions (see [`SubjectIds`]).
+    subjects: SubjectIds,
     /// Endpoints of other hosts on this host's `mode=vxlan` networks, by endpoint ID.
     remote: BTreeMap<String, crate::cluster::EndpointLocation>,
 }
@@ -156,9 +159,44 @@ impl State {
     }
 
     /// Resolves the policies against the endpoints that exist now.
-    fn resolve(&self) -> Resolution {
+    fn resolve(&mut self) -> Resolution {
+        let (endpoints, networks) = (self.endpoint_views(), self.network_views());
         self.policies
-            .resolve(&self.endpoint_views(), &self.network_views())
+            .resolve_with(&endpoints, &networks, &mut self.subjects)
+    }
+
+    /// True when no policy exists and none is in force: resolving would find nothing, and
+    /// an endpoint change cannot change any other endpoint's rules or flags.
+    fn policy_free(&self) -> bool {
+        self.policies.is_empty()
+            && self.resolution.rules.is_empty()
+            && self.resolution.enforced.is_empty()
+            && self.resolution.pending.is_empty()
+            && self.resolution.subject_of.is_empty()
+    }
+
+    /// What the datapath keys on for `ep` besides its addresses: `(flags, subject)`.
+    fn datapath_flags(&self, ep: &Endpoint) -> (u32, u32) {
+        let net = self.networks.get(&ep.network_id);
+        let enforced = self.resolution.enforced(ep.identity);
+        // A container may only send from its own addresses: otherwise it could borrow another
+        // endpoint's identity at the receiver's policy.
+        let mut flags = EP_SOURCE_CHECK;
+        if net.is_none_or(|n| n.isolate) {
+            flags |= EP_ISOLATE;
+        }
+        if enforced.ingress || net.is_some_and(|n| n.ingress_deny) {
+            flags |= EP_INGRESS_ENFORCED;
+        }
+        if enforced.egress {
+            flags |= EP_EGRESS_ENFORCED;
+        }
+        // Fail closed: while the container behind an endpoint is unknown, a policy that may
+        // select it by name or label cannot be decided.
+        if self.resolution.pending.contains(&ep.identity) {
+            flags |= EP_IDENTITY_PENDING;
+        }
+        (flags, self.resolution.subject(ep.identity))
     }
 
     fn endpoint_views(&self) -> Vec<EndpointView> {
@@ -225,31 +263,16 @@ impl State {
     }
 
     /// The datapath's view of `ep`: flags from the network's options, the policies that
-    /// select it, and whether its identity is still unknown while policy applies.
+    /// select it (and their subject), and whether its identity is still unknown while policy
+    /// applies.
     fn datapath_view(&self, ep: &Endpoint) -> EndpointDatapath {
         let net = self.networks.get(&ep.network_id);
-        let enforced = self.resolution.enforced(ep.identity);
-        // A container may only send from its own addresses: otherwise it could borrow another
-        // endpoint's identity at the receiver's policy.
-        let mut flags = EP_SOURCE_CHECK;
-        if net.is_none_or(|n| n.isolate) {
-            flags |= EP_ISOLATE;
-        }
-        if enforced.ingress || net.is_some_and(|n| n.ingress_deny) {
-            flags |= EP_INGRESS_ENFORCED;
-        }
-        if enforced.egress {
-            flags |= EP_EGRESS_ENFORCED;
-        }
-        // Fail closed: while the container behind an endpoint is unknown, a policy that may
-        // select it by name or label cannot be decided.
-        if self.resolution.pending.contains(&ep.identity) {
-            flags |= EP_IDENTITY_PENDING;
-        }
+        let (flags, subject) = self.datapath_flags(ep);
         EndpointDatapath {
             host_veth: ep.host_veth.clone(),
             ifindex: ep.ifindex,
             identity: ep.identity,
+            subject,
             network: net.map_or(0, |n| n.number),
             flags,
             addresses: ep.address.into_iter().chain(ep.address_v6).collect(),
@@ -301,6 +324,7 @@ impl<K: Kernel> Driver<K> {
                 .collect(),
             policies: PolicyEngine::load(snap.policies)?,
             resolution: Resolution::default(),
+            subjects: SubjectIds::default(),
             remote: BTreeMap::new(),
         };
         // Records written before the datapath existed get their numbers now.
@@ -343,14 +367,22 @@ impl<K: Kernel> Driver<K> {
     }
 
     /// Re-resolves the policies, writes the compiled rules to the datapath and updates the
-    /// flags of the endpoints whose flags changed (all but `skip`, which the caller attaches
-    /// itself). Called whenever policies, endpoints or identities change. Carries on past
-    /// endpoint errors and returns the first.
+    /// flags and subjects of the endpoints whose flags or subject changed (all but `skip`,
+    /// which the caller attaches itself). Called whenever policies, endpoints or identities
+    /// change. Carries on past endpoint errors and returns the first.
+    ///
+    /// Without any policy there is nothing to resolve and no other endpoint can change: it
+    /// returns at once. Otherwise the datapath writes only the `POLICY` entries that differ
+    /// from what it holds (it keeps a mirror), so an endpoint joining an existing rule set
+    /// writes no entry as a subject, and one per rule naming it as a peer.
     async fn resync(&self, state: &mut State, skip: Option<&str>) -> Result<(), DriverError> {
-        let before: BTreeMap<String, u32> = state
+        if state.policy_free() {
+            return Ok(());
+        }
+        let before: BTreeMap<String, (u32, u32)> = state
             .endpoints
             .values()
-            .map(|e| (e.id.clone(), state.datapath_view(e).flags))
+            .map(|e| (e.id.clone(), state.datapath_flags(e)))
             .collect();
         let resolution = state.resolve();
         for w in &resolution.warnings {
@@ -360,16 +392,18 @@ impl<K: Kernel> Driver<K> {
             .compile()
             .map_err(|e| DriverError::InvalidOption(format!("policy: {e}")))?;
         // Rules first, then flags: an endpoint becomes enforced only once its allow rules
-        // are in place.
+        // are in place. (An endpoint moving to a new subject whose old one is gone may see
+        // default deny for new flows in between: fail closed, never open.)
         self.kernel.apply_policy(&compiled).await?;
         state.resolution = resolution;
         let mut first = None;
         for ep in state.endpoints.values() {
-            let view = state.datapath_view(ep);
-            if Some(ep.id.as_str()) == skip || before.get(&ep.id) == Some(&view.flags) {
+            if Some(ep.id.as_str()) == skip
+                || before.get(&ep.id) == Some(&state.datapath_flags(ep))
+            {
                 continue;
             }
-            if let Err(e) = self.kernel.attach_endpoint(&view).await {
+            if let Err(e) = self.kernel.attach_endpoint(&state.datapath_view(ep)).await {
                 warn!(endpoint = %ep.id, error = %e, "updating datapath flags");
                 first.get_or_insert(e);
             }

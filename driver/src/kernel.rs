@@ -50,6 +50,9 @@ pub struct EndpointDatapath {
     pub ifindex: u32,
     /// Security identity.
     pub identity: u32,
+    /// Policy subject (`EndpointInfo::subject`): shared by the endpoints the same policies
+    /// select; 0 when none does.
+    pub subject: u32,
     /// Network number (non-zero).
     pub network: u32,
     /// `EP_*` flags of `sluice_common`.
