@@ -121,6 +121,9 @@ struct State {
     subjects: SubjectIds,
     /// Endpoints of other hosts on this host's `mode=vxlan` networks, by endpoint ID.
     remote: BTreeMap<String, crate::cluster::EndpointLocation>,
+    /// Endpoints whose links are being made outside the lock (CreateEndpoint), with the
+    /// identity reserved for them.
+    creating: BTreeMap<String, u32>,
 }
 
 impl State {
@@ -152,6 +155,7 @@ impl State {
         self.endpoints
             .values()
             .map(|e| e.identity)
+            .chain(self.creating.values().copied())
             .max()
             .unwrap_or(0)
             .max(IDENTITY_FIRST_ENDPOINT - 1)
@@ -326,6 +330,7 @@ impl<K: Kernel> Driver<K> {
             resolution: Resolution::default(),
             subjects: SubjectIds::default(),
             remote: BTreeMap::new(),
+            creating: BTreeMap::new(),
         };
         // Records written before the datapath existed get their numbers now.
         let mut upgraded = Vec::new();
@@ -502,11 +507,26 @@ impl<K: Kernel> Driver<K> {
         if ep.container.as_ref() == Some(&identity) {
             return Ok(());
         }
-        ep.container = Some(identity);
+        let previous = ep.container.replace(identity);
         let ep = ep.clone();
-        self.store.apply(&[Change::PutEndpoint(ep.clone())])?;
+        // Queued in order under the lock, awaited outside it (group commit).
+        let commit = self.store.submit(vec![Change::PutEndpoint(ep.clone())]);
         info!(endpoint = %ep.id, container = ?ep.container.as_ref().map(|c| &c.name), "container identity known");
-        self.resync(&mut state, None).await
+        let synced = self.resync(&mut state, None).await;
+        drop(state);
+        if let Err(e) = commit.durable().await {
+            let mut state = self.state.lock().await;
+            if let Some(cur) = state.endpoints.get_mut(&ep.id)
+                && cur.container == ep.container
+            {
+                cur.container = previous;
+                if let Err(undo) = self.resync(&mut state, None).await {
+                    warn!(error = %undo, "rollback of policy after a failed store write");
+                }
+            }
+            return Err(e.into());
+        }
+        synced
     }
 
     /// The kernel handle (tests inspect the fake through it).
@@ -904,89 +924,77 @@ impl<K: Kernel> Driver<K> {
     /// `NetworkDriver.CreateEndpoint`: creates the veth pair on the network's bridge.
     /// Returns only what Docker did not set (the MAC, when it gave none).
     ///
+    /// Concurrent calls for different endpoints overlap: the links are made outside the
+    /// driver's lock (the endpoint ID and identity are reserved meanwhile), and the store
+    /// write is awaited outside it too (group commit); only the policy and datapath update
+    /// runs under the lock.
+    ///
     /// # Errors
     /// Unknown network, kernel failures (after rollback), store failures (after rollback).
     pub async fn create_endpoint(
         &self,
         req: EndpointRequest,
     ) -> Result<EndpointCreated, DriverError> {
-        let mut state = self.state.lock().await;
-        let net = state
-            .networks
-            .get(&req.network_id)
-            .cloned()
-            .ok_or_else(|| DriverError::UnknownNetwork(req.network_id.clone()))?;
         let chosen_mac = req.mac.is_none();
-        // macvlan: one link, the container's own; it stands in for both veth ends.
-        let (host_veth, peer_veth) = if net.macvlan.is_some() {
-            let name = names::macvlan(&req.endpoint_id);
-            (name.clone(), name)
-        } else {
-            (
-                names::host_veth(&req.endpoint_id),
-                names::peer_veth(&req.endpoint_id),
-            )
-        };
-        let mut ep = Endpoint {
-            id: req.endpoint_id.clone(),
-            network_id: req.network_id.clone(),
-            host_veth,
-            peer_veth,
-            address: req.address,
-            address_v6: req.address_v6,
-            mac: req
-                .mac
-                .unwrap_or_else(|| derive_mac(req.address, &req.endpoint_id)),
-            options: req.options,
-            sandbox_key: None,
-            identity: state.next_identity(),
-            ifindex: 0,
-            container: None,
-            published: Vec::new(),
+        let (net, mut ep) = {
+            let mut state = self.state.lock().await;
+            let net = state
+                .networks
+                .get(&req.network_id)
+                .cloned()
+                .ok_or_else(|| DriverError::UnknownNetwork(req.network_id.clone()))?;
+            let ep = new_endpoint(req, &net, state.next_identity());
+            if let Some(existing) = state.endpoints.get(&ep.id) {
+                if existing.network_id == ep.network_id
+                    && existing.address == ep.address
+                    && existing.address_v6 == ep.address_v6
+                {
+                    return Ok(EndpointCreated {
+                        mac: chosen_mac.then_some(existing.mac),
+                    });
+                }
+                return Err(DriverError::Conflict(format!(
+                    "endpoint {} already exists with different settings",
+                    ep.id
+                )));
+            }
+            if state.creating.contains_key(&ep.id) {
+                return Err(DriverError::Conflict(format!(
+                    "endpoint {} is being created by another call",
+                    ep.id
+                )));
+            }
+            state.creating.insert(ep.id.clone(), ep.identity);
+            (net, ep)
         };
         if self.identify_from_options {
             ep.container = Some(cluster_hooks::identity_from_options(&ep));
         }
-        if let Some(existing) = state.endpoints.get(&ep.id) {
-            if existing.network_id == ep.network_id
-                && existing.address == ep.address
-                && existing.address_v6 == ep.address_v6
-            {
-                return Ok(EndpointCreated {
-                    mac: chosen_mac.then_some(existing.mac),
-                });
+        // The links, outside the lock: netlink work for distinct endpoints overlaps.
+        let made = self.make_endpoint_links(&net, &mut ep).await;
+        let mut state = self.state.lock().await;
+        state.creating.remove(&ep.id);
+        made?;
+        if !state.networks.contains_key(&net.id) {
+            // The network was deleted meanwhile (its bridge took the veth's host end along).
+            if let Err(undo) = self.kernel.delete_link(&ep.host_veth).await {
+                warn!(error = %undo, veth = %ep.host_veth, "rollback of veth failed");
             }
-            return Err(DriverError::Conflict(format!(
-                "endpoint {} already exists with different settings",
-                ep.id
-            )));
-        }
-        if let Some(cluster) = &self.cluster
-            && !state.endpoints.contains_key(&ep.id)
-        {
-            // Identities are cluster-wide: remote hosts' policies name this one too.
-            ep.identity = cluster.allocate_identity().await?;
-        }
-        match &net.macvlan {
-            Some(mv) => {
-                self.kernel
-                    .ensure_macvlan(&macvlan_spec(&net, mv, &ep))
-                    .await?
-            }
-            None => self.kernel.ensure_veth(&veth_spec(&net, &ep)).await?,
+            return Err(DriverError::UnknownNetwork(net.id));
         }
         // The new identity may be selected by policies, or be a peer in other endpoints'
         // rules: resolve with it before its programs see a packet.
         state.endpoints.insert(ep.id.clone(), ep.clone());
+        let mut commit = None;
         let mut result = self.resync(&mut state, Some(&ep.id)).await;
         if result.is_ok() {
             // An endpoint never carries traffic without its programs: no attach, no endpoint.
             result = match self.kernel.attach_endpoint(&state.datapath_view(&ep)).await {
                 Ok(ifindex) => {
                     ep.ifindex = ifindex;
-                    self.store
-                        .apply(&[Change::PutEndpoint(ep.clone())])
-                        .map_err(DriverError::from)
+                    state.endpoints.insert(ep.id.clone(), ep.clone());
+                    commit = Some(self.store.submit(vec![Change::PutEndpoint(ep.clone())]));
+                    Ok(())
                 }
                 Err(e) => Err(e.into()),
             };
@@ -995,37 +1003,71 @@ impl<K: Kernel> Driver<K> {
             && let Some(location) = cluster_hooks::location(self.cluster.as_deref(), &net, &ep)
             && let Some(cluster) = &self.cluster
         {
-            result = cluster
-                .publish_endpoint(&location)
-                .await
-                .map_err(DriverError::from);
-            if result.is_err() {
-                let _ = self.store.apply(&[Change::DeleteEndpoint(ep.id.clone())]);
+            // Published only once durable here: other hosts must not learn of an endpoint
+            // this one may forget.
+            result = match commit.take() {
+                Some(c) => c.durable().await.map_err(DriverError::from),
+                None => Ok(()),
+            };
+            if result.is_ok() {
+                result = cluster
+                    .publish_endpoint(&location)
+                    .await
+                    .map_err(DriverError::from);
+                if result.is_err() {
+                    let _ = self.store.apply(&[Change::DeleteEndpoint(ep.id.clone())]);
+                }
             }
         }
         if let Err(e) = result {
-            if let Err(undo) = self.kernel.detach_endpoint(&state.datapath_view(&ep)).await {
-                warn!(error = %undo, veth = %ep.host_veth, "rollback of datapath failed");
-            }
-            state.endpoints.remove(&ep.id);
-            if let Err(undo) = self.resync(&mut state, None).await {
-                warn!(error = %undo, "rollback of policy failed");
-            }
-            if let Err(undo) = self.kernel.delete_link(&ep.host_veth).await {
-                warn!(error = %undo, veth = %ep.host_veth, "rollback of veth failed");
-            }
+            self.undo_create(&mut state, &ep).await;
             return Err(e);
         }
+        drop(state);
+        if let Some(commit) = commit
+            && let Err(e) = commit.durable().await
+        {
+            let mut state = self.state.lock().await;
+            self.undo_create(&mut state, &ep).await;
+            return Err(e.into());
+        }
         info!(host_veth = %ep.host_veth, identity = ep.identity, address = ?ep.address, address_v6 = ?ep.address_v6, "endpoint created");
-        let created = EndpointCreated {
+        Ok(EndpointCreated {
             mac: chosen_mac.then_some(ep.mac),
-        };
-        state.endpoints.insert(ep.id.clone(), ep);
-        Ok(created)
+        })
+    }
+
+    /// The links of a new endpoint (veth pair or macvlan link), and its cluster-wide
+    /// identity in cluster mode. No lock held.
+    async fn make_endpoint_links(&self, net: &Network, ep: &mut Endpoint) -> Result<(), DriverError> {
+        if let Some(cluster) = &self.cluster {
+            // Identities are cluster-wide: remote hosts' policies name this one too.
+            ep.identity = cluster.allocate_identity().await?;
+        }
+        match &net.macvlan {
+            Some(mv) => self.kernel.ensure_macvlan(&macvlan_spec(net, mv, ep)).await?,
+            None => self.kernel.ensure_veth(&veth_spec(net, ep)).await?,
+        }
+        Ok(())
+    }
+
+    /// Undoes a CreateEndpoint whose later step failed: programs, state, policy, links.
+    async fn undo_create(&self, state: &mut State, ep: &Endpoint) {
+        if let Err(undo) = self.kernel.detach_endpoint(&state.datapath_view(ep)).await {
+            warn!(error = %undo, veth = %ep.host_veth, "rollback of datapath failed");
+        }
+        state.endpoints.remove(&ep.id);
+        if let Err(undo) = self.resync(state, None).await {
+            warn!(error = %undo, "rollback of policy failed");
+        }
+        if let Err(undo) = self.kernel.delete_link(&ep.host_veth).await {
+            warn!(error = %undo, veth = %ep.host_veth, "rollback of veth failed");
+        }
     }
 
     /// `NetworkDriver.Join`: records the sandbox and tells Docker which link to move and
-    /// which gateways to route through (none on internal networks).
+    /// which gateways to route through (none on internal networks). The store write is
+    /// awaited outside the lock (group commit).
     ///
     /// # Errors
     /// Unknown network or endpoint, store failures.
@@ -1037,8 +1079,19 @@ impl<K: Kernel> Driver<K> {
     ) -> Result<JoinInfo, DriverError> {
         let mut state = self.state.lock().await;
         let (net, mut ep) = state.network_and_endpoint(network_id, endpoint_id)?;
-        ep.sandbox_key = Some(sandbox_key.to_owned());
-        self.store.apply(&[Change::PutEndpoint(ep.clone())])?;
+        let previous = ep.sandbox_key.replace(sandbox_key.to_owned());
+        let commit = self.store.submit(vec![Change::PutEndpoint(ep.clone())]);
+        state.endpoints.insert(ep.id.clone(), ep.clone());
+        drop(state);
+        if let Err(e) = commit.durable().await {
+            let mut state = self.state.lock().await;
+            if let Some(cur) = state.endpoints.get_mut(endpoint_id)
+                && cur.sandbox_key.as_deref() == Some(sandbox_key)
+            {
+                cur.sandbox_key = previous;
+            }
+            return Err(e.into());
+        }
         let gateway = |data: &[crate::model::IpData], has_addr: bool| {
             (!net.internal && has_addr)
                 .then(|| data.iter().find_map(|d| d.gateway.map(|g| g.ip())))
@@ -1051,7 +1104,6 @@ impl<K: Kernel> Driver<K> {
             gateway_v6: gateway(&net.ipv6, ep.address_v6.is_some()),
         };
         info!(sandbox = %sandbox_key, src = %info.src_name, gateway = ?info.gateway, gateway_v6 = ?info.gateway_v6, "joined");
-        state.endpoints.insert(ep.id.clone(), ep);
         Ok(info)
     }
 
@@ -1292,6 +1344,37 @@ impl<K: Kernel> Driver<K> {
             }
             Some(_) => Ok(()),
         }
+    }
+}
+
+/// The record of a new endpoint on `net` (links not made yet).
+fn new_endpoint(req: EndpointRequest, net: &Network, identity: u32) -> Endpoint {
+    // macvlan: one link, the container's own; it stands in for both veth ends.
+    let (host_veth, peer_veth) = if net.macvlan.is_some() {
+        let name = names::macvlan(&req.endpoint_id);
+        (name.clone(), name)
+    } else {
+        (
+            names::host_veth(&req.endpoint_id),
+            names::peer_veth(&req.endpoint_id),
+        )
+    };
+    Endpoint {
+        mac: req
+            .mac
+            .unwrap_or_else(|| derive_mac(req.address, &req.endpoint_id)),
+        id: req.endpoint_id,
+        network_id: req.network_id,
+        host_veth,
+        peer_veth,
+        address: req.address,
+        address_v6: req.address_v6,
+        options: req.options,
+        sandbox_key: None,
+        identity,
+        ifindex: 0,
+        container: None,
+        published: Vec::new(),
     }
 }
 
