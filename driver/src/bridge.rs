@@ -129,6 +129,17 @@ impl LinuxKernel {
         self
     }
 
+    /// Reads the datapath (tests and tools inspect its maps through this).
+    ///
+    /// # Errors
+    /// Without a datapath, or `f`'s error.
+    pub fn inspect_datapath<T>(
+        &self,
+        f: impl FnOnce(&Datapath) -> Result<T, DatapathError>,
+    ) -> Result<T, KernelError> {
+        self.with_dp("inspect datapath", |dp| f(dp))
+    }
+
     /// Runs `f` on the datapath. Map and attach operations are short syscalls, so a
     /// blocking mutex is fine; it is never held across an `.await`.
     fn with_dp<T>(

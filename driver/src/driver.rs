@@ -2058,4 +2058,79 @@ mod tests {
             .unwrap_err();
         assert!(matches!(err, DriverError::Conflict(_)));
     }
+
+    /// Endpoints selected by the same policies share one policy subject: the `POLICY` map
+    /// holds the rules once, an endpoint joining the rule set writes no entry, and one that
+    /// is a peer of the rules writes one per rule (diffed, not rewritten).
+    #[tokio::test]
+    async fn endpoints_selected_alike_share_a_subject_and_joining_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        let mut yaml = "name: web\nselector: {labels: {role: web}}\ningress:\n  - action: allow\n    from:\n      - selector: {labels: {role: client}}\n".to_owned();
+        for i in 0..40 {
+            yaml.push_str(&format!("      - cidr: 192.0.2.{i}/32\n"));
+        }
+        d.apply_policies(crate::policy::parse_documents(&yaml).unwrap())
+            .await
+            .unwrap();
+        let eid = |n: u32| format!("{n:06x}{}", "0".repeat(58));
+        let add = |n: u32, role: &'static str| {
+            let d = &d;
+            async move {
+                d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", 10 + n)))
+                    .await
+                    .unwrap();
+                d.set_container(ContainerIdentity {
+                    endpoint_id: eid(n),
+                    container_id: format!("c{n}"),
+                    name: format!("{role}-{n}"),
+                    labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
+                })
+                .await
+                .unwrap();
+            }
+        };
+        for n in 0..10 {
+            add(n, "web").await;
+        }
+        let subject_of = |n: u32| d.kernel().attached()[&names::host_veth(&eid(n))].subject;
+        let subject = subject_of(0);
+        assert_ne!(subject, 0, "selected endpoints have a subject");
+        assert!((1..10).all(|n| subject_of(n) == subject), "one subject for all");
+        let entries = || d.kernel().policy().unwrap().entries;
+        assert_eq!(entries().len(), 40, "one entry per CIDR, not per CIDR and endpoint");
+        assert!(entries().keys().all(|e| e.key.subject == subject));
+
+        let before = d.kernel().policy_writes();
+        add(10, "web").await;
+        assert_eq!(subject_of(10), subject);
+        assert_eq!(d.kernel().policy_writes(), before, "joining the rule set writes nothing");
+
+        add(11, "client").await;
+        assert_eq!(subject_of(11), 0, "no policy selects the client");
+        assert_eq!(entries().len(), 41);
+        let after = d.kernel().policy_writes();
+        assert_eq!((after.0 - before.0, after.1 - before.1), (1, 0), "the client as a peer");
+
+        // A second policy on one web endpoint gives it a subject of its own (both rule sets).
+        let docs = crate::policy::parse_documents(
+            "name: one\nselector: {name: web-3}\negress:\n  - action: deny\n    to: [{cidr: 172.16.0.0/12}]\n",
+        )
+        .unwrap();
+        d.apply_policies(docs).await.unwrap();
+        let own = subject_of(3);
+        assert!(own != 0 && own != subject);
+        assert_eq!(subject_of(4), subject);
+        assert_eq!(entries().len(), 41 + 41 + 1);
+        d.remove_policy("one").await.unwrap();
+        assert_eq!(subject_of(3), subject, "back to the shared rule set");
+        assert_eq!(entries().len(), 41);
+
+        let before = d.kernel().policy_writes();
+        d.delete_endpoint(NID, &eid(5)).await.unwrap();
+        assert_eq!(d.kernel().policy_writes(), before, "a subject's member leaving");
+    }
 }

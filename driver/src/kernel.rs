@@ -278,6 +278,8 @@ pub mod fake {
         fail_op: Mutex<Option<(String, String)>>,
         attached: Mutex<BTreeMap<String, EndpointDatapath>>,
         policy: Mutex<Option<CompiledPolicy>>,
+        /// `POLICY` entries written and removed so far, as a real kernel's diff would.
+        policy_writes: Mutex<(usize, usize)>,
         nat: Mutex<Option<NatRuleset>>,
         ports: Mutex<BTreeMap<String, Vec<PortBinding>>>,
         taken: Mutex<Vec<(Proto, u16)>>,
@@ -321,6 +323,13 @@ pub mod fake {
         #[must_use]
         pub fn policy(&self) -> Option<CompiledPolicy> {
             self.policy.lock().ok().and_then(|p| p.clone())
+        }
+
+        /// `POLICY` entries written (new or changed) and removed by every apply so far:
+        /// what the datapath's diff against its mirror would write.
+        #[must_use]
+        pub fn policy_writes(&self) -> (usize, usize) {
+            self.policy_writes.lock().map(|w| *w).unwrap_or_default()
         }
 
         /// The last NAT ruleset written (`None`: never written).
@@ -457,6 +466,21 @@ pub mod fake {
         async fn apply_policy(&self, compiled: &CompiledPolicy) -> Result<(), KernelError> {
             self.check("apply_policy")?;
             if let Ok(mut p) = self.policy.lock() {
+                let old = p.take().unwrap_or_default();
+                let written = compiled
+                    .entries
+                    .iter()
+                    .filter(|(e, v)| old.entries.get(e) != Some(v))
+                    .count();
+                let removed = old
+                    .entries
+                    .keys()
+                    .filter(|e| !compiled.entries.contains_key(e))
+                    .count();
+                if let Ok(mut w) = self.policy_writes.lock() {
+                    w.0 += written;
+                    w.1 += removed;
+                }
                 *p = Some(compiled.clone());
             }
             Ok(())

@@ -506,6 +506,40 @@ mod tests {
         assert!(snap.endpoints.is_empty());
     }
 
+    /// Concurrent submissions are coalesced but written in submission order: the last put
+    /// of a key wins, and every submission is durable once awaited (seen after a reopen).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn submissions_keep_their_order_and_are_durable_when_awaited() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let commits: Vec<Commit> = (0..200u32)
+                .map(|i| {
+                    let mut n = network(&format!("n{}", i % 7));
+                    n.number = i;
+                    store.submit(vec![Change::PutNetwork(n)])
+                })
+                .collect();
+            let waits: Vec<_> = commits
+                .into_iter()
+                .map(|c| tokio::spawn(c.durable()))
+                .collect();
+            for w in waits {
+                w.await.unwrap().unwrap();
+            }
+            // The sync path goes through the same queue, after everything above.
+            store.apply(&[Change::DeleteNetwork("n6".into())]).unwrap();
+        }
+        let mut nets = Store::open(dir.path()).unwrap().load().unwrap().networks;
+        nets.sort_by_key(|n| n.id.clone());
+        let numbers: Vec<(String, u32)> = nets.into_iter().map(|n| (n.id, n.number)).collect();
+        // Last i below 200 with i % 7 == k.
+        let want: Vec<(String, u32)> = (0..6u32)
+            .map(|k| (format!("n{k}"), (0..200).filter(|i| i % 7 == k).max().unwrap()))
+            .collect();
+        assert_eq!(numbers, want);
+    }
+
     #[test]
     fn deleting_unknown_records_is_fine() {
         let dir = tempfile::tempdir().unwrap();
