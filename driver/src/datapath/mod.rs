@@ -103,8 +103,8 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    /// A map operation failed.
-    #[error("{op} ({map}): {source}")]
+    /// A map operation failed (with the kernel's errno, which aya keeps one level down).
+    #[error("{op} ({map}): {source}{}", os_error(source))]
     Map {
         /// What was being done.
         op: String,
@@ -149,6 +149,14 @@ pub enum DatapathError {
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// `": <errno text>"` of a failed map syscall (e.g. ENOSPC when a map is full), else nothing.
+fn os_error(e: &aya::maps::MapError) -> String {
+    match e {
+        aya::maps::MapError::SyscallError(s) => format!(": {}", s.io_error),
+        _ => String::new(),
+    }
+}
 
 /// How to load the datapath.
 #[derive(Debug, Clone, PartialEq, Eq)]
