@@ -349,39 +349,46 @@ impl Kernel for LinuxKernel {
 
     async fn ensure_veth(&self, spec: &VethSpec) -> Result<(), KernelError> {
         let VethSpec { host, peer, .. } = spec;
-        let created = if self.nl.link_index(host).await?.is_some() {
-            debug!(%host, "veth exists; adopting");
-            false
-        } else {
+        if self.nl.link_index(host).await?.is_none() {
             // A leftover container end without its host end cannot be adopted (the pair is
             // gone) and would make creation fail with EEXIST; it is ours by name.
             if self.nl.delete_link(peer).await? {
                 warn!(%peer, "deleted a stale veth end before re-creating the pair");
             }
-            self.nl.create_veth(host, peer, spec.mtu).await?;
+            let bridge = &spec.bridge;
+            let bridge_index = self.nl.link_index(bridge).await?.ok_or_else(|| {
+                missing(
+                    format!("attach {host} to bridge {bridge}"),
+                    &format!("bridge {bridge}"),
+                )
+            })?;
+            // Created configured (one request); only the ownership marks follow.
+            self.nl
+                .create_veth_ready(host, peer, spec.mtu, spec.peer_mac, bridge_index)
+                .await?;
+            let marked = async {
+                self.nl.set_alias_by_name(host, &self.owner).await?;
+                self.nl.set_alias_by_name(peer, &self.owner).await
+            };
+            if let Err(e) = marked.await {
+                self.roll_back(host, false, &e).await;
+                return Err(e);
+            }
             info!(
-                "ip link add {host} type veth peer name {peer}{}",
-                spec.mtu
-                    .map(|m| format!(" (mtu {m} on both)"))
-                    .unwrap_or_default()
+                %host, %peer, bridge = %spec.bridge, mac = %format_mac(&spec.peer_mac),
+                "veth ready: ip link add {host}{m} master {bridge} up type veth peer name {peer}{m} address {}",
+                format_mac(&spec.peer_mac),
+                m = spec.mtu.map(|m| format!(" mtu {m}")).unwrap_or_default()
             );
-            true
-        };
-        match self.configure_veth(spec).await {
-            Ok(()) => {
-                info!(
-                    %host, %peer, bridge = %spec.bridge, mac = %format_mac(&spec.peer_mac), created,
-                    "veth ready: ip link set {host} master {} up", spec.bridge
-                );
-                Ok(())
-            }
-            Err(e) => {
-                if created {
-                    self.roll_back(host, false, &e).await;
-                }
-                Err(e)
-            }
+            return Ok(());
         }
+        debug!(%host, "veth exists; adopting");
+        self.configure_veth(spec).await?;
+        info!(
+            %host, %peer, bridge = %spec.bridge, mac = %format_mac(&spec.peer_mac),
+            "veth adopted: ip link set {host} master {} up", spec.bridge
+        );
+        Ok(())
     }
 
     async fn delete_link(&self, name: &str) -> Result<(), KernelError> {
