@@ -172,11 +172,20 @@ impl State {
     /// True when no policy exists and none is in force: resolving would find nothing, and
     /// an endpoint change cannot change any other endpoint's rules or flags.
     fn policy_free(&self) -> bool {
+        // Rules exist only for subjects: no subject, no rule in force.
         self.policies.is_empty()
-            && self.resolution.rules.is_empty()
             && self.resolution.enforced.is_empty()
             && self.resolution.pending.is_empty()
             && self.resolution.subject_of.is_empty()
+    }
+
+    /// Keeps what the driver reads between resolutions (enforcement, pending, subjects) and
+    /// lets the rules go: once compiled into the datapath they are the largest part of a
+    /// resolution (one per CIDR of a 100k-CIDR policy) and are recomputed at the next one.
+    fn keep_resolution(&mut self, mut resolution: Resolution) {
+        resolution.rules = Vec::new();
+        resolution.cidr_identities = BTreeMap::new();
+        self.resolution = resolution;
     }
 
     /// What the datapath keys on for `ep` besides its addresses: `(flags, subject)`.
@@ -361,7 +370,8 @@ impl<K: Kernel> Driver<K> {
             }
         }
         store.apply(&upgraded)?;
-        state.resolution = state.resolve();
+        let resolution = state.resolve();
+        state.keep_resolution(resolution);
         Ok(Self {
             kernel,
             store,
@@ -400,7 +410,8 @@ impl<K: Kernel> Driver<K> {
         // are in place. (An endpoint moving to a new subject whose old one is gone may see
         // default deny for new flows in between: fail closed, never open.)
         self.kernel.apply_policy(&compiled).await?;
-        state.resolution = resolution;
+        drop(compiled);
+        state.keep_resolution(resolution);
         let mut first = None;
         for ep in state.endpoints.values() {
             if Some(ep.id.as_str()) == skip
@@ -612,8 +623,8 @@ impl<K: Kernel> Driver<K> {
                 existing.clone()
             }
         };
-        state.resolution = state.resolve();
-        match state.resolution.compile() {
+        let resolution = state.resolve();
+        match resolution.compile() {
             Ok(compiled) => {
                 if let Err(e) = self.kernel.apply_policy(&compiled).await {
                     report.errors.push(format!("policy: {e}"));
@@ -621,6 +632,7 @@ impl<K: Kernel> Driver<K> {
             }
             Err(e) => report.errors.push(format!("policy: {e}")),
         }
+        state.keep_resolution(resolution);
         for ep in state.endpoints.values() {
             let view = state.datapath_view(ep);
             // A macvlan link inside its container is not visible here, but its map entries
