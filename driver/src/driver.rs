@@ -414,8 +414,7 @@ impl<K: Kernel> Driver<K> {
         state.keep_resolution(resolution);
         let mut first = None;
         for ep in state.endpoints.values() {
-            if Some(ep.id.as_str()) == skip
-                || before.get(&ep.id) == Some(&state.datapath_flags(ep))
+            if Some(ep.id.as_str()) == skip || before.get(&ep.id) == Some(&state.datapath_flags(ep))
             {
                 continue;
             }
@@ -1051,13 +1050,21 @@ impl<K: Kernel> Driver<K> {
 
     /// The links of a new endpoint (veth pair or macvlan link), and its cluster-wide
     /// identity in cluster mode. No lock held.
-    async fn make_endpoint_links(&self, net: &Network, ep: &mut Endpoint) -> Result<(), DriverError> {
+    async fn make_endpoint_links(
+        &self,
+        net: &Network,
+        ep: &mut Endpoint,
+    ) -> Result<(), DriverError> {
         if let Some(cluster) = &self.cluster {
             // Identities are cluster-wide: remote hosts' policies name this one too.
             ep.identity = cluster.allocate_identity().await?;
         }
         match &net.macvlan {
-            Some(mv) => self.kernel.ensure_macvlan(&macvlan_spec(net, mv, ep)).await?,
+            Some(mv) => {
+                self.kernel
+                    .ensure_macvlan(&macvlan_spec(net, mv, ep))
+                    .await?
+            }
             None => self.kernel.ensure_veth(&veth_spec(net, ep)).await?,
         }
         Ok(())
@@ -2111,21 +2118,36 @@ mod tests {
         let subject_of = |n: u32| d.kernel().attached()[&names::host_veth(&eid(n))].subject;
         let subject = subject_of(0);
         assert_ne!(subject, 0, "selected endpoints have a subject");
-        assert!((1..10).all(|n| subject_of(n) == subject), "one subject for all");
+        assert!(
+            (1..10).all(|n| subject_of(n) == subject),
+            "one subject for all"
+        );
         let entries = || d.kernel().policy().unwrap().entries;
-        assert_eq!(entries().len(), 40, "one entry per CIDR, not per CIDR and endpoint");
+        assert_eq!(
+            entries().len(),
+            40,
+            "one entry per CIDR, not per CIDR and endpoint"
+        );
         assert!(entries().keys().all(|e| e.key.subject == subject));
 
         let before = d.kernel().policy_writes();
         add(10, "web").await;
         assert_eq!(subject_of(10), subject);
-        assert_eq!(d.kernel().policy_writes(), before, "joining the rule set writes nothing");
+        assert_eq!(
+            d.kernel().policy_writes(),
+            before,
+            "joining the rule set writes nothing"
+        );
 
         add(11, "client").await;
         assert_eq!(subject_of(11), 0, "no policy selects the client");
         assert_eq!(entries().len(), 41);
         let after = d.kernel().policy_writes();
-        assert_eq!((after.0 - before.0, after.1 - before.1), (1, 0), "the client as a peer");
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (1, 0),
+            "the client as a peer"
+        );
 
         // A second policy on one web endpoint gives it a subject of its own (both rule sets).
         let docs = crate::policy::parse_documents(
@@ -2143,6 +2165,10 @@ mod tests {
 
         let before = d.kernel().policy_writes();
         d.delete_endpoint(NID, &eid(5)).await.unwrap();
-        assert_eq!(d.kernel().policy_writes(), before, "a subject's member leaving");
+        assert_eq!(
+            d.kernel().policy_writes(),
+            before,
+            "a subject's member leaving"
+        );
     }
 }

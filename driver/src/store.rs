@@ -535,7 +535,12 @@ mod tests {
         let numbers: Vec<(String, u32)> = nets.into_iter().map(|n| (n.id, n.number)).collect();
         // Last i below 200 with i % 7 == k.
         let want: Vec<(String, u32)> = (0..6u32)
-            .map(|k| (format!("n{k}"), (0..200).filter(|i| i % 7 == k).max().unwrap()))
+            .map(|k| {
+                (
+                    format!("n{k}"),
+                    (0..200).filter(|i| i % 7 == k).max().unwrap(),
+                )
+            })
             .collect();
         assert_eq!(numbers, want);
     }

@@ -33,7 +33,8 @@ use sluice_driver::datapath::layout::{
     REASON_SPOOFED, Settings,
 };
 use sluice_driver::datapath::{
-    Datapath, DatapathConfig, DatapathError, LAYOUT_VERSION, TC_ACT_OK, TC_ACT_SHOT, event_addr, tcx_programs,
+    Datapath, DatapathConfig, DatapathError, LAYOUT_VERSION, TC_ACT_OK, TC_ACT_SHOT, event_addr,
+    tcx_programs,
 };
 use sluice_tests::netns::{NetNs, PeerNs, current_thread_runtime, ip_json, require_root, run};
 

@@ -104,6 +104,10 @@ mod tests {
             next: LAST_SUBJECT,
         };
         assert_eq!(ids.intern(&[1]), LAST_SUBJECT);
-        assert_eq!(ids.intern(&[2]), FIRST_SUBJECT + 1, "skips the used first one");
+        assert_eq!(
+            ids.intern(&[2]),
+            FIRST_SUBJECT + 1,
+            "skips the used first one"
+        );
     }
 }
