@@ -73,6 +73,21 @@ fn collect(results: impl IntoIterator<Item = Result<(), KernelError>>) -> Result
     }
 }
 
+/// The `ENDPOINTS` value of `ep`.
+fn endpoint_info(ep: &EndpointDatapath) -> EndpointInfo {
+    let v4 = ep.addresses.iter().find_map(|a| match a.ip() {
+        std::net::IpAddr::V4(v4) => Some(v4.octets()),
+        std::net::IpAddr::V6(_) => None,
+    });
+    let v6 = ep.addresses.iter().find_map(|a| match a.ip() {
+        std::net::IpAddr::V6(v6) => Some(v6.octets()),
+        std::net::IpAddr::V4(_) => None,
+    });
+    EndpointInfo::new(ep.identity, ep.network, ep.flags)
+        .with_addresses(v4, v6)
+        .with_subject(ep.subject)
+}
+
 /// The host route (`/32`, `/128`) of an endpoint address, for the ipcache.
 fn host_route(address: IpNetwork) -> IpNetwork {
     let ip = address.ip();
@@ -412,17 +427,7 @@ impl Kernel for LinuxKernel {
         } else {
             self.require_index(&ep.host_veth, &op).await?
         };
-        let v4 = ep.addresses.iter().find_map(|a| match a.ip() {
-            std::net::IpAddr::V4(v4) => Some(v4.octets()),
-            std::net::IpAddr::V6(_) => None,
-        });
-        let v6 = ep.addresses.iter().find_map(|a| match a.ip() {
-            std::net::IpAddr::V6(v6) => Some(v6.octets()),
-            std::net::IpAddr::V4(_) => None,
-        });
-        let info = EndpointInfo::new(ep.identity, ep.network, ep.flags)
-            .with_addresses(v4, v6)
-            .with_subject(ep.subject);
+        let info = endpoint_info(ep);
         self.with_dp(&op, |dp| {
             // Map entries first: the programs must find the endpoint from their first packet.
             dp.set_endpoint(ifindex, info)?;
@@ -445,6 +450,29 @@ impl Kernel for LinuxKernel {
         })?;
         debug!(veth = %ep.host_veth, ifindex, identity = ep.identity, flags = ep.flags, "datapath attached");
         Ok(ifindex)
+    }
+
+    async fn update_endpoint(&self, ep: &EndpointDatapath) -> Result<(), KernelError> {
+        if ep.ifindex == 0 || ep.sandboxed {
+            return self.attach_endpoint(ep).await.map(drop);
+        }
+        let op = format!("update datapath of {}", ep.host_veth);
+        let info = endpoint_info(ep);
+        self.with_dp(&op, |dp| {
+            dp.set_endpoint(ep.ifindex, info)?;
+            for address in &ep.addresses {
+                dp.set_ip(
+                    host_route(*address),
+                    IpInfo {
+                        identity: ep.identity,
+                        network: ep.network,
+                    },
+                )?;
+            }
+            Ok(())
+        })?;
+        debug!(veth = %ep.host_veth, ifindex = ep.ifindex, flags = ep.flags, subject = ep.subject, "datapath entries updated");
+        Ok(())
     }
 
     async fn detach_endpoint(&self, ep: &EndpointDatapath) -> Result<(), KernelError> {

@@ -418,7 +418,7 @@ impl<K: Kernel> Driver<K> {
             {
                 continue;
             }
-            if let Err(e) = self.kernel.attach_endpoint(&state.datapath_view(ep)).await {
+            if let Err(e) = self.kernel.update_endpoint(&state.datapath_view(ep)).await {
                 warn!(endpoint = %ep.id, error = %e, "updating datapath flags");
                 first.get_or_insert(e);
             }

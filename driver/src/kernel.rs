@@ -134,6 +134,17 @@ pub trait Kernel: Send + Sync + 'static {
         ep: &EndpointDatapath,
     ) -> impl Future<Output = Result<u32, KernelError>> + Send;
 
+    /// Rewrites the map entries of an endpoint whose programs are attached already (new
+    /// flags or policy subject), without touching its programs: attaching costs RCU grace
+    /// periods in the kernel, a map write does not. By default the same as
+    /// [`Kernel::attach_endpoint`].
+    fn update_endpoint(
+        &self,
+        ep: &EndpointDatapath,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send {
+        async move { self.attach_endpoint(ep).await.map(drop) }
+    }
+
     /// Detaches the programs and removes the endpoint's map entries. Idempotent; carries on
     /// past errors.
     fn detach_endpoint(
