@@ -1,6 +1,10 @@
 //! The [`Driver`]: one method per protocol call, each a short sequence of IPAM decisions,
-//! kernel changes and one store transaction. Calls are serialised by one mutex; a call that
-//! fails part-way undoes what it did, so Docker's retry or rollback finds a clean slate.
+//! kernel changes and one store transaction. Calls are serialised by one mutex, except for
+//! their slow parts on the hot path: CreateEndpoint makes its links outside it (its endpoint
+//! ID and identity reserved), and CreateEndpoint, Join and container identities queue their
+//! store write under it but wait for durability outside it (the store coalesces concurrent
+//! writes, see [`crate::store`]). A call that fails part-way undoes what it did, so Docker's
+//! retry or rollback finds a clean slate.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
