@@ -73,6 +73,21 @@ fn collect(results: impl IntoIterator<Item = Result<(), KernelError>>) -> Result
     }
 }
 
+/// The `ENDPOINTS` value of `ep`.
+fn endpoint_info(ep: &EndpointDatapath) -> EndpointInfo {
+    let v4 = ep.addresses.iter().find_map(|a| match a.ip() {
+        std::net::IpAddr::V4(v4) => Some(v4.octets()),
+        std::net::IpAddr::V6(_) => None,
+    });
+    let v6 = ep.addresses.iter().find_map(|a| match a.ip() {
+        std::net::IpAddr::V6(v6) => Some(v6.octets()),
+        std::net::IpAddr::V4(_) => None,
+    });
+    EndpointInfo::new(ep.identity, ep.network, ep.flags)
+        .with_addresses(v4, v6)
+        .with_subject(ep.subject)
+}
+
 /// The host route (`/32`, `/128`) of an endpoint address, for the ipcache.
 fn host_route(address: IpNetwork) -> IpNetwork {
     let ip = address.ip();
@@ -127,6 +142,14 @@ impl LinuxKernel {
     pub fn with_datapath(mut self, datapath: Datapath) -> Self {
         self.datapath = Some(Arc::new(Mutex::new(datapath)));
         self
+    }
+
+    /// Reads the datapath (tests and tools inspect its maps through this).
+    ///
+    /// # Errors
+    /// Without a datapath.
+    pub fn inspect_datapath<T>(&self, f: impl FnOnce(&Datapath) -> T) -> Result<T, KernelError> {
+        self.with_dp("inspect datapath", |dp| Ok(f(dp)))
     }
 
     /// Runs `f` on the datapath. Map and attach operations are short syscalls, so a
@@ -338,39 +361,46 @@ impl Kernel for LinuxKernel {
 
     async fn ensure_veth(&self, spec: &VethSpec) -> Result<(), KernelError> {
         let VethSpec { host, peer, .. } = spec;
-        let created = if self.nl.link_index(host).await?.is_some() {
-            debug!(%host, "veth exists; adopting");
-            false
-        } else {
+        if self.nl.link_index(host).await?.is_none() {
             // A leftover container end without its host end cannot be adopted (the pair is
             // gone) and would make creation fail with EEXIST; it is ours by name.
             if self.nl.delete_link(peer).await? {
                 warn!(%peer, "deleted a stale veth end before re-creating the pair");
             }
-            self.nl.create_veth(host, peer, spec.mtu).await?;
+            let bridge = &spec.bridge;
+            let bridge_index = self.nl.link_index(bridge).await?.ok_or_else(|| {
+                missing(
+                    format!("attach {host} to bridge {bridge}"),
+                    &format!("bridge {bridge}"),
+                )
+            })?;
+            // Created configured (one request); only the ownership marks follow.
+            self.nl
+                .create_veth_ready(host, peer, spec.mtu, spec.peer_mac, bridge_index)
+                .await?;
+            let marked = async {
+                self.nl.set_alias_by_name(host, &self.owner).await?;
+                self.nl.set_alias_by_name(peer, &self.owner).await
+            };
+            if let Err(e) = marked.await {
+                self.roll_back(host, false, &e).await;
+                return Err(e);
+            }
             info!(
-                "ip link add {host} type veth peer name {peer}{}",
-                spec.mtu
-                    .map(|m| format!(" (mtu {m} on both)"))
-                    .unwrap_or_default()
+                %host, %peer, bridge = %spec.bridge, mac = %format_mac(&spec.peer_mac),
+                "veth ready: ip link add {host}{m} master {bridge} up type veth peer name {peer}{m} address {}",
+                format_mac(&spec.peer_mac),
+                m = spec.mtu.map(|m| format!(" mtu {m}")).unwrap_or_default()
             );
-            true
-        };
-        match self.configure_veth(spec).await {
-            Ok(()) => {
-                info!(
-                    %host, %peer, bridge = %spec.bridge, mac = %format_mac(&spec.peer_mac), created,
-                    "veth ready: ip link set {host} master {} up", spec.bridge
-                );
-                Ok(())
-            }
-            Err(e) => {
-                if created {
-                    self.roll_back(host, false, &e).await;
-                }
-                Err(e)
-            }
+            return Ok(());
         }
+        debug!(%host, "veth exists; adopting");
+        self.configure_veth(spec).await?;
+        info!(
+            %host, %peer, bridge = %spec.bridge, mac = %format_mac(&spec.peer_mac),
+            "veth adopted: ip link set {host} master {} up", spec.bridge
+        );
+        Ok(())
     }
 
     async fn delete_link(&self, name: &str) -> Result<(), KernelError> {
@@ -406,15 +436,7 @@ impl Kernel for LinuxKernel {
         } else {
             self.require_index(&ep.host_veth, &op).await?
         };
-        let v4 = ep.addresses.iter().find_map(|a| match a.ip() {
-            std::net::IpAddr::V4(v4) => Some(v4.octets()),
-            std::net::IpAddr::V6(_) => None,
-        });
-        let v6 = ep.addresses.iter().find_map(|a| match a.ip() {
-            std::net::IpAddr::V6(v6) => Some(v6.octets()),
-            std::net::IpAddr::V4(_) => None,
-        });
-        let info = EndpointInfo::new(ep.identity, ep.network, ep.flags).with_addresses(v4, v6);
+        let info = endpoint_info(ep);
         self.with_dp(&op, |dp| {
             // Map entries first: the programs must find the endpoint from their first packet.
             if ep.sandboxed {
@@ -441,6 +463,29 @@ impl Kernel for LinuxKernel {
         })?;
         debug!(veth = %ep.host_veth, ifindex, identity = ep.identity, flags = ep.flags, "datapath attached");
         Ok(ifindex)
+    }
+
+    async fn update_endpoint(&self, ep: &EndpointDatapath) -> Result<(), KernelError> {
+        if ep.ifindex == 0 || ep.sandboxed {
+            return self.attach_endpoint(ep).await.map(drop);
+        }
+        let op = format!("update datapath of {}", ep.host_veth);
+        let info = endpoint_info(ep);
+        self.with_dp(&op, |dp| {
+            dp.set_endpoint(ep.ifindex, info)?;
+            for address in &ep.addresses {
+                dp.set_ip(
+                    host_route(*address),
+                    IpInfo {
+                        identity: ep.identity,
+                        network: ep.network,
+                    },
+                )?;
+            }
+            Ok(())
+        })?;
+        debug!(veth = %ep.host_veth, ifindex = ep.ifindex, flags = ep.flags, subject = ep.subject, "datapath entries updated");
+        Ok(())
     }
 
     async fn detach_endpoint(&self, ep: &EndpointDatapath) -> Result<(), KernelError> {

@@ -1,6 +1,10 @@
 //! The [`Driver`]: one method per protocol call, each a short sequence of IPAM decisions,
-//! kernel changes and one store transaction. Calls are serialised by one mutex; a call that
-//! fails part-way undoes what it did, so Docker's retry or rollback finds a clean slate.
+//! kernel changes and one store transaction. Calls are serialised by one mutex, except for
+//! their slow parts on the hot path: CreateEndpoint makes its links outside it (its endpoint
+//! ID and identity reserved), and CreateEndpoint, Join and container identities queue their
+//! store write under it but wait for durability outside it (the store coalesces concurrent
+//! writes, see [`crate::store`]). A call that fails part-way undoes what it did, so Docker's
+//! retry or rollback finds a clean slate.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -25,6 +29,7 @@ use crate::names;
 use crate::nat::{NatRuleset, NetworkNat, PortRequest, PublishedPort};
 use crate::policy::{
     Applied, EndpointView, NetworkView, PolicyDoc, PolicyEngine, PolicyError, Resolution,
+    SubjectIds,
 };
 use crate::store::{Change, Store, StoreError};
 
@@ -114,10 +119,15 @@ struct State {
     /// The policy documents.
     policies: PolicyEngine,
     /// The policies resolved against the current endpoints: rules, enforced directions,
-    /// pending identities.
+    /// pending identities, policy subjects.
     resolution: Resolution,
+    /// Policy subjects, stable across resolutions (see [`SubjectIds`]).
+    subjects: SubjectIds,
     /// Endpoints of other hosts on this host's `mode=vxlan` networks, by endpoint ID.
     remote: BTreeMap<String, crate::cluster::EndpointLocation>,
+    /// Endpoints whose links are being made outside the lock (CreateEndpoint), with the
+    /// identity reserved for them.
+    creating: BTreeMap<String, u32>,
 }
 
 impl State {
@@ -149,6 +159,7 @@ impl State {
         self.endpoints
             .values()
             .map(|e| e.identity)
+            .chain(self.creating.values().copied())
             .max()
             .unwrap_or(0)
             .max(IDENTITY_FIRST_ENDPOINT - 1)
@@ -156,9 +167,53 @@ impl State {
     }
 
     /// Resolves the policies against the endpoints that exist now.
-    fn resolve(&self) -> Resolution {
+    fn resolve(&mut self) -> Resolution {
+        let (endpoints, networks) = (self.endpoint_views(), self.network_views());
         self.policies
-            .resolve(&self.endpoint_views(), &self.network_views())
+            .resolve_with(&endpoints, &networks, &mut self.subjects)
+    }
+
+    /// True when no policy exists and none is in force: resolving would find nothing, and
+    /// an endpoint change cannot change any other endpoint's rules or flags.
+    fn policy_free(&self) -> bool {
+        // Rules exist only for subjects: no subject, no rule in force.
+        self.policies.is_empty()
+            && self.resolution.enforced.is_empty()
+            && self.resolution.pending.is_empty()
+            && self.resolution.subject_of.is_empty()
+    }
+
+    /// Keeps what the driver reads between resolutions (enforcement, pending, subjects) and
+    /// lets the rules go: once compiled into the datapath they are the largest part of a
+    /// resolution (one per CIDR of a 100k-CIDR policy) and are recomputed at the next one.
+    fn keep_resolution(&mut self, mut resolution: Resolution) {
+        resolution.rules = Vec::new();
+        resolution.cidr_identities = BTreeMap::new();
+        self.resolution = resolution;
+    }
+
+    /// What the datapath keys on for `ep` besides its addresses: `(flags, subject)`.
+    fn datapath_flags(&self, ep: &Endpoint) -> (u32, u32) {
+        let net = self.networks.get(&ep.network_id);
+        let enforced = self.resolution.enforced(ep.identity);
+        // A container may only send from its own addresses: otherwise it could borrow another
+        // endpoint's identity at the receiver's policy.
+        let mut flags = EP_SOURCE_CHECK;
+        if net.is_none_or(|n| n.isolate) {
+            flags |= EP_ISOLATE;
+        }
+        if enforced.ingress || net.is_some_and(|n| n.ingress_deny) {
+            flags |= EP_INGRESS_ENFORCED;
+        }
+        if enforced.egress {
+            flags |= EP_EGRESS_ENFORCED;
+        }
+        // Fail closed: while the container behind an endpoint is unknown, a policy that may
+        // select it by name or label cannot be decided.
+        if self.resolution.pending.contains(&ep.identity) {
+            flags |= EP_IDENTITY_PENDING;
+        }
+        (flags, self.resolution.subject(ep.identity))
     }
 
     fn endpoint_views(&self) -> Vec<EndpointView> {
@@ -225,31 +280,16 @@ impl State {
     }
 
     /// The datapath's view of `ep`: flags from the network's options, the policies that
-    /// select it, and whether its identity is still unknown while policy applies.
+    /// select it (and their subject), and whether its identity is still unknown while policy
+    /// applies.
     fn datapath_view(&self, ep: &Endpoint) -> EndpointDatapath {
         let net = self.networks.get(&ep.network_id);
-        let enforced = self.resolution.enforced(ep.identity);
-        // A container may only send from its own addresses: otherwise it could borrow another
-        // endpoint's identity at the receiver's policy.
-        let mut flags = EP_SOURCE_CHECK;
-        if net.is_none_or(|n| n.isolate) {
-            flags |= EP_ISOLATE;
-        }
-        if enforced.ingress || net.is_some_and(|n| n.ingress_deny) {
-            flags |= EP_INGRESS_ENFORCED;
-        }
-        if enforced.egress {
-            flags |= EP_EGRESS_ENFORCED;
-        }
-        // Fail closed: while the container behind an endpoint is unknown, a policy that may
-        // select it by name or label cannot be decided.
-        if self.resolution.pending.contains(&ep.identity) {
-            flags |= EP_IDENTITY_PENDING;
-        }
+        let (flags, subject) = self.datapath_flags(ep);
         EndpointDatapath {
             host_veth: ep.host_veth.clone(),
             ifindex: ep.ifindex,
             identity: ep.identity,
+            subject,
             network: net.map_or(0, |n| n.number),
             flags,
             addresses: ep.address.into_iter().chain(ep.address_v6).collect(),
@@ -301,7 +341,9 @@ impl<K: Kernel> Driver<K> {
                 .collect(),
             policies: PolicyEngine::load(snap.policies)?,
             resolution: Resolution::default(),
+            subjects: SubjectIds::default(),
             remote: BTreeMap::new(),
+            creating: BTreeMap::new(),
         };
         // Records written before the datapath existed get their numbers now.
         let mut upgraded = Vec::new();
@@ -332,7 +374,8 @@ impl<K: Kernel> Driver<K> {
             }
         }
         store.apply(&upgraded)?;
-        state.resolution = state.resolve();
+        let resolution = state.resolve();
+        state.keep_resolution(resolution);
         Ok(Self {
             kernel,
             store,
@@ -343,14 +386,22 @@ impl<K: Kernel> Driver<K> {
     }
 
     /// Re-resolves the policies, writes the compiled rules to the datapath and updates the
-    /// flags of the endpoints whose flags changed (all but `skip`, which the caller attaches
-    /// itself). Called whenever policies, endpoints or identities change. Carries on past
-    /// endpoint errors and returns the first.
+    /// flags and subjects of the endpoints whose flags or subject changed (all but `skip`,
+    /// which the caller attaches itself). Called whenever policies, endpoints or identities
+    /// change. Carries on past endpoint errors and returns the first.
+    ///
+    /// Without any policy there is nothing to resolve and no other endpoint can change: it
+    /// returns at once. Otherwise the datapath writes only the `POLICY` entries that differ
+    /// from what it holds (it keeps a mirror), so an endpoint joining an existing rule set
+    /// writes no entry as a subject, and one per rule naming it as a peer.
     async fn resync(&self, state: &mut State, skip: Option<&str>) -> Result<(), DriverError> {
-        let before: BTreeMap<String, u32> = state
+        if state.policy_free() {
+            return Ok(());
+        }
+        let before: BTreeMap<String, (u32, u32)> = state
             .endpoints
             .values()
-            .map(|e| (e.id.clone(), state.datapath_view(e).flags))
+            .map(|e| (e.id.clone(), state.datapath_flags(e)))
             .collect();
         let resolution = state.resolve();
         for w in &resolution.warnings {
@@ -360,16 +411,18 @@ impl<K: Kernel> Driver<K> {
             .compile()
             .map_err(|e| DriverError::InvalidOption(format!("policy: {e}")))?;
         // Rules first, then flags: an endpoint becomes enforced only once its allow rules
-        // are in place.
+        // are in place. (An endpoint moving to a new subject whose old one is gone may see
+        // default deny for new flows in between: fail closed, never open.)
         self.kernel.apply_policy(&compiled).await?;
-        state.resolution = resolution;
+        drop(compiled);
+        state.keep_resolution(resolution);
         let mut first = None;
         for ep in state.endpoints.values() {
-            let view = state.datapath_view(ep);
-            if Some(ep.id.as_str()) == skip || before.get(&ep.id) == Some(&view.flags) {
+            if Some(ep.id.as_str()) == skip || before.get(&ep.id) == Some(&state.datapath_flags(ep))
+            {
                 continue;
             }
-            if let Err(e) = self.kernel.attach_endpoint(&view).await {
+            if let Err(e) = self.kernel.update_endpoint(&state.datapath_view(ep)).await {
                 warn!(endpoint = %ep.id, error = %e, "updating datapath flags");
                 first.get_or_insert(e);
             }
@@ -468,12 +521,27 @@ impl<K: Kernel> Driver<K> {
         if ep.container.as_ref() == Some(&identity) {
             return Ok(());
         }
-        ep.container = Some(identity);
+        let previous = ep.container.replace(identity);
         let ep = ep.clone();
-        self.store.apply(&[Change::PutEndpoint(ep.clone())])?;
+        // Queued in order under the lock, awaited outside it (group commit).
+        let commit = self.store.submit(vec![Change::PutEndpoint(ep.clone())]);
         info!(endpoint = %ep.id, container = ?ep.container.as_ref().map(|c| &c.name), "container identity known");
         self.republish(&state, &ep.id).await;
-        self.resync(&mut state, None).await
+        let synced = self.resync(&mut state, None).await;
+        drop(state);
+        if let Err(e) = commit.durable().await {
+            let mut state = self.state.lock().await;
+            if let Some(cur) = state.endpoints.get_mut(&ep.id)
+                && cur.container == ep.container
+            {
+                cur.container = previous;
+                if let Err(undo) = self.resync(&mut state, None).await {
+                    warn!(error = %undo, "rollback of policy after a failed store write");
+                }
+            }
+            return Err(e.into());
+        }
+        synced
     }
 
     /// The kernel handle (tests inspect the fake through it).
@@ -559,8 +627,8 @@ impl<K: Kernel> Driver<K> {
                 existing.clone()
             }
         };
-        state.resolution = state.resolve();
-        match state.resolution.compile() {
+        let resolution = state.resolve();
+        match resolution.compile() {
             Ok(compiled) => {
                 if let Err(e) = self.kernel.apply_policy(&compiled).await {
                     report.errors.push(format!("policy: {e}"));
@@ -568,6 +636,7 @@ impl<K: Kernel> Driver<K> {
             }
             Err(e) => report.errors.push(format!("policy: {e}")),
         }
+        state.keep_resolution(resolution);
         for ep in state.endpoints.values() {
             let view = state.datapath_view(ep);
             // A macvlan link inside its container is not visible here, but its map entries
@@ -872,89 +941,77 @@ impl<K: Kernel> Driver<K> {
     /// `NetworkDriver.CreateEndpoint`: creates the veth pair on the network's bridge.
     /// Returns only what Docker did not set (the MAC, when it gave none).
     ///
+    /// Concurrent calls for different endpoints overlap: the links are made outside the
+    /// driver's lock (the endpoint ID and identity are reserved meanwhile), and the store
+    /// write is awaited outside it too (group commit); only the policy and datapath update
+    /// runs under the lock.
+    ///
     /// # Errors
     /// Unknown network, kernel failures (after rollback), store failures (after rollback).
     pub async fn create_endpoint(
         &self,
         req: EndpointRequest,
     ) -> Result<EndpointCreated, DriverError> {
-        let mut state = self.state.lock().await;
-        let net = state
-            .networks
-            .get(&req.network_id)
-            .cloned()
-            .ok_or_else(|| DriverError::UnknownNetwork(req.network_id.clone()))?;
         let chosen_mac = req.mac.is_none();
-        // macvlan: one link, the container's own; it stands in for both veth ends.
-        let (host_veth, peer_veth) = if net.macvlan.is_some() {
-            let name = names::macvlan(&req.endpoint_id);
-            (name.clone(), name)
-        } else {
-            (
-                names::host_veth(&req.endpoint_id),
-                names::peer_veth(&req.endpoint_id),
-            )
-        };
-        let mut ep = Endpoint {
-            id: req.endpoint_id.clone(),
-            network_id: req.network_id.clone(),
-            host_veth,
-            peer_veth,
-            address: req.address,
-            address_v6: req.address_v6,
-            mac: req
-                .mac
-                .unwrap_or_else(|| derive_mac(req.address, &req.endpoint_id)),
-            options: req.options,
-            sandbox_key: None,
-            identity: state.next_identity(),
-            ifindex: 0,
-            container: None,
-            published: Vec::new(),
+        let (net, mut ep) = {
+            let mut state = self.state.lock().await;
+            let net = state
+                .networks
+                .get(&req.network_id)
+                .cloned()
+                .ok_or_else(|| DriverError::UnknownNetwork(req.network_id.clone()))?;
+            let ep = new_endpoint(req, &net, state.next_identity());
+            if let Some(existing) = state.endpoints.get(&ep.id) {
+                if existing.network_id == ep.network_id
+                    && existing.address == ep.address
+                    && existing.address_v6 == ep.address_v6
+                {
+                    return Ok(EndpointCreated {
+                        mac: chosen_mac.then_some(existing.mac),
+                    });
+                }
+                return Err(DriverError::Conflict(format!(
+                    "endpoint {} already exists with different settings",
+                    ep.id
+                )));
+            }
+            if state.creating.contains_key(&ep.id) {
+                return Err(DriverError::Conflict(format!(
+                    "endpoint {} is being created by another call",
+                    ep.id
+                )));
+            }
+            state.creating.insert(ep.id.clone(), ep.identity);
+            (net, ep)
         };
         if self.identify_from_options {
             ep.container = Some(cluster_hooks::identity_from_options(&ep));
         }
-        if let Some(existing) = state.endpoints.get(&ep.id) {
-            if existing.network_id == ep.network_id
-                && existing.address == ep.address
-                && existing.address_v6 == ep.address_v6
-            {
-                return Ok(EndpointCreated {
-                    mac: chosen_mac.then_some(existing.mac),
-                });
+        // The links, outside the lock: netlink work for distinct endpoints overlaps.
+        let made = self.make_endpoint_links(&net, &mut ep).await;
+        let mut state = self.state.lock().await;
+        state.creating.remove(&ep.id);
+        made?;
+        if !state.networks.contains_key(&net.id) {
+            // The network was deleted meanwhile (its bridge took the veth's host end along).
+            if let Err(undo) = self.kernel.delete_link(&ep.host_veth).await {
+                warn!(error = %undo, veth = %ep.host_veth, "rollback of veth failed");
             }
-            return Err(DriverError::Conflict(format!(
-                "endpoint {} already exists with different settings",
-                ep.id
-            )));
-        }
-        if let Some(cluster) = &self.cluster
-            && !state.endpoints.contains_key(&ep.id)
-        {
-            // Identities are cluster-wide: remote hosts' policies name this one too.
-            ep.identity = cluster.allocate_identity().await?;
-        }
-        match &net.macvlan {
-            Some(mv) => {
-                self.kernel
-                    .ensure_macvlan(&macvlan_spec(&net, mv, &ep))
-                    .await?
-            }
-            None => self.kernel.ensure_veth(&veth_spec(&net, &ep)).await?,
+            return Err(DriverError::UnknownNetwork(net.id));
         }
         // The new identity may be selected by policies, or be a peer in other endpoints'
         // rules: resolve with it before its programs see a packet.
         state.endpoints.insert(ep.id.clone(), ep.clone());
+        let mut commit = None;
         let mut result = self.resync(&mut state, Some(&ep.id)).await;
         if result.is_ok() {
             // An endpoint never carries traffic without its programs: no attach, no endpoint.
             result = match self.kernel.attach_endpoint(&state.datapath_view(&ep)).await {
                 Ok(ifindex) => {
                     ep.ifindex = ifindex;
-                    self.store
-                        .apply(&[Change::PutEndpoint(ep.clone())])
-                        .map_err(DriverError::from)
+                    state.endpoints.insert(ep.id.clone(), ep.clone());
+                    commit = Some(self.store.submit(vec![Change::PutEndpoint(ep.clone())]));
+                    Ok(())
                 }
                 Err(e) => Err(e.into()),
             };
@@ -963,37 +1020,79 @@ impl<K: Kernel> Driver<K> {
             && let Some(location) = cluster_hooks::location(self.cluster.as_deref(), &net, &ep)
             && let Some(cluster) = &self.cluster
         {
-            result = cluster
-                .publish_endpoint(&location)
-                .await
-                .map_err(DriverError::from);
-            if result.is_err() {
-                let _ = self.store.apply(&[Change::DeleteEndpoint(ep.id.clone())]);
+            // Published only once durable here: other hosts must not learn of an endpoint
+            // this one may forget.
+            result = match commit.take() {
+                Some(c) => c.durable().await.map_err(DriverError::from),
+                None => Ok(()),
+            };
+            if result.is_ok() {
+                result = cluster
+                    .publish_endpoint(&location)
+                    .await
+                    .map_err(DriverError::from);
+                if result.is_err() {
+                    let _ = self.store.apply(&[Change::DeleteEndpoint(ep.id.clone())]);
+                }
             }
         }
         if let Err(e) = result {
-            if let Err(undo) = self.kernel.detach_endpoint(&state.datapath_view(&ep)).await {
-                warn!(error = %undo, veth = %ep.host_veth, "rollback of datapath failed");
-            }
-            state.endpoints.remove(&ep.id);
-            if let Err(undo) = self.resync(&mut state, None).await {
-                warn!(error = %undo, "rollback of policy failed");
-            }
-            if let Err(undo) = self.kernel.delete_link(&ep.host_veth).await {
-                warn!(error = %undo, veth = %ep.host_veth, "rollback of veth failed");
-            }
+            self.undo_create(&mut state, &ep).await;
             return Err(e);
         }
+        drop(state);
+        if let Some(commit) = commit
+            && let Err(e) = commit.durable().await
+        {
+            let mut state = self.state.lock().await;
+            self.undo_create(&mut state, &ep).await;
+            return Err(e.into());
+        }
         info!(host_veth = %ep.host_veth, identity = ep.identity, address = ?ep.address, address_v6 = ?ep.address_v6, "endpoint created");
-        let created = EndpointCreated {
+        Ok(EndpointCreated {
             mac: chosen_mac.then_some(ep.mac),
-        };
-        state.endpoints.insert(ep.id.clone(), ep);
-        Ok(created)
+        })
+    }
+
+    /// The links of a new endpoint (veth pair or macvlan link), and its cluster-wide
+    /// identity in cluster mode. No lock held.
+    async fn make_endpoint_links(
+        &self,
+        net: &Network,
+        ep: &mut Endpoint,
+    ) -> Result<(), DriverError> {
+        if let Some(cluster) = &self.cluster {
+            // Identities are cluster-wide: remote hosts' policies name this one too.
+            ep.identity = cluster.allocate_identity().await?;
+        }
+        match &net.macvlan {
+            Some(mv) => {
+                self.kernel
+                    .ensure_macvlan(&macvlan_spec(net, mv, ep))
+                    .await?
+            }
+            None => self.kernel.ensure_veth(&veth_spec(net, ep)).await?,
+        }
+        Ok(())
+    }
+
+    /// Undoes a CreateEndpoint whose later step failed: programs, state, policy, links.
+    async fn undo_create(&self, state: &mut State, ep: &Endpoint) {
+        if let Err(undo) = self.kernel.detach_endpoint(&state.datapath_view(ep)).await {
+            warn!(error = %undo, veth = %ep.host_veth, "rollback of datapath failed");
+        }
+        state.endpoints.remove(&ep.id);
+        if let Err(undo) = self.resync(state, None).await {
+            warn!(error = %undo, "rollback of policy failed");
+        }
+        if let Err(undo) = self.kernel.delete_link(&ep.host_veth).await {
+            warn!(error = %undo, veth = %ep.host_veth, "rollback of veth failed");
+        }
     }
 
     /// `NetworkDriver.Join`: records the sandbox and tells Docker which link to move and
-    /// which gateways to route through (none on internal networks).
+    /// which gateways to route through (none on internal networks). The store write is
+    /// awaited outside the lock (group commit).
     ///
     /// # Errors
     /// Unknown network or endpoint, store failures.
@@ -1005,8 +1104,19 @@ impl<K: Kernel> Driver<K> {
     ) -> Result<JoinInfo, DriverError> {
         let mut state = self.state.lock().await;
         let (net, mut ep) = state.network_and_endpoint(network_id, endpoint_id)?;
-        ep.sandbox_key = Some(sandbox_key.to_owned());
-        self.store.apply(&[Change::PutEndpoint(ep.clone())])?;
+        let previous = ep.sandbox_key.replace(sandbox_key.to_owned());
+        let commit = self.store.submit(vec![Change::PutEndpoint(ep.clone())]);
+        state.endpoints.insert(ep.id.clone(), ep.clone());
+        drop(state);
+        if let Err(e) = commit.durable().await {
+            let mut state = self.state.lock().await;
+            if let Some(cur) = state.endpoints.get_mut(endpoint_id)
+                && cur.sandbox_key.as_deref() == Some(sandbox_key)
+            {
+                cur.sandbox_key = previous;
+            }
+            return Err(e.into());
+        }
         let gateway = |data: &[crate::model::IpData], has_addr: bool| {
             (!net.internal && has_addr)
                 .then(|| data.iter().find_map(|d| d.gateway.map(|g| g.ip())))
@@ -1019,7 +1129,6 @@ impl<K: Kernel> Driver<K> {
             gateway_v6: gateway(&net.ipv6, ep.address_v6.is_some()),
         };
         info!(sandbox = %sandbox_key, src = %info.src_name, gateway = ?info.gateway, gateway_v6 = ?info.gateway_v6, "joined");
-        state.endpoints.insert(ep.id.clone(), ep);
         Ok(info)
     }
 
@@ -1260,6 +1369,37 @@ impl<K: Kernel> Driver<K> {
             }
             Some(_) => Ok(()),
         }
+    }
+}
+
+/// The record of a new endpoint on `net` (links not made yet).
+fn new_endpoint(req: EndpointRequest, net: &Network, identity: u32) -> Endpoint {
+    // macvlan: one link, the container's own; it stands in for both veth ends.
+    let (host_veth, peer_veth) = if net.macvlan.is_some() {
+        let name = names::macvlan(&req.endpoint_id);
+        (name.clone(), name)
+    } else {
+        (
+            names::host_veth(&req.endpoint_id),
+            names::peer_veth(&req.endpoint_id),
+        )
+    };
+    Endpoint {
+        mac: req
+            .mac
+            .unwrap_or_else(|| derive_mac(req.address, &req.endpoint_id)),
+        id: req.endpoint_id,
+        network_id: req.network_id,
+        host_veth,
+        peer_veth,
+        address: req.address,
+        address_v6: req.address_v6,
+        options: req.options,
+        sandbox_key: None,
+        identity,
+        ifindex: 0,
+        container: None,
+        published: Vec::new(),
     }
 }
 
@@ -1942,5 +2082,99 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, DriverError::Conflict(_)));
+    }
+
+    /// Endpoints selected by the same policies share one policy subject: the `POLICY` map
+    /// holds the rules once, an endpoint joining the rule set writes no entry, and one that
+    /// is a peer of the rules writes one per rule (diffed, not rewritten).
+    #[tokio::test]
+    async fn endpoints_selected_alike_share_a_subject_and_joining_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        let mut yaml = "name: web\nselector: {labels: {role: web}}\ningress:\n  - action: allow\n    from:\n      - selector: {labels: {role: client}}\n".to_owned();
+        for i in 0..40 {
+            yaml.push_str(&format!("      - cidr: 192.0.2.{i}/32\n"));
+        }
+        d.apply_policies(crate::policy::parse_documents(&yaml).unwrap())
+            .await
+            .unwrap();
+        let eid = |n: u32| format!("{n:06x}{}", "0".repeat(58));
+        let add = |n: u32, role: &'static str| {
+            let d = &d;
+            async move {
+                d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", 10 + n)))
+                    .await
+                    .unwrap();
+                d.set_container(ContainerIdentity {
+                    endpoint_id: eid(n),
+                    container_id: format!("c{n}"),
+                    name: format!("{role}-{n}"),
+                    labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
+                })
+                .await
+                .unwrap();
+            }
+        };
+        for n in 0..10 {
+            add(n, "web").await;
+        }
+        let subject_of = |n: u32| d.kernel().attached()[&names::host_veth(&eid(n))].subject;
+        let subject = subject_of(0);
+        assert_ne!(subject, 0, "selected endpoints have a subject");
+        assert!(
+            (1..10).all(|n| subject_of(n) == subject),
+            "one subject for all"
+        );
+        let entries = || d.kernel().policy().unwrap().entries;
+        assert_eq!(
+            entries().len(),
+            40,
+            "one entry per CIDR, not per CIDR and endpoint"
+        );
+        assert!(entries().keys().all(|e| e.key.subject == subject));
+
+        let before = d.kernel().policy_writes();
+        add(10, "web").await;
+        assert_eq!(subject_of(10), subject);
+        assert_eq!(
+            d.kernel().policy_writes(),
+            before,
+            "joining the rule set writes nothing"
+        );
+
+        add(11, "client").await;
+        assert_eq!(subject_of(11), 0, "no policy selects the client");
+        assert_eq!(entries().len(), 41);
+        let after = d.kernel().policy_writes();
+        assert_eq!(
+            (after.0 - before.0, after.1 - before.1),
+            (1, 0),
+            "the client as a peer"
+        );
+
+        // A second policy on one web endpoint gives it a subject of its own (both rule sets).
+        let docs = crate::policy::parse_documents(
+            "name: one\nselector: {name: web-3}\negress:\n  - action: deny\n    to: [{cidr: 172.16.0.0/12}]\n",
+        )
+        .unwrap();
+        d.apply_policies(docs).await.unwrap();
+        let own = subject_of(3);
+        assert!(own != 0 && own != subject);
+        assert_eq!(subject_of(4), subject);
+        assert_eq!(entries().len(), 41 + 41 + 1);
+        d.remove_policy("one").await.unwrap();
+        assert_eq!(subject_of(3), subject, "back to the shared rule set");
+        assert_eq!(entries().len(), 41);
+
+        let before = d.kernel().policy_writes();
+        d.delete_endpoint(NID, &eid(5)).await.unwrap();
+        assert_eq!(
+            d.kernel().policy_writes(),
+            before,
+            "a subject's member leaving"
+        );
     }
 }

@@ -50,6 +50,9 @@ pub struct EndpointDatapath {
     pub ifindex: u32,
     /// Security identity.
     pub identity: u32,
+    /// Policy subject (`EndpointInfo::subject`): shared by the endpoints the same policies
+    /// select; 0 when none does.
+    pub subject: u32,
     /// Network number (non-zero).
     pub network: u32,
     /// `EP_*` flags of `sluice_common`.
@@ -130,6 +133,17 @@ pub trait Kernel: Send + Sync + 'static {
         &self,
         ep: &EndpointDatapath,
     ) -> impl Future<Output = Result<u32, KernelError>> + Send;
+
+    /// Rewrites the map entries of an endpoint whose programs are attached already (new
+    /// flags or policy subject), without touching its programs: attaching costs RCU grace
+    /// periods in the kernel, a map write does not. By default the same as
+    /// [`Kernel::attach_endpoint`].
+    fn update_endpoint(
+        &self,
+        ep: &EndpointDatapath,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send {
+        async move { self.attach_endpoint(ep).await.map(drop) }
+    }
 
     /// Detaches the programs and removes the endpoint's map entries. Idempotent; carries on
     /// past errors.
@@ -275,6 +289,8 @@ pub mod fake {
         fail_op: Mutex<Option<(String, String)>>,
         attached: Mutex<BTreeMap<String, EndpointDatapath>>,
         policy: Mutex<Option<CompiledPolicy>>,
+        /// `POLICY` entries written and removed so far, as a real kernel's diff would.
+        policy_writes: Mutex<(usize, usize)>,
         nat: Mutex<Option<NatRuleset>>,
         ports: Mutex<BTreeMap<String, Vec<PortBinding>>>,
         taken: Mutex<Vec<(Proto, u16)>>,
@@ -318,6 +334,13 @@ pub mod fake {
         #[must_use]
         pub fn policy(&self) -> Option<CompiledPolicy> {
             self.policy.lock().ok().and_then(|p| p.clone())
+        }
+
+        /// `POLICY` entries written (new or changed) and removed by every apply so far:
+        /// what the datapath's diff against its mirror would write.
+        #[must_use]
+        pub fn policy_writes(&self) -> (usize, usize) {
+            self.policy_writes.lock().map(|w| *w).unwrap_or_default()
         }
 
         /// The last NAT ruleset written (`None`: never written).
@@ -454,6 +477,21 @@ pub mod fake {
         async fn apply_policy(&self, compiled: &CompiledPolicy) -> Result<(), KernelError> {
             self.check("apply_policy")?;
             if let Ok(mut p) = self.policy.lock() {
+                let old = p.take().unwrap_or_default();
+                let written = compiled
+                    .entries
+                    .iter()
+                    .filter(|(e, v)| old.entries.get(e) != Some(v))
+                    .count();
+                let removed = old
+                    .entries
+                    .keys()
+                    .filter(|e| !compiled.entries.contains_key(e))
+                    .count();
+                if let Ok(mut w) = self.policy_writes.lock() {
+                    w.0 += written;
+                    w.1 += removed;
+                }
                 *p = Some(compiled.clone());
             }
             Ok(())

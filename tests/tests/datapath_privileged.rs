@@ -33,7 +33,8 @@ use sluice_driver::datapath::layout::{
     REASON_SPOOFED, Settings,
 };
 use sluice_driver::datapath::{
-    Datapath, DatapathConfig, DatapathError, TC_ACT_OK, TC_ACT_SHOT, event_addr, tcx_programs,
+    Datapath, DatapathConfig, DatapathError, LAYOUT_VERSION, TC_ACT_OK, TC_ACT_SHOT, event_addr,
+    tcx_programs,
 };
 use sluice_tests::netns::{NetNs, PeerNs, current_thread_runtime, ip_json, require_root, run};
 
@@ -949,7 +950,7 @@ fn pins_without_a_bpffs_mount_one_or_are_refused() {
     ));
     let _unmount = UnmountOnDrop(dir.path().to_owned());
     let dp = Datapath::load(&DatapathConfig::pinned(&root)).unwrap();
-    assert!(root.join("maps/v1/POLICY").exists());
+    assert!(root.join(format!("maps/v{LAYOUT_VERSION}/POLICY")).exists());
     assert!(root.join("progs/sluice_ingress").exists());
     drop(dp);
     // Loading again adopts the mount and the pins.
@@ -1097,7 +1098,7 @@ fn traffic_policy_counters_events_and_detach() {
     assert!(dp.is_attached(t.h1) && dp.is_attached(t.h2));
     for name in [
         "progs/sluice_egress",
-        "maps/v1/POLICY",
+        &format!("maps/v{LAYOUT_VERSION}/POLICY"),
         &format!("links/{}_sluice_ingress", t.h2),
     ] {
         assert!(bpffs.path().join(name).exists(), "{name} not pinned");

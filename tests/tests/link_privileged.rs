@@ -410,7 +410,8 @@ fn ensure_veth_without_bridge_fails_and_leaves_no_veth() {
 #[test]
 fn ensure_veth_rolls_back_when_attaching_fails() {
     in_netns(|k| async move {
-        // `lo` exists but is no bridge: the pair is created, then attaching fails.
+        // `lo` exists but is no bridge: attaching fails (within the creating request, which
+        // the kernel then undoes, or after it, which sluice undoes).
         let err = k.ensure_veth(&veth_spec("lo", None)).await.unwrap_err();
         assert!(err.to_string().contains("master"), "{err}");
         assert_eq!(link_names(), ["lo"]);

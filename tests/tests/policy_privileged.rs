@@ -613,3 +613,95 @@ fn network_name_policy_survives_a_restart() {
         );
     });
 }
+
+/// Policy subjects, checked in the maps: a policy selecting 30 endpoints, with 200 CIDRs and
+/// a peer selector, puts each rule in `POLICY` once (not once per endpoint), every selected
+/// endpoint's `ENDPOINTS` entry carries the same subject, and an endpoint selected by one
+/// more policy gets a subject of its own until that policy goes. (Subnet 10.67.0.0/24.)
+#[test]
+fn a_policy_over_many_endpoints_costs_its_rules_once_in_the_map() {
+    in_netns(|| async {
+        let store = tempfile::tempdir().unwrap();
+        let driver = open_driver(store.path(), &DatapathConfig::unpinned());
+        let net_id = id("67");
+        create_network(&driver, &net_id, "10.67.0.0/24", &[]).await;
+        let ep_id = |n: u32| id(&format!("67{n:02x}"));
+        for n in 0..31 {
+            driver
+                .create_endpoint(EndpointRequest {
+                    network_id: net_id.clone(),
+                    endpoint_id: ep_id(n),
+                    address: Some(net(&format!("10.67.0.{}/24", 10 + n))),
+                    address_v6: None,
+                    mac: None,
+                    options: BTreeMap::new(),
+                })
+                .await
+                .unwrap();
+            // 30 web endpoints and one client.
+            let role = if n == 30 { "client" } else { "web" };
+            driver
+                .set_container(ContainerIdentity {
+                    endpoint_id: ep_id(n),
+                    container_id: id(&format!("c67{n:02x}")),
+                    name: format!("{role}-{n}"),
+                    labels: BTreeMap::from([("role".to_owned(), role.to_owned())]),
+                })
+                .await
+                .unwrap();
+        }
+        let mut yaml = "name: web\nselector: {labels: {role: web}}\ningress:\n  - action: allow\n    from:\n      - selector: {labels: {role: client}}\n".to_owned();
+        for i in 0..200 {
+            yaml.push_str(&format!(
+                "      - cidr: 198.18.{}.{}/32\n",
+                i / 250,
+                i % 250
+            ));
+        }
+        apply(&driver, &yaml).await;
+        let policy_len = || {
+            driver
+                .kernel()
+                .inspect_datapath(|dp| dp.policy_len().ok())
+                .unwrap()
+                .unwrap()
+        };
+        let subjects = || async {
+            let mut out = BTreeMap::new();
+            for ep in driver.endpoints().await {
+                let info = driver
+                    .kernel()
+                    .inspect_datapath(|dp| dp.endpoint(ep.ifindex).ok().flatten())
+                    .unwrap()
+                    .unwrap();
+                out.insert(ep.id, info.subject);
+            }
+            out
+        };
+        // 200 CIDRs + the client, for one subject; per endpoint it would be 30 × 201.
+        assert_eq!(policy_len(), 201);
+        let s = subjects().await;
+        let web = s[&ep_id(0)];
+        assert_ne!(web, 0);
+        assert!((0..30).all(|n| s[&ep_id(n)] == web), "{s:?}");
+        assert_eq!(s[&ep_id(30)], 0, "no policy selects the client");
+
+        apply(
+            &driver,
+            "name: one\nselector: {name: web-3}\negress:\n  - action: deny\n    to: [{cidr: 172.16.0.0/12}]\n",
+        )
+        .await;
+        let s = subjects().await;
+        let own = s[&ep_id(3)];
+        assert!(own != 0 && own != web && s[&ep_id(4)] == web, "{s:?}");
+        // The shared set, plus web-3's own: the same 201 and the deny.
+        assert_eq!(policy_len(), 201 + 201 + 1);
+
+        driver.remove_policy("one").await.unwrap();
+        assert_eq!(subjects().await[&ep_id(3)], web);
+        assert_eq!(policy_len(), 201);
+        driver.remove_policy("web").await.unwrap();
+        assert_eq!(policy_len(), 0);
+        assert!(subjects().await.values().all(|s| *s == 0));
+    });
+}

@@ -23,10 +23,9 @@ use std::net::IpAddr;
 
 use ipnetwork::IpNetwork;
 use sluice_common::{
-    DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_FIRST_ENDPOINT,
-    IDENTITY_LAST_CIDR, IDENTITY_WORLD, IPV4_MAPPED_PREFIX, IpInfo, IpKey, POLICY_PREFIX_ANY_PROTO,
-    PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, VERDICT_ALLOW,
-    VERDICT_DENY,
+    DIR_EGRESS, DIR_INGRESS, IDENTITY_ANY, IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IDENTITY_WORLD,
+    IPV4_MAPPED_PREFIX, IpInfo, IpKey, POLICY_PREFIX_ANY_PROTO, PROTO_ICMP, PROTO_ICMPV6,
+    PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, SUBJECT_NONE, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 /// Which way a rule applies, from the subject endpoint's point of view.
@@ -107,7 +106,8 @@ pub enum Action {
 pub struct Rule {
     /// Reported in drop events; non-zero.
     pub id: u32,
-    /// Identities of the endpoints the rule is for.
+    /// Policy subjects of the endpoints the rule is for (`EndpointInfo::subject`; in tests
+    /// often simply endpoint identities, as `EndpointInfo::new` defaults to that).
     pub subjects: Vec<u32>,
     /// Ingress or egress.
     pub direction: Direction,
@@ -191,8 +191,8 @@ pub enum CompileError {
     /// Rule ids must be non-zero (0 means "default deny" in drop events).
     #[error("rule id 0 is reserved for default deny")]
     ZeroRuleId,
-    /// A subject outside the endpoint identity range.
-    #[error("rule {rule}: subject identity {identity} is not an endpoint identity")]
+    /// Subject 0 (`SUBJECT_NONE`: no policy selects the endpoint).
+    #[error("rule {rule}: subject {identity} is reserved for endpoints without policy")]
     BadSubject {
         /// Rule id.
         rule: u32,
@@ -438,11 +438,7 @@ pub fn compile(rules: &[Rule], cidrs: &mut CidrIdentities) -> Result<CompiledPol
         if rule.id == 0 {
             return Err(CompileError::ZeroRuleId);
         }
-        if let Some(&identity) = rule
-            .subjects
-            .iter()
-            .find(|&&s| !(IDENTITY_FIRST_ENDPOINT..IDENTITY_FIRST_CIDR).contains(&s))
-        {
+        if let Some(&identity) = rule.subjects.iter().find(|&&s| s == SUBJECT_NONE) {
             return Err(CompileError::BadSubject {
                 rule: rule.id,
                 identity,
@@ -566,7 +562,7 @@ fn resolve(atoms: HashMap<Tail, Verdict>) -> Vec<(Tail, Verdict)> {
 
 #[cfg(test)]
 mod tests {
-    use sluice_common::{IDENTITY_HOST, POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO};
+    use sluice_common::{POLICY_PREFIX_FULL, POLICY_PREFIX_PROTO};
 
     use super::*;
 
@@ -1002,7 +998,7 @@ mod tests {
             );
         }
         let mut subject = rule(1, Peer::Any, Protocol::Any, None, Action::Allow);
-        subject.subjects = vec![IDENTITY_HOST];
+        subject.subjects = vec![SUBJECT_NONE];
         assert!(compile(&[subject], &mut ids).is_err());
         assert!(ids.assignments().is_empty());
         // Reserved peers are fine.

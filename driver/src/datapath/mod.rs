@@ -68,7 +68,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Default pin directory (on the host's bpffs).
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
 /// Version of the map layouts in `sluice-common`; bump on any layout change.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// `statfs` magic of bpffs (`BPF_FS_MAGIC`, include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
@@ -104,8 +104,8 @@ pub enum DatapathError {
         #[source]
         source: ProgramError,
     },
-    /// A map operation failed.
-    #[error("{op} ({map}): {source}")]
+    /// A map operation failed (with the kernel's errno, which aya keeps one level down).
+    #[error("{op} ({map}): {source}{}", os_error(source))]
     Map {
         /// What was being done.
         op: String,
@@ -150,6 +150,14 @@ pub enum DatapathError {
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+/// `": <errno text>"` of a failed map syscall (e.g. ENOSPC when a map is full), else nothing.
+fn os_error(e: &aya::maps::MapError) -> String {
+    match e {
+        aya::maps::MapError::SyscallError(s) => format!(": {}", s.io_error),
+        _ => String::new(),
+    }
+}
 
 /// How to load the datapath.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -444,6 +452,13 @@ pub struct Datapath {
     pins: Option<Pins>,
     /// Links held by this process (unpinned mode only).
     links: StdHashMap<(u32, &'static str), SchedClassifierLinkId>,
+    /// What `POLICY` holds, as this process last wrote it (`None`: not known yet, e.g. maps
+    /// adopted from pins; read once from the kernel at the next apply). Applying a policy
+    /// diffs against this instead of dumping the map, so an endpoint change costs the map
+    /// writes of the entries that change, not a pass over every entry.
+    policy_mirror: Option<StdHashMap<compile::PolicyEntry, PolicyValue>>,
+    /// The `IPCACHE` entries policy owns (CIDRs and the v4 sentinel), likewise.
+    cidr_mirror: Option<std::collections::BTreeMap<(u32, IpKey), IpInfo>>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -589,6 +604,8 @@ impl Datapath {
             events: Some(events),
             pins,
             links: StdHashMap::new(),
+            policy_mirror: None,
+            cidr_mirror: None,
         };
         datapath.set_settings(config.settings)?;
         if !datapath.fast_path {
@@ -1099,6 +1116,7 @@ impl Datapath {
     /// If the map write fails.
     pub fn set_ip(&mut self, net: IpNetwork, info: IpInfo) -> Result<()> {
         let (prefix, key) = compile::ip_key(net);
+        self.forget_cidr(prefix, key);
         self.ipcache
             .insert(&Key::new(prefix, key), info, 0)
             .map_err(map_err(format!("set ip {net}"), MAP_IPCACHE))
@@ -1110,6 +1128,7 @@ impl Datapath {
     /// If the map operation fails.
     pub fn remove_ip(&mut self, net: IpNetwork) -> Result<()> {
         let (prefix, key) = compile::ip_key(net);
+        self.forget_cidr(prefix, key);
         match self.ipcache.remove(&Key::new(prefix, key)) {
             Ok(()) => Ok(()),
             Err(e) if is_not_found(&e) => Ok(()),
@@ -1130,82 +1149,141 @@ impl Datapath {
         }
     }
 
-    /// Makes `POLICY` and the ipcache's CIDR entries exactly `compiled`. Order: stale allow
-    /// entries are removed first, then every wanted entry is written, then stale deny entries
-    /// are removed, so a change never passes through a state with fewer denies than both the
-    /// old and the new policy have.
+    /// Makes `POLICY` and the ipcache's CIDR entries exactly `compiled`, writing only what
+    /// differs from what this process last wrote (see `policy_mirror`). Order: stale allow
+    /// entries are removed first, then every new or changed entry is written, then stale deny
+    /// entries are removed, so a change never passes through a state with fewer denies than
+    /// both the old and the new policy have.
     ///
     /// # Errors
     /// If a map operation fails (the maps may then hold a mix of old and new entries; apply
-    /// again).
+    /// again: the next apply reads the maps back from the kernel).
     pub fn apply_policy(&mut self, compiled: &CompiledPolicy) -> Result<PolicyUpdate> {
         let mut update = PolicyUpdate::default();
+        // Taken out: an error below leaves `None`, so the next apply re-reads the kernel.
+        let mut have_ip = match self.cidr_mirror.take() {
+            Some(m) => m,
+            None => self.read_policy_cidrs()?,
+        };
+        let mut have = match self.policy_mirror.take() {
+            Some(m) => m,
+            None => self.read_policy()?,
+        };
 
         // CIDRs first, so new policy entries never see a CIDR without its identity.
         let want_ip = compiled.ipcache_entries();
         for (&(prefix, key), info) in &want_ip {
+            if have_ip.get(&(prefix, key)) == Some(info) {
+                continue;
+            }
             self.ipcache
                 .insert(&Key::new(prefix, key), info, 0)
                 .map_err(map_err("write cidr", MAP_IPCACHE))?;
+            have_ip.insert((prefix, key), *info);
             update.cidrs_written += 1;
         }
 
-        let existing: Vec<(Key<PolicyKey>, PolicyValue)> = self
-            .policy
+        let stale: Vec<(compile::PolicyEntry, PolicyValue)> = have
             .iter()
-            .collect::<std::result::Result<_, _>>()
-            .map_err(map_err("read policy", MAP_POLICY))?;
-        let stale: Vec<(Key<PolicyKey>, PolicyValue)> = existing
-            .into_iter()
-            .filter(|(k, _)| {
-                !compiled.entries.contains_key(&compile::PolicyEntry {
-                    prefix_len: k.prefix_len(),
-                    key: k.data(),
-                })
-            })
+            .filter(|(e, _)| !compiled.entries.contains_key(e))
+            .map(|(e, v)| (*e, *v))
             .collect();
         let allow = u32::from(VERDICT_ALLOW);
-        for (key, _) in stale.iter().filter(|(_, v)| v.verdict == allow) {
-            self.remove_policy_key(key)?;
+        for (entry, _) in stale.iter().filter(|(_, v)| v.verdict == allow) {
+            self.remove_policy_key(&Key::new(entry.prefix_len, entry.key))?;
+            have.remove(entry);
             update.removed += 1;
         }
         for (entry, value) in &compiled.entries {
+            if have.get(entry) == Some(value) {
+                continue;
+            }
             self.policy
                 .insert(&Key::new(entry.prefix_len, entry.key), value, 0)
                 .map_err(map_err("write policy", MAP_POLICY))?;
+            have.insert(*entry, *value);
             update.written += 1;
         }
-        for (key, _) in stale.iter().filter(|(_, v)| v.verdict != allow) {
-            self.remove_policy_key(key)?;
+        for (entry, _) in stale.iter().filter(|(_, v)| v.verdict != allow) {
+            self.remove_policy_key(&Key::new(entry.prefix_len, entry.key))?;
+            have.remove(entry);
             update.removed += 1;
         }
 
         // Then CIDRs nobody references any more.
+        let gone: Vec<(u32, IpKey)> = have_ip
+            .keys()
+            .filter(|k| !want_ip.contains_key(k))
+            .copied()
+            .collect();
+        for k in gone {
+            match self.ipcache.remove(&Key::new(k.0, k.1)) {
+                Ok(()) => update.cidrs_removed += 1,
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => return Err(map_err("remove cidr", MAP_IPCACHE)(e)),
+            }
+            have_ip.remove(&k);
+        }
+        self.policy_mirror = Some(have);
+        self.cidr_mirror = Some(have_ip);
+        if update != PolicyUpdate::default() {
+            info!(
+                written = update.written,
+                removed = update.removed,
+                cidrs_written = update.cidrs_written,
+                cidrs_removed = update.cidrs_removed,
+                entries = compiled.entries.len(),
+                "policy applied"
+            );
+        }
+        Ok(update)
+    }
+
+    /// Every `POLICY` entry, read from the kernel (once per process, see `policy_mirror`).
+    fn read_policy(&self) -> Result<StdHashMap<compile::PolicyEntry, PolicyValue>> {
+        self.policy
+            .iter()
+            .map(|r| {
+                r.map(|(k, v)| {
+                    (
+                        compile::PolicyEntry {
+                            prefix_len: k.prefix_len(),
+                            key: k.data(),
+                        },
+                        v,
+                    )
+                })
+            })
+            .collect::<std::result::Result<_, _>>()
+            .map_err(map_err("read policy", MAP_POLICY))
+    }
+
+    /// The `IPCACHE` entries policy owns (CIDR identities and the v4 sentinel), read from the
+    /// kernel.
+    fn read_policy_cidrs(&self) -> Result<std::collections::BTreeMap<(u32, IpKey), IpInfo>> {
         let sentinel = compile::v4_mapped_range();
-        let existing_ip: Vec<(Key<IpKey>, IpInfo)> = self
+        let all: Vec<(Key<IpKey>, IpInfo)> = self
             .ipcache
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(map_err("read ipcache", MAP_IPCACHE))?;
-        for (key, info) in existing_ip {
-            let k = (key.prefix_len(), key.data());
-            let policy_owned = (IDENTITY_FIRST_CIDR..=IDENTITY_LAST_CIDR).contains(&info.identity)
-                || k == sentinel;
-            if policy_owned && !want_ip.contains_key(&k) {
-                match self.ipcache.remove(&key) {
-                    Ok(()) => update.cidrs_removed += 1,
-                    Err(e) if is_not_found(&e) => {}
-                    Err(e) => return Err(map_err("remove cidr", MAP_IPCACHE)(e)),
-                }
-            }
+        Ok(all
+            .into_iter()
+            .map(|(key, info)| ((key.prefix_len(), key.data()), info))
+            .filter(|(k, info)| {
+                (IDENTITY_FIRST_CIDR..=IDENTITY_LAST_CIDR).contains(&info.identity)
+                    || *k == sentinel
+            })
+            .collect())
+    }
+
+    /// An ipcache key written outside [`Datapath::apply_policy`] (an endpoint's address) is no
+    /// longer what policy wrote there: forget it, so the next apply writes it again if policy
+    /// still wants it.
+    fn forget_cidr(&mut self, prefix: u32, key: IpKey) {
+        if let Some(m) = self.cidr_mirror.as_mut() {
+            m.remove(&(prefix, key));
         }
-        info!(
-            written = update.written,
-            removed = update.removed,
-            cidrs = want_ip.len(),
-            "policy applied"
-        );
-        Ok(update)
     }
 
     fn remove_policy_key(&mut self, key: &Key<PolicyKey>) -> Result<()> {

@@ -19,6 +19,7 @@ use super::resolve::{
     cidr_endpoints,
 };
 use super::selector::{BoundSelector, NetworkIndex};
+use super::subjects::SubjectIds;
 use super::validate::{CompiledPeer, CompiledPolicy, CompiledRule, PortMatch, compile};
 use super::{IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, PolicyError};
 use crate::store::{Change, Store};
@@ -430,9 +431,22 @@ impl PolicyEngine {
 
     /// Resolves the policies against the endpoints that exist now (all networks) and the
     /// networks' names. Pure: call it again whenever policies, endpoints, their identities,
-    /// names, labels or addresses, or network names change.
+    /// names, labels or addresses, or network names change. Subjects are numbered afresh; the
+    /// driver keeps them stable across calls with [`PolicyEngine::resolve_with`].
     #[must_use]
     pub fn resolve(&self, endpoints: &[EndpointView], networks: &[NetworkView]) -> Resolution {
+        self.resolve_with(endpoints, networks, &mut SubjectIds::default())
+    }
+
+    /// [`PolicyEngine::resolve`], with policy subjects interned in `subjects` (endpoints
+    /// selected by the same policies share one; subjects no endpoint has any more are freed).
+    #[must_use]
+    pub fn resolve_with(
+        &self,
+        endpoints: &[EndpointView],
+        networks: &[NetworkView],
+        subjects: &mut SubjectIds,
+    ) -> Resolution {
         let index = NetworkIndex::new(networks, endpoints);
         let mut res = Resolution::default();
         for ep in endpoints {
@@ -440,27 +454,48 @@ impl PolicyEngine {
                 res.endpoint_addresses.insert(*addr, ep.identity);
             }
         }
-        let mut rules = BTreeSet::new();
         // Networks some selector could pick endpoints on (for pending identities).
         let mut selectors_cover = Vec::new();
+        // Pass 1: whom each policy selects, and so each endpoint's set of policies.
+        let mut selected: Vec<Vec<u32>> = Vec::with_capacity(self.policies.len());
+        let mut sets: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
         for e in self.policies.values() {
             let name = &e.stored.doc.name;
             let subject_sel =
                 BoundSelector::bind(&e.stored.doc.selector, &index, &mut res.warnings, &|| {
                     format!("policy {name:?}: selector")
                 });
-            let subjects: Vec<u32> = endpoints
+            let ids: Vec<u32> = endpoints
                 .iter()
                 .filter(|ep| subject_sel.matches(ep))
                 .map(|ep| ep.identity)
                 .collect::<BTreeSet<_>>()
                 .into_iter()
                 .collect();
-            for id in &subjects {
+            for id in &ids {
                 let enf = res.enforced.entry(*id).or_default();
                 enf.ingress |= e.compiled.ingress.is_some();
                 enf.egress |= e.compiled.egress.is_some();
+                sets.entry(*id).or_default().push(e.stored.number);
             }
+            selected.push(ids);
+            selectors_cover.push(subject_sel);
+        }
+        for (id, mut set) in sets {
+            set.sort_unstable();
+            res.subject_of.insert(id, subjects.intern(&set));
+        }
+        subjects.retain(&res.subject_of.values().copied().collect());
+        // Pass 2: the rules, per subject rather than per endpoint.
+        let mut rules = BTreeSet::new();
+        for (e, ids) in self.policies.values().zip(&selected) {
+            let name = &e.stored.doc.name;
+            let policy_subjects: Vec<u32> = ids
+                .iter()
+                .filter_map(|id| res.subject_of.get(id).copied())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
             let dirs = [
                 (Direction::Ingress, "from", &e.compiled.ingress),
                 (Direction::Egress, "to", &e.compiled.egress),
@@ -484,7 +519,7 @@ impl PolicyEngine {
                             ports: None,
                         }]
                     });
-                    if subjects.is_empty() {
+                    if policy_subjects.is_empty() {
                         continue;
                     }
                     for peer in &peers {
@@ -497,7 +532,7 @@ impl PolicyEngine {
                             rules.insert(ResolvedRule {
                                 rule_id: id,
                                 direction,
-                                subjects: subjects.clone(),
+                                subjects: policy_subjects.clone(),
                                 peer: *peer,
                                 protocol: p.protocol,
                                 ports: p.ports,
@@ -507,7 +542,6 @@ impl PolicyEngine {
                     }
                 }
             }
-            selectors_cover.push(subject_sel);
             selectors_cover.extend(peer_selectors);
         }
         res.pending = endpoints

@@ -19,6 +19,7 @@ mod engine;
 pub mod lines;
 mod resolve;
 mod selector;
+mod subjects;
 mod to_datapath;
 mod validate;
 
@@ -34,6 +35,7 @@ pub use resolve::{
     ResolvedPeer, ResolvedRule, Verdict, merge_labels,
 };
 pub use selector::glob_match;
+pub use subjects::SubjectIds;
 pub use validate::{MAX_NAME_LEN, MAX_RULES_PER_DIRECTION, PortRange};
 
 use crate::store::StoreError;

@@ -127,7 +127,8 @@ pub struct ResolvedRule {
     pub rule_id: u32,
     /// Ingress (peer → subject) or egress (subject → peer).
     pub direction: Direction,
-    /// Identities of the selected endpoints (sorted, not empty).
+    /// Policy subjects of the selected endpoints (sorted, not empty): one per distinct set
+    /// of policies selecting them ([`Resolution::subject_of`], `super::SubjectIds`).
     pub subjects: Vec<u32>,
     /// The other side.
     pub peer: ResolvedPeer,
@@ -210,6 +211,9 @@ pub struct Resolution {
     pub warnings: Vec<String>,
     /// Endpoint addresses → identity, for [`Resolution::identity_of`].
     pub(crate) endpoint_addresses: BTreeMap<IpAddr, u32>,
+    /// Endpoint identity → policy subject, for every endpoint some policy selects (the
+    /// datapath's `EndpointInfo::subject`; [`ResolvedRule::subjects`] are these).
+    pub subject_of: BTreeMap<u32, u32>,
 }
 
 impl Resolution {
@@ -217,6 +221,13 @@ impl Resolution {
     #[must_use]
     pub fn enforced(&self, identity: u32) -> Enforcement {
         self.enforced.get(&identity).copied().unwrap_or_default()
+    }
+
+    /// Policy subject of the endpoint with `identity` (0, `SUBJECT_NONE`, when no policy
+    /// selects it).
+    #[must_use]
+    pub fn subject(&self, identity: u32) -> u32 {
+        self.subject_of.get(&identity).copied().unwrap_or(0)
     }
 
     /// The identity the datapath's ipcache gives `addr`: an endpoint's own address, else the
@@ -257,7 +268,7 @@ impl Resolution {
             .map(|(net, _)| *net);
         let matching = self.rules.iter().filter(|r| {
             r.direction == direction
-                && r.subjects.binary_search(&subject).is_ok()
+                && r.subjects.binary_search(&self.subject(subject)).is_ok()
                 && match r.peer {
                     ResolvedPeer::Any => true,
                     ResolvedPeer::Identity(id) => id == peer,
@@ -312,8 +323,9 @@ pub(crate) fn cidr_endpoints(
     except: &[IpNetwork],
     endpoint_addresses: &BTreeMap<IpAddr, u32>,
 ) -> BTreeSet<u32> {
+    // A range query, not a scan: resolution calls this once per CIDR peer (100k of them).
     endpoint_addresses
-        .iter()
+        .range(net.network()..=net.broadcast())
         .filter(|(addr, _)| net.contains(**addr) && !except.iter().any(|e| e.contains(**addr)))
         .map(|(_, id)| *id)
         .collect()

@@ -481,7 +481,7 @@ fn the_first_example_means_what_the_docs_say() {
             Verdict::NotEnforced
         );
     }
-    assert!(res.rules.iter().all(|r| r.subjects == [DB]));
+    assert!(res.rules.iter().all(|r| r.subjects == [res.subject(DB)]));
 
     let allow0 = Verdict::Allow {
         rule_id: rule_id(n, Direction::Ingress, 0),
@@ -796,10 +796,15 @@ ingress:
         first: 80,
         last: 80,
     });
+    // The three endpoints the policy selects share one policy subject.
+    let subject = res.subject(DB);
+    assert_ne!(subject, 0);
+    assert_eq!(res.subject(WEB), subject);
+    assert_eq!(res.subject(OTHER), subject);
     let common = ResolvedRule {
         rule_id: rule_id(n, Direction::Ingress, 0),
         direction: Direction::Ingress,
-        subjects: vec![DB, WEB, OTHER],
+        subjects: vec![subject],
         peer: ResolvedPeer::Any,
         protocol: Protocol::Tcp,
         ports: range,

@@ -233,7 +233,14 @@ mod tests {
                             let reference = res.evaluate(subject, direction, peer, proto, port);
                             assert_ne!(reference, Verdict::NotEnforced);
                             assert_eq!(
-                                kernel_allows(&kernel, subject, peer, dir, proto, port),
+                                kernel_allows(
+                                    &kernel,
+                                    res.subject(subject),
+                                    peer,
+                                    dir,
+                                    proto,
+                                    port
+                                ),
                                 reference.is_allowed(),
                                 "subject {subject} {direction} peer {peer} proto {proto} port {port}: reference {reference:?}"
                             );

@@ -202,11 +202,20 @@ pub struct EndpointInfo {
     /// The endpoint's IPv6 address, all zero if it has none; checked with
     /// [`EP_SOURCE_CHECK`].
     pub ipv6: [u8; 16],
+    // issue 6 (policy subjects): the `subject` field and `with_subject`.
+    /// Policy subject: the [`PolicyKey::subject`] of this endpoint's rules. Endpoints that the
+    /// same set of policies selects share one subject, so `POLICY` holds rules × distinct
+    /// rule sets, not rules × endpoints. [`SUBJECT_NONE`] when no policy selects it.
+    pub subject: u32,
 }
-const _: () = assert!(size_of::<EndpointInfo>() == 32);
+const _: () = assert!(size_of::<EndpointInfo>() == 36);
+
+/// [`EndpointInfo::subject`] of an endpoint no policy selects (no `POLICY` entry has it).
+pub const SUBJECT_NONE: u32 = 0;
 
 impl EndpointInfo {
-    /// An entry without addresses.
+    /// An entry without addresses, whose policy subject is its identity (one rule set per
+    /// endpoint; the driver shares subjects with [`EndpointInfo::with_subject`]).
     #[must_use]
     pub const fn new(identity: u32, network: u32, flags: u32) -> Self {
         Self {
@@ -215,7 +224,15 @@ impl EndpointInfo {
             flags,
             ipv4: [0; 4],
             ipv6: [0; 16],
+            subject: identity,
         }
+    }
+
+    /// The same entry with policy subject `subject`.
+    #[must_use]
+    pub const fn with_subject(mut self, subject: u32) -> Self {
+        self.subject = subject;
+        self
     }
 
     /// The same entry with the endpoint's addresses (for [`EP_SOURCE_CHECK`]).
@@ -294,7 +311,7 @@ const _: () = assert!(size_of::<IpInfo>() == 8);
 #[repr(C)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
 pub struct PolicyKey {
-    /// Identity of the endpoint the rule is for.
+    /// Policy subject of the endpoints the rule is for ([`EndpointInfo::subject`]).
     pub subject: u32,
     /// Identity of the other side, or [`IDENTITY_ANY`].
     pub peer: u32,
@@ -508,7 +525,7 @@ mod pod {
     // and has no uninitialised bytes. Each type below is `#[repr(C)]`, holds only integers
     // and integer arrays (valid for any bits), and has a compile-time assertion in this crate
     // that its size equals the sum of its fields, so it has no implicit padding. Here:
-    // EndpointInfo = three u32s + [u8; 4] + [u8; 16] = 32 bytes.
+    // EndpointInfo = three u32s + [u8; 4] + [u8; 16] + u32 = 36 bytes.
     unsafe impl aya::Pod for EndpointInfo {}
     // SAFETY: as above (16 bytes of u8s; asserted).
     unsafe impl aya::Pod for IpKey {}
@@ -560,6 +577,7 @@ mod tests {
     fn endpoint_addresses_follow_the_u32s() {
         assert_eq!(offset_of!(EndpointInfo, ipv4), 12);
         assert_eq!(offset_of!(EndpointInfo, ipv6), 16);
+        assert_eq!(offset_of!(EndpointInfo, subject), 32);
         let e =
             EndpointInfo::new(300, 1, EP_SOURCE_CHECK).with_addresses(Some([10, 0, 0, 1]), None);
         assert_eq!(e.ipv4, [10, 0, 0, 1]);

@@ -26,7 +26,7 @@
 //!    established flows).
 //! 7. Direction not enforced: create the conntrack entry (so the replies pass the other
 //!    direction's enforcement) and pass.
-//! 8. `POLICY[subject, peer identity, dir, proto, port]` (LPM trie), and unless that said
+//! 8. `POLICY[policy subject, peer identity, dir, proto, port]` (LPM trie), and unless that said
 //!    deny, `POLICY[subject, ANY, dir, proto, port]`. Deny from either wins; else allow from
 //!    either allows (and creates the conntrack entry); else default deny.
 //!
@@ -488,7 +488,9 @@ mod programs {
             return Ok(());
         }
 
-        let exact = policy(ep.identity, peer.identity, dir, pkt);
+        // issue 6: rules are keyed by the endpoint's policy subject (shared by every endpoint
+        // the same policies select), not by its identity.
+        let exact = policy(ep.subject, peer.identity, dir, pkt);
         if let Some(v) = exact
             && v.verdict != u32::from(VERDICT_ALLOW)
         {
@@ -497,7 +499,7 @@ mod programs {
                 rule_id: v.rule_id,
             });
         }
-        let any = policy(ep.identity, IDENTITY_ANY, dir, pkt);
+        let any = policy(ep.subject, IDENTITY_ANY, dir, pkt);
         if let Some(v) = any
             && v.verdict != u32::from(VERDICT_ALLOW)
         {
