@@ -645,20 +645,8 @@ impl Netlink {
     /// # Errors
     /// [`KernelError::Netlink`] for anything but "not there".
     pub async fn delete_fdb(&self, index: u32, mac: [u8; 6]) -> Result<(), KernelError> {
-        let mut message = NeighbourMessage::default();
-        message.header.family = AddressFamily::Bridge;
-        message.header.ifindex = index;
-        message.header.flags = NeighbourFlags::Own;
-        message
-            .attributes
-            .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
-        ignore_missing(
-            self.handle.neighbours().del(message).execute().await,
-            format!(
-                "bridge fdb del {} dev #{index}",
-                crate::model::format_mac(&mac)
-            ),
-        )
+        self.delete_bridge_fdb(index, mac, NeighbourFlags::Own, "")
+            .await
     }
 
     /// A static entry in the forwarding database of the bridge that `index` is a port of
@@ -688,17 +676,30 @@ impl Netlink {
     /// # Errors
     /// [`KernelError::Netlink`] for anything but "not there".
     pub async fn delete_port_fdb(&self, index: u32, mac: [u8; 6]) -> Result<(), KernelError> {
+        self.delete_bridge_fdb(index, mac, NeighbourFlags::Controller, " master")
+            .await
+    }
+
+    /// `bridge fdb del MAC dev IDX [master]`: `flags` say whose table (the device's own or
+    /// its bridge's), `shown` is that for the error message. Idempotent.
+    async fn delete_bridge_fdb(
+        &self,
+        index: u32,
+        mac: [u8; 6],
+        flags: NeighbourFlags,
+        shown: &str,
+    ) -> Result<(), KernelError> {
         let mut message = NeighbourMessage::default();
         message.header.family = AddressFamily::Bridge;
         message.header.ifindex = index;
-        message.header.flags = NeighbourFlags::Controller;
+        message.header.flags = flags;
         message
             .attributes
             .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
         ignore_missing(
             self.handle.neighbours().del(message).execute().await,
             format!(
-                "bridge fdb del {} dev #{index} master",
+                "bridge fdb del {} dev #{index}{shown}",
                 crate::model::format_mac(&mac)
             ),
         )
