@@ -332,7 +332,7 @@ pub(crate) fn smaps_breakdown(smaps: &str) -> Vec<(&'static str, u64)> {
         }
     }
     let mut v = sums.to_vec();
-    v.sort_by(|a, b| b.1.cmp(&a.1));
+    v.sort_by_key(|k| std::cmp::Reverse(k.1));
     v
 }
 
