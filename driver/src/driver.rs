@@ -445,6 +445,9 @@ impl<K: Kernel> Driver<K> {
         if let (Some(cluster), Some(docs)) = (&self.cluster, published) {
             cluster.publish_policies(&docs).await?;
         }
+        drop(state);
+        // The documents, the plan and the resolution were transient: give their pages back.
+        crate::memory::release_free_memory();
         Ok(applied)
     }
 
@@ -461,7 +464,10 @@ impl<K: Kernel> Driver<K> {
         if let Some(cluster) = &self.cluster {
             cluster.withdraw_policy(name).await?;
         }
-        self.resync(&mut state, None).await
+        self.resync(&mut state, None).await?;
+        drop(state);
+        crate::memory::release_free_memory();
+        Ok(())
     }
 
     /// The applied policy documents, sorted by name.

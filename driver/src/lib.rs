@@ -14,6 +14,7 @@ pub mod ipam;
 pub mod kernel;
 pub mod link;
 pub mod macvlan;
+pub mod memory;
 pub mod model;
 pub mod names;
 pub mod nat;

@@ -33,6 +33,10 @@ use crate::policy::StoredPolicy;
 /// Version of the layout above; bumped with a migration when it changes.
 pub const SCHEMA_VERSION: u64 = 1;
 
+/// redb's page cache. Its default (1 GiB) keeps every page ever read or written resident,
+/// among them those of a 100k-entry policy; the daemon reads the database once at start and
+/// then only writes, so a small cache costs nothing.
+const CACHE_BYTES: usize = 4 << 20;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
 const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
@@ -203,7 +207,12 @@ impl Store {
                 source,
             })?;
         let path = dir.join("sluice.redb");
-        let db = Arc::new(Database::create(&path).map_err(|e| db_err(&path, e))?);
+        let db = Arc::new(
+            Database::builder()
+                .set_cache_size(CACHE_BYTES)
+                .create(&path)
+                .map_err(|e| db_err(&path, e))?,
+        );
         let (queue, jobs) = mpsc::channel::<Job>();
         let thread = {
             let (db, file) = (Arc::clone(&db), path.clone());

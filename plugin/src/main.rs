@@ -75,6 +75,9 @@ enum PolicyCommand {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Before any thread exists: one arena per thread would keep the peaks of big policy
+    // applies resident (docs/benchmarks.md, daemon RSS).
+    sluice_driver::memory::limit_malloc_arenas();
     let cli = Cli::parse();
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| cli.log_level.clone());
     // SLUICE_LOG_SPAN_TIMES=1: one more line per protocol call when its span closes, with

@@ -37,10 +37,10 @@ pub struct StoredPolicy {
     /// Stable number of the policy (1..=[`MAX_POLICY_NUMBER`]); kept when the policy is
     /// replaced, so its rule IDs stay the same.
     pub number: u32,
-    /// Identity of every CIDR the document mentions (canonical text → identity). A CIDR
-    /// mentioned by several policies has the same identity in each.
+    /// Identity of every CIDR the document mentions (stored with the canonical text as key).
+    /// A CIDR mentioned by several policies has the same identity in each.
     #[serde(default)]
-    pub cidr_identities: BTreeMap<String, u32>,
+    pub cidr_identities: BTreeMap<IpNetwork, u32>,
 }
 
 /// Where a rule ID points.
@@ -173,7 +173,7 @@ impl PolicyEngine {
                 ));
             }
             for net in &compiled.cidrs {
-                match s.cidr_identities.get(&net.to_string()) {
+                match s.cidr_identities.get(net) {
                     Some(id) if (IDENTITY_FIRST_CIDR..=IDENTITY_LAST_CIDR).contains(id) => {
                         match engine.cidrs.insert(*net, *id) {
                             Some(other) if other != *id => problems.push(format!(
@@ -220,7 +220,7 @@ impl PolicyEngine {
         let mut errors = Vec::new();
         let mut compiled = Vec::new();
         let mut names = BTreeSet::new();
-        for doc in docs {
+        for mut doc in docs {
             if !names.insert(doc.name.clone()) {
                 errors.push(format!(
                     "policy {:?}: appears more than once in this input",
@@ -229,7 +229,12 @@ impl PolicyEngine {
                 continue;
             }
             match compile(&doc) {
-                Ok(c) => compiled.push((doc, c)),
+                Ok(c) => {
+                    // Field positions only serve validation errors; a 100k-entry document
+                    // has 200k of them.
+                    doc.source = super::lines::SourceLines::default();
+                    compiled.push((doc, c));
+                }
                 Err(e) => errors.extend(e),
             }
         }
@@ -279,7 +284,7 @@ impl PolicyEngine {
                     }
                 };
                 next.cidrs.insert(*net, id);
-                cidr_identities.insert(net.to_string(), id);
+                cidr_identities.insert(*net, id);
             }
             let stored = StoredPolicy {
                 doc,
@@ -610,12 +615,7 @@ impl PolicyEngine {
                 e.compiled
                     .cidrs
                     .iter()
-                    .filter_map(|net| {
-                        e.stored
-                            .cidr_identities
-                            .get(&net.to_string())
-                            .map(|id| (*net, *id))
-                    })
+                    .filter_map(|net| e.stored.cidr_identities.get(net).map(|id| (*net, *id)))
                     .collect::<Vec<_>>()
             })
             .collect();

@@ -340,6 +340,54 @@ fn policies_persist_in_the_store() {
 }
 
 #[test]
+fn stored_cidr_identities_are_parsed_prefixes_kept_as_text_in_the_store() {
+    // Overlapping IPv4 prefixes, a single address and IPv6: each its own identity.
+    let yaml = "name: a\nselector: {}\negress: [{action: deny, to: [{cidr: 10.0.0.0/8}, {cidr: 10.1.0.0/16}, {cidr: 10.1.2.3}, {cidr: 2001:db8::/32}, {cidr: 2001:db8:1::/48}]}]\n";
+    let mut engine = PolicyEngine::new();
+    let plan = engine.plan_apply(parse_documents(yaml).unwrap()).unwrap();
+    engine.commit(plan);
+    let stored = engine.get("a").unwrap().clone();
+    let nets: Vec<String> = stored
+        .cidr_identities
+        .keys()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        nets,
+        [
+            "10.0.0.0/8",
+            "10.1.0.0/16",
+            "10.1.2.3/32",
+            "2001:db8::/32",
+            "2001:db8:1::/48"
+        ]
+    );
+    let ids: std::collections::BTreeSet<u32> = stored.cidr_identities.values().copied().collect();
+    assert_eq!(ids.len(), 5);
+    // The store's JSON keys are the canonical texts (as before: old records still load).
+    let json = serde_json::to_value(&stored).unwrap();
+    let keys: Vec<&str> = json["cidr_identities"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys.len(), 5);
+    assert!(keys.contains(&"10.1.2.3/32") && keys.contains(&"2001:db8:1::/48"));
+    let back: StoredPolicy = serde_json::from_value(json).unwrap();
+    assert_eq!(back, stored);
+    let reloaded = PolicyEngine::load(vec![back]).unwrap();
+    assert_eq!(
+        reloaded.cidr_identities().collect::<Vec<_>>(),
+        engine.cidr_identities().collect::<Vec<_>>()
+    );
+    // A key that is not a prefix is refused, not dropped.
+    let mut bad = serde_json::to_value(&stored).unwrap();
+    bad["cidr_identities"]["not a cidr"] = serde_json::json!(IDENTITY_FIRST_CIDR);
+    assert!(serde_json::from_value::<StoredPolicy>(bad).is_err());
+}
+
+#[test]
 fn inconsistent_stored_policies_are_refused() {
     let mut engine = PolicyEngine::new();
     let plan = engine
@@ -362,7 +410,7 @@ fn inconsistent_stored_policies_are_refused() {
     let mut other_identity = good.clone();
     other_identity[1]
         .cidr_identities
-        .insert("10.0.0.0/8".into(), IDENTITY_FIRST_CIDR + 7);
+        .insert("10.0.0.0/8".parse().unwrap(), IDENTITY_FIRST_CIDR + 7);
     let err = PolicyEngine::load(other_identity).unwrap_err().to_string();
     assert!(err.contains("another policy has"), "{err}");
 

@@ -90,7 +90,7 @@ pub(crate) struct CompiledPolicy {
 pub(crate) fn compile(doc: &PolicyDoc) -> Result<CompiledPolicy, Vec<String>> {
     let mut v = Validator {
         policy: doc.name.clone(),
-        source: doc.source.clone(),
+        source: &doc.source,
         errors: Vec::new(),
         cidrs: BTreeSet::new(),
     };
@@ -139,14 +139,14 @@ pub(crate) fn compile(doc: &PolicyDoc) -> Result<CompiledPolicy, Vec<String>> {
     }
 }
 
-struct Validator {
+struct Validator<'a> {
     policy: String,
-    source: super::lines::SourceLines,
+    source: &'a super::lines::SourceLines,
     errors: Vec<String>,
     cidrs: BTreeSet<IpNetwork>,
 }
 
-impl Validator {
+impl Validator<'_> {
     fn error(&mut self, path: &str, message: impl std::fmt::Display) {
         let mut line = format!("policy {:?}: ", self.policy);
         if !path.is_empty() {

@@ -297,6 +297,43 @@ impl Daemon {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))?;
         vm_rss_kib(&status).context("no VmRSS line")
     }
+
+    /// [`smaps_breakdown`] of the daemon, as `heap 12.0 MiB, anon 3.1 MiB, ...`.
+    pub(crate) fn rss_breakdown(&self) -> Result<String> {
+        let smaps = std::fs::read_to_string(format!("/proc/{}/smaps", self.pid()))?;
+        #[expect(clippy::cast_precision_loss, reason = "KiB count far below 2^52")]
+        let parts: Vec<String> = smaps_breakdown(&smaps)
+            .into_iter()
+            .map(|(k, kib)| format!("{k} {:.1} MiB", kib as f64 / 1024.0))
+            .collect();
+        Ok(parts.join(", "))
+    }
+}
+
+/// Where the resident memory of a /proc/<pid>/smaps text lies, in KiB per kind of mapping:
+/// `heap` (glibc's main arena), `anon` (other arenas, large allocations, stacks of threads),
+/// `file` (the binary and libraries), `other` (`[stack]`, `[vdso]`...), sorted by size.
+pub(crate) fn smaps_breakdown(smaps: &str) -> Vec<(&'static str, u64)> {
+    let mut sums = [("heap", 0), ("anon", 0), ("file", 0), ("other", 0)];
+    let mut kind = 3;
+    for line in smaps.lines() {
+        let mut words = line.split_whitespace();
+        let Some(first) = words.next() else { continue };
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            // A mapping's header: range perms offset dev inode [path].
+            kind = match words.nth(4) {
+                None => 1,
+                Some("[heap]") => 0,
+                Some(p) if p.starts_with('[') => 3,
+                Some(_) => 2,
+            };
+        } else if first == "Rss:" {
+            sums[kind].1 += words.next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        }
+    }
+    let mut v = sums.to_vec();
+    v.sort_by_key(|k| std::cmp::Reverse(k.1));
+    v
 }
 
 /// The `VmRSS:` value of a /proc/<pid>/status text, in KiB.
@@ -345,5 +382,25 @@ mod tests {
         let status = "Name:\tsluice\nVmPeak:\t  99999 kB\nVmRSS:\t   23456 kB\nThreads:\t4\n";
         assert_eq!(vm_rss_kib(status), Some(23456));
         assert_eq!(vm_rss_kib("Name: x\n"), None);
+    }
+
+    #[test]
+    fn smaps_rss_is_summed_per_kind_of_mapping() {
+        let smaps = "\
+55d0c0000000-55d0c0100000 r-xp 00000000 08:01 1234 /usr/bin/sluice
+Rss:                 800 kB
+55d0c1000000-55d0c2000000 rw-p 00000000 00:00 0 [heap]
+Rss:                4000 kB
+7f0000000000-7f0004000000 rw-p 00000000 00:00 0
+Rss:                3000 kB
+7f0004000000-7f0008000000 rw-p 00000000 00:00 0
+Rss:                  24 kB
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+Rss:                  12 kB
+";
+        assert_eq!(
+            smaps_breakdown(smaps),
+            vec![("heap", 4000), ("anon", 3024), ("file", 800), ("other", 12)]
+        );
     }
 }

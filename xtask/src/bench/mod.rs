@@ -365,6 +365,12 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
         p50.unwrap_or(f64::NAN),
         p99.unwrap_or(f64::NAN)
     );
+    #[expect(clippy::cast_precision_loss, reason = "KiB count far below 2^52")]
+    let before = daemon.rss_kib()? as f64 / 1024.0;
+    println!(
+        "bench: control plane: RSS before the policy {before:.1} MiB ({})",
+        daemon.rss_breakdown()?
+    );
     let t = Instant::now();
     for doc in topo::policy_docs(c.policy_entries, "{name: cp-server}") {
         daemon.apply_policy(&doc)?;
@@ -375,9 +381,10 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
     let mib = daemon.rss_kib()? as f64 / 1024.0;
     c.rss_mib = Some(mib);
     println!(
-        "bench: control plane: policy of {} entries applied in {:.1} s; RSS {mib:.1} MiB",
+        "bench: control plane: policy of {} entries applied in {:.1} s; RSS {mib:.1} MiB ({})",
         c.policy_entries,
-        c.policy_apply_s.unwrap_or(f64::NAN)
+        c.policy_apply_s.unwrap_or(f64::NAN),
+        daemon.rss_breakdown()?
     );
     if let Ok(d) = Arc::try_unwrap(daemon) {
         lab.daemons.push(d);
