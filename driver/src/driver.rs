@@ -612,7 +612,10 @@ impl<K: Kernel> Driver<K> {
     /// at the first failure (retried at the next wake-up). Returns the links made.
     pub async fn refill_link_pools(&self) -> usize {
         let mut made = 0;
-        while self.pool.size > 0 {
+        if self.pool.size == 0 {
+            return made;
+        }
+        loop {
             let wanted = {
                 let state = self.state.lock().await;
                 state
