@@ -177,7 +177,9 @@ impl Env {
             dockerd: Dockerd::new(
                 &dir,
                 &format!("sle2e-{pid}-{n}"),
-                netns.as_ref().map(|ns| PathBuf::from(format!("/run/netns/{ns}"))),
+                netns
+                    .as_ref()
+                    .map(|ns| PathBuf::from(format!("/run/netns/{ns}"))),
             ),
             plugin_socket: plugin_dir.join(format!("{driver}.sock")),
             driver,
