@@ -684,6 +684,17 @@ impl<K: Kernel> Driver<K> {
         link
     }
 
+    /// Removes every spare link (daemon shutdown: nothing is left behind if the daemon does
+    /// not come back); carries on past errors and returns them.
+    pub async fn drain_link_pools(&self) -> Vec<KernelError> {
+        let networks: Vec<String> = self.pool.with_links(|l| l.keys().cloned().collect());
+        let mut errors = Vec::new();
+        for network_id in networks {
+            self.drain_link_pool(&network_id, &mut errors).await;
+        }
+        errors
+    }
+
     /// Removes the spare links of `network_id` (network delete); carries on past errors.
     async fn drain_link_pool(&self, network_id: &str, errors: &mut Vec<KernelError>) {
         let links = self
@@ -2437,6 +2448,11 @@ mod tests {
         assert!(pool_links(&d).is_empty());
         assert_eq!(d.refill_link_pools().await, 2, "refilled");
         assert_eq!(d.link_pool_len(NID), 2);
+        // Shutdown removes the spare links; the next refill makes them again.
+        assert!(d.drain_link_pools().await.is_empty());
+        assert!(pool_links(&d).is_empty());
+        assert!(d.kernel().pooled().is_empty());
+        assert_eq!(d.refill_link_pools().await, 2);
 
         // Network delete takes the spare links (and their programs) along.
         for n in 1..=3u8 {

@@ -184,6 +184,7 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         warn!(error = %e, "reconciliation");
     }
     // After reconciliation, which removed the spare links of an earlier run.
+    let driver_for_pool = driver.clone();
     let link_pool = tokio::spawn({
         let driver = driver.clone();
         async move { driver.run_link_pool().await }
@@ -244,6 +245,12 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     let (served, admin_served) = tokio::join!(plugin.into_future(), admin_api.into_future());
     signals.abort();
     link_pool.abort();
+    // Cancelled: it pushes no spare link after this (one it was making is removed by the
+    // next start's reconciliation).
+    let _cancelled = link_pool.await;
+    for e in driver_for_pool.drain_link_pools().await {
+        warn!(error = %e, "removing a spare link at shutdown");
+    }
     remove_socket(&args.plugin_socket).await;
     remove_socket(&admin_socket).await;
     served.context("serving the plugin socket")?;
