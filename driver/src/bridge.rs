@@ -13,7 +13,9 @@ use std::sync::{Arc, Mutex};
 use crate::datapath::layout::{EndpointInfo, IpInfo};
 use crate::datapath::{CompiledPolicy, Datapath, DatapathError, EndpointCounters};
 use crate::firewall::Firewall;
-use crate::kernel::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
+use crate::kernel::{
+    BridgeSpec, EndpointDatapath, Kernel, KernelError, PoolLink, PoolLinkSpec, VethSpec,
+};
 use crate::link::{self, Netlink, format_mac, write_sysctl};
 use crate::macvlan::{MacvlanSpec, ParentSpec};
 use crate::names;
@@ -511,6 +513,114 @@ impl Kernel for LinuxKernel {
             }
             first_error.map_or(Ok(()), Err)
         })
+    }
+
+    async fn make_pool_link(&self, spec: &PoolLinkSpec) -> Result<PoolLink, KernelError> {
+        let PoolLinkSpec {
+            host, peer, bridge, ..
+        } = spec;
+        let op = format!("create pool link {host}");
+        let bridge_index = self.nl.link_index(bridge).await?.ok_or_else(|| {
+            missing(
+                format!("attach {host} to bridge {bridge}"),
+                &format!("bridge {bridge}"),
+            )
+        })?;
+        self.nl
+            .create_veth_down(host, peer, spec.mtu, bridge_index)
+            .await?;
+        let made = async {
+            self.nl.set_alias_by_name(host, &self.owner).await?;
+            self.nl.set_alias_by_name(peer, &self.owner).await?;
+            let ifindex = self.require_index(host, &op).await?;
+            self.with_dp(&op, |dp| {
+                // No endpoint entry (a reused ifindex may have left one): the link is down
+                // and unregistered until an endpoint claims it.
+                dp.remove_endpoint(ifindex)?;
+                dp.attach(ifindex)
+            })?;
+            Ok::<_, KernelError>(ifindex)
+        };
+        match made.await {
+            Ok(ifindex) => {
+                debug!(%host, %peer, %bridge, ifindex, "pool link ready (down, programs attached)");
+                Ok(PoolLink {
+                    host: host.clone(),
+                    peer: peer.clone(),
+                    ifindex,
+                })
+            }
+            Err(e) => {
+                let link = PoolLink {
+                    host: host.clone(),
+                    peer: peer.clone(),
+                    ifindex: 0,
+                };
+                if let Err(undo) = self.delete_pool_link(&link).await {
+                    warn!(error = %undo, %host, "rollback of pool link failed");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    async fn claim_pool_link(&self, link: &PoolLink, spec: &VethSpec) -> Result<(), KernelError> {
+        let op = format!("claim pool link {} as {}", link.host, spec.host);
+        let claimed = async {
+            let peer_index = self.require_index(&link.peer, &op).await?;
+            self.nl.rename_link(link.ifindex, &spec.host, None).await?;
+            self.nl
+                .rename_link(peer_index, &spec.peer, Some(spec.peer_mac))
+                .await
+        };
+        if let Err(e) = claimed.await {
+            warn!(error = %e, pool = %link.host, "claiming a pool link failed; removing it");
+            // Whichever name the host end has now, its pins go by ifindex.
+            for host in [&link.host, &spec.host] {
+                let gone = PoolLink {
+                    host: host.clone(),
+                    ..link.clone()
+                };
+                if let Err(undo) = self.delete_pool_link(&gone).await {
+                    warn!(error = %undo, link = %host, "removing a pool link failed");
+                }
+            }
+            return Err(e);
+        }
+        debug!(pool = %link.host, host = %spec.host, peer = %spec.peer, "pool link claimed");
+        Ok(())
+    }
+
+    async fn activate_endpoint(&self, ep: &EndpointDatapath) -> Result<u32, KernelError> {
+        if ep.ifindex == 0 || ep.sandboxed {
+            return self.attach_endpoint(ep).await;
+        }
+        // Map entries first, then up: the programs are attached already, and the endpoint
+        // entry makes them enforce from the first packet.
+        self.update_endpoint(ep).await?;
+        self.nl.set_up(ep.ifindex).await?;
+        debug!(veth = %ep.host_veth, ifindex = ep.ifindex, "endpoint from the link pool is up");
+        Ok(ep.ifindex)
+    }
+
+    async fn delete_pool_link(&self, link: &PoolLink) -> Result<(), KernelError> {
+        let ifindex = match link.ifindex {
+            0 => self.nl.link_index(&link.host).await?.unwrap_or(0),
+            i => i,
+        };
+        let detached = if ifindex == 0 || self.datapath.is_none() {
+            Ok(())
+        } else {
+            self.with_dp(&format!("detach pool link {}", link.host), |dp| {
+                dp.detach(ifindex)
+            })
+        };
+        let deleted = self.nl.delete_link(&link.host).await.map(|gone| {
+            if gone {
+                debug!("ip link del {}", link.host);
+            }
+        });
+        collect([detached, deleted])
     }
 
     async fn apply_policy(&self, compiled: &CompiledPolicy) -> Result<(), KernelError> {

@@ -18,7 +18,9 @@ use crate::datapath::layout::{
     IDENTITY_FIRST_ENDPOINT,
 };
 use crate::ipam::{Ipam, IpamConfig, IpamError, LeaseKind, Pool, PoolRequest};
-use crate::kernel::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
+use crate::kernel::{
+    BridgeSpec, EndpointDatapath, Kernel, KernelError, PoolLink, PoolLinkSpec, VethSpec,
+};
 use crate::macvlan::{MacvlanConfig, MacvlanSpec, OPT_MACVLAN_MODE, OPT_PARENT, ParentSpec};
 use crate::model::{
     ContainerIdentity, Endpoint, EndpointCreated, EndpointRequest, JoinInfo, Mode, Network,
@@ -298,9 +300,49 @@ impl State {
     }
 }
 
+/// The warm link pool ([`Driver::with_link_pool`]): per bridge-backed network, spare veth
+/// pairs whose programs are attached already, so CreateEndpoint pays no TCX attach.
+#[derive(Debug, Default)]
+struct LinkPool {
+    /// Spare links kept per network; 0: no pool.
+    size: usize,
+    /// The spare links, by network ID. Pushed to under the state lock (so a network being
+    /// deleted never gains one), taken from without it.
+    links: std::sync::Mutex<BTreeMap<String, Vec<PoolLink>>>,
+    /// Wakes the refill task ([`Driver::run_link_pool`]).
+    wanted: tokio::sync::Notify,
+    /// Pool links made by this process, part of their names.
+    made: std::sync::atomic::AtomicU64,
+}
+
+impl LinkPool {
+    fn with_links<T>(&self, f: impl FnOnce(&mut BTreeMap<String, Vec<PoolLink>>) -> T) -> T {
+        match self.links.lock() {
+            Ok(mut l) => f(&mut l),
+            Err(poisoned) => f(&mut poisoned.into_inner()),
+        }
+    }
+
+    fn len(&self, network_id: &str) -> usize {
+        self.with_links(|l| l.get(network_id).map_or(0, Vec::len))
+    }
+
+    /// A unique tag for a new pool link's names (11 hex digits: process, time, counter).
+    fn tag(&self) -> String {
+        let n = self.made.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let mixed = (u64::from(std::process::id()) << 28) ^ (u64::from(nanos) << 8) ^ n;
+        format!("{:011x}", mixed & 0xfff_ffff_ffff)
+    }
+}
+
 /// The network and IPAM driver.
 #[derive(Debug)]
 pub struct Driver<K: Kernel> {
+    /// Spare, pre-attached veth pairs per bridge-backed network.
+    pool: LinkPool,
     kernel: K,
     store: Store,
     state: Mutex<State>,
@@ -382,6 +424,7 @@ impl<K: Kernel> Driver<K> {
             state: Mutex::new(state),
             cluster: None,
             identify_from_options: false,
+            pool: LinkPool::default(),
         })
     }
 
@@ -555,6 +598,122 @@ impl<K: Kernel> Driver<K> {
         &self.kernel
     }
 
+    /// Keeps `size` spare veth pairs per bridge-backed network, made in the background by
+    /// [`Driver::run_link_pool`] (0, the default: none; every CreateEndpoint makes its pair
+    /// and attaches its programs inline).
+    #[must_use]
+    pub fn with_link_pool(mut self, size: usize) -> Self {
+        self.pool.size = size;
+        self
+    }
+
+    /// Spare links in the pool of `network_id` now.
+    #[must_use]
+    pub fn link_pool_len(&self, network_id: &str) -> usize {
+        self.pool.len(network_id)
+    }
+
+    /// Fills the pool of every bridge-backed network up to its size, one link at a time
+    /// (each costs two TCX attaches; one at a time leaves rtnl to the request path). Stops
+    /// at the first failure (retried at the next wake-up). Returns the links made.
+    pub async fn refill_link_pools(&self) -> usize {
+        let mut made = 0;
+        if self.pool.size == 0 {
+            return made;
+        }
+        loop {
+            let wanted = {
+                let state = self.state.lock().await;
+                state
+                    .networks
+                    .values()
+                    .filter(|n| n.macvlan.is_none() && self.pool.len(&n.id) < self.pool.size)
+                    .map(|n| (n.id.clone(), n.bridge.clone(), n.mtu))
+                    .next()
+            };
+            let Some((network_id, bridge, mtu)) = wanted else {
+                break;
+            };
+            let tag = self.pool.tag();
+            let spec = PoolLinkSpec {
+                host: names::pool_host(&tag),
+                peer: names::pool_peer(&tag),
+                bridge,
+                mtu,
+            };
+            let link = match self.kernel.make_pool_link(&spec).await {
+                Ok(link) => link,
+                Err(e) => {
+                    warn!(network = %network_id, error = %e, "link pool: making a spare link failed");
+                    break;
+                }
+            };
+            let state = self.state.lock().await;
+            if state.networks.contains_key(&network_id) {
+                self.pool
+                    .with_links(|l| l.entry(network_id).or_default().push(link));
+                made += 1;
+            } else {
+                drop(state);
+                if let Err(e) = self.kernel.delete_pool_link(&link).await {
+                    warn!(link = %link.host, error = %e, "link pool: removing a spare link of a deleted network failed");
+                }
+            }
+        }
+        if made > 0 {
+            debug!(made, "link pool refilled");
+        }
+        made
+    }
+
+    /// The refill task: fills the pools, then again whenever a link is taken or a network
+    /// created. Runs until dropped (spawn it after [`Driver::reconcile`]).
+    pub async fn run_link_pool(&self) {
+        if self.pool.size == 0 {
+            return;
+        }
+        loop {
+            self.refill_link_pools().await;
+            self.pool.wanted.notified().await;
+        }
+    }
+
+    /// Takes a spare link of `network_id`, if any, and asks for a replacement.
+    fn take_pool_link(&self, network_id: &str) -> Option<PoolLink> {
+        if self.pool.size == 0 {
+            return None;
+        }
+        let link = self
+            .pool
+            .with_links(|l| l.get_mut(network_id).and_then(Vec::pop));
+        self.pool.wanted.notify_one();
+        link
+    }
+
+    /// Removes every spare link (daemon shutdown: nothing is left behind if the daemon does
+    /// not come back); carries on past errors and returns them.
+    pub async fn drain_link_pools(&self) -> Vec<KernelError> {
+        let networks: Vec<String> = self.pool.with_links(|l| l.keys().cloned().collect());
+        let mut errors = Vec::new();
+        for network_id in networks {
+            self.drain_link_pool(&network_id, &mut errors).await;
+        }
+        errors
+    }
+
+    /// Removes the spare links of `network_id` (network delete); carries on past errors.
+    async fn drain_link_pool(&self, network_id: &str, errors: &mut Vec<KernelError>) {
+        let links = self
+            .pool
+            .with_links(|l| l.remove(network_id))
+            .unwrap_or_default();
+        for link in links {
+            if let Err(e) = self.kernel.delete_pool_link(&link).await {
+                errors.push(e);
+            }
+        }
+    }
+
     /// Brings the kernel in line with the store: every network's bridge exists and is
     /// configured, every endpoint that is not inside a container has its veth pair, the
     /// published ports of running containers hold their host ports again, sluice's nftables
@@ -697,6 +856,14 @@ impl<K: Kernel> Driver<K> {
             }
             let result = if name.starts_with(names::BRIDGE_PREFIX) {
                 self.kernel.delete_bridge(&name).await
+            } else if names::is_pool_host(&name) {
+                // A spare link of an earlier run: its pinned programs go with it.
+                let link = PoolLink {
+                    host: name.clone(),
+                    peer: String::new(),
+                    ifindex: 0,
+                };
+                self.kernel.delete_pool_link(&link).await
             } else {
                 self.kernel.delete_link(&name).await
             };
@@ -867,6 +1034,9 @@ impl<K: Kernel> Driver<K> {
         if net.vxlan.is_some() {
             self.program_remotes_of(&mut state, &net.id).await;
         }
+        if net.macvlan.is_none() {
+            self.pool.wanted.notify_one();
+        }
         info!(
             bridge = %net.bridge,
             mtu = ?net.mtu,
@@ -920,6 +1090,7 @@ impl<K: Kernel> Driver<K> {
             }
             self.forget_remotes_of(&mut state, &net).await;
         }
+        self.drain_link_pool(network_id, &mut errors).await;
         changes.push(Change::DeleteNetwork(net.id.clone()));
         self.store.apply(&changes)?;
         for ep in &leftovers {
@@ -997,10 +1168,15 @@ impl<K: Kernel> Driver<K> {
         let made = self.make_endpoint_links(&net, &mut ep).await;
         let mut state = self.state.lock().await;
         state.creating.remove(&ep.id);
-        made?;
+        let pooled = made?;
         if !state.networks.contains_key(&net.id) {
             // The network was deleted meanwhile (its bridge took the veth's host end along).
-            if let Err(undo) = self.kernel.delete_link(&ep.host_veth).await {
+            let undo = if pooled {
+                self.kernel.delete_pool_link(&claimed(&ep)).await
+            } else {
+                self.kernel.delete_link(&ep.host_veth).await
+            };
+            if let Err(undo) = undo {
                 warn!(error = %undo, veth = %ep.host_veth, "rollback of veth failed");
             }
             return Err(DriverError::UnknownNetwork(net.id));
@@ -1012,7 +1188,14 @@ impl<K: Kernel> Driver<K> {
         let mut result = self.resync(&mut state, Some(&ep.id)).await;
         if result.is_ok() {
             // An endpoint never carries traffic without its programs: no attach, no endpoint.
-            result = match self.kernel.attach_endpoint(&state.datapath_view(&ep)).await {
+            // A pool link has them already: its map entries are written, then it goes up.
+            let view = state.datapath_view(&ep);
+            let attached = if pooled {
+                self.kernel.activate_endpoint(&view).await
+            } else {
+                self.kernel.attach_endpoint(&view).await
+            };
+            result = match attached {
                 Ok(ifindex) => {
                     ep.ifindex = ifindex;
                     state.endpoints.insert(ep.id.clone(), ep.clone());
@@ -1061,12 +1244,14 @@ impl<K: Kernel> Driver<K> {
     }
 
     /// The links of a new endpoint (veth pair or macvlan link), and its cluster-wide
-    /// identity in cluster mode. No lock held.
+    /// identity in cluster mode. No lock held. A veth pair comes from the network's link
+    /// pool when it has one (then `ep.ifindex` is set and this returns `true`: the programs
+    /// are attached, the host end is still down), else it is made here.
     async fn make_endpoint_links(
         &self,
         net: &Network,
         ep: &mut Endpoint,
-    ) -> Result<(), DriverError> {
+    ) -> Result<bool, DriverError> {
         if let Some(cluster) = &self.cluster {
             // Identities are cluster-wide: remote hosts' policies name this one too.
             ep.identity = cluster.allocate_identity().await?;
@@ -1077,9 +1262,22 @@ impl<K: Kernel> Driver<K> {
                     .ensure_macvlan(&macvlan_spec(net, mv, ep))
                     .await?
             }
-            None => self.kernel.ensure_veth(&veth_spec(net, ep)).await?,
+            None => {
+                let spec = veth_spec(net, ep);
+                if let Some(link) = self.take_pool_link(&net.id) {
+                    match self.kernel.claim_pool_link(&link, &spec).await {
+                        Ok(()) => {
+                            ep.ifindex = link.ifindex;
+                            return Ok(true);
+                        }
+                        // The kernel removed that link; the endpoint is made inline.
+                        Err(e) => warn!(pool = %link.host, error = %e, "link pool: claim failed"),
+                    }
+                }
+                self.kernel.ensure_veth(&spec).await?;
+            }
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Undoes a CreateEndpoint whose later step failed: programs, state, policy, links.
@@ -1406,6 +1604,15 @@ fn new_endpoint(req: EndpointRequest, net: &Network, identity: u32) -> Endpoint 
         ifindex: 0,
         container: None,
         published: Vec::new(),
+    }
+}
+
+/// The pool link `ep` was made from, under its endpoint names.
+fn claimed(ep: &Endpoint) -> PoolLink {
+    PoolLink {
+        host: ep.host_veth.clone(),
+        peer: ep.peer_veth.clone(),
+        ifindex: ep.ifindex,
     }
 }
 
@@ -2182,5 +2389,159 @@ mod tests {
             before,
             "a subject's member leaving"
         );
+    }
+
+    fn pool_links(d: &Driver<FakeKernel>) -> Vec<String> {
+        d.kernel()
+            .links()
+            .into_keys()
+            .filter(|n| {
+                n.starts_with(names::POOL_HOST_PREFIX) || n.starts_with(names::POOL_PEER_PREFIX)
+            })
+            .collect()
+    }
+
+    fn eid(n: u8) -> String {
+        format!("{n:02x}{}", &EID[2..])
+    }
+
+    #[tokio::test]
+    async fn link_pool_is_taken_refilled_and_falls_back_when_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path()).with_link_pool(2);
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        assert_eq!(d.refill_link_pools().await, 2);
+        assert_eq!(d.link_pool_len(NID), 2);
+        // Spare links: on the bridge, programs attached, no endpoint entry.
+        assert_eq!(d.kernel().pooled().len(), 2);
+        assert_eq!(pool_links(&d).len(), 4, "two pairs");
+        assert!(d.kernel().attached().is_empty());
+        assert_eq!(d.refill_link_pools().await, 0, "full");
+
+        for n in 1..=3u8 {
+            d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", n + 1)))
+                .await
+                .unwrap();
+        }
+        // Two came from the pool (renamed, activated without a new attach), one inline.
+        let activated = d.kernel().activated();
+        assert_eq!(activated.len(), 2);
+        let attached = d.kernel().attached();
+        assert_eq!(attached.len(), 3);
+        for n in 1..=3u8 {
+            let host = names::host_veth(&eid(n));
+            assert!(attached.contains_key(&host), "{host} registered");
+            assert!(d.kernel().links().contains_key(&names::peer_veth(&eid(n))));
+        }
+        let inline: Vec<String> = (1..=3u8)
+            .map(|n| names::host_veth(&eid(n)))
+            .filter(|h| !activated.contains(h))
+            .collect();
+        assert_eq!(inline.len(), 1, "the third endpoint was made inline");
+        // A pool endpoint keeps the container MAC Docker sees.
+        let ep = d
+            .endpoints()
+            .await
+            .into_iter()
+            .find(|e| e.host_veth == activated[0])
+            .unwrap();
+        assert!(matches!(
+            d.kernel().links().get(&ep.host_veth),
+            Some(FakeLink::VethHost(v)) if v.peer_mac == ep.mac && v.peer == ep.peer_veth
+        ));
+        assert!(pool_links(&d).is_empty());
+        assert_eq!(d.refill_link_pools().await, 2, "refilled");
+        assert_eq!(d.link_pool_len(NID), 2);
+        // Shutdown removes the spare links; the next refill makes them again.
+        assert!(d.drain_link_pools().await.is_empty());
+        assert!(pool_links(&d).is_empty());
+        assert!(d.kernel().pooled().is_empty());
+        assert_eq!(d.refill_link_pools().await, 2);
+
+        // Network delete takes the spare links (and their programs) along.
+        for n in 1..=3u8 {
+            d.delete_endpoint(NID, &eid(n)).await.unwrap();
+        }
+        d.delete_network(NID).await.unwrap();
+        assert!(pool_links(&d).is_empty());
+        assert!(d.kernel().pooled().is_empty());
+        assert!(d.kernel().links().is_empty());
+        assert_eq!(d.link_pool_len(NID), 0);
+        assert_eq!(d.refill_link_pools().await, 0, "no network, no spare links");
+    }
+
+    #[tokio::test]
+    async fn link_pool_failures_roll_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path()).with_link_pool(1);
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        // A failed refill leaves nothing behind.
+        d.kernel().fail_after("make_pool_link", "ENOMEM");
+        assert_eq!(d.refill_link_pools().await, 0);
+        assert!(pool_links(&d).is_empty());
+        assert_eq!(d.refill_link_pools().await, 1);
+
+        // A failed claim: the spare link goes, the endpoint is made inline.
+        d.kernel().fail_after("claim_pool_link", "EEXIST");
+        d.create_endpoint(ep_request(NID, &eid(1), "10.20.0.2/24"))
+            .await
+            .unwrap();
+        assert!(pool_links(&d).is_empty());
+        assert!(d.kernel().pooled().is_empty());
+        assert!(d.kernel().activated().is_empty());
+        assert!(
+            d.kernel()
+                .attached()
+                .contains_key(&names::host_veth(&eid(1)))
+        );
+
+        // A failed activation: no endpoint, no links, no programs.
+        assert_eq!(d.refill_link_pools().await, 1);
+        d.kernel().fail_after("activate_endpoint", "EPERM");
+        let err = d
+            .create_endpoint(ep_request(NID, &eid(2), "10.20.0.3/24"))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("EPERM"), "{err}");
+        assert_eq!(d.endpoints().await.len(), 1);
+        let host = names::host_veth(&eid(2));
+        assert!(!d.kernel().links().contains_key(&host));
+        assert!(!d.kernel().attached().contains_key(&host));
+        assert!(pool_links(&d).is_empty());
+    }
+
+    #[tokio::test]
+    async fn link_pool_off_and_restart_leaves_no_spare_links() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let d = driver(dir.path());
+            d.create_network(net_request(NID, "10.20.0.0/24"))
+                .await
+                .unwrap();
+            assert_eq!(d.refill_link_pools().await, 0, "pool off by default");
+            d.create_endpoint(ep_request(NID, EID, "10.20.0.2/24"))
+                .await
+                .unwrap();
+            assert!(d.kernel().activated().is_empty());
+        }
+        // A new process finds the spare links of the last one (down, programs attached).
+        let d = driver(dir.path()).with_link_pool(1);
+        let net = d.networks().await.remove(0);
+        d.kernel().ensure_bridge(&bridge_spec(&net)).await.unwrap();
+        let spec = PoolLinkSpec {
+            host: names::pool_host("00000000abc"),
+            peer: names::pool_peer("00000000abc"),
+            bridge: net.bridge.clone(),
+            mtu: None,
+        };
+        d.kernel().make_pool_link(&spec).await.unwrap();
+        let report = d.reconcile().await;
+        assert!(report.removed_links.contains(&spec.host), "{report:?}");
+        assert!(pool_links(&d).is_empty());
+        assert!(d.kernel().pooled().is_empty(), "programs detached too");
     }
 }

@@ -40,6 +40,31 @@ pub struct VethSpec {
     pub peer_mac: [u8; 6],
 }
 
+/// A spare veth pair of a network's warm link pool ([`Kernel::make_pool_link`]): host end on
+/// the bridge but down, programs attached, no endpoint entry, so it passes nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolLink {
+    /// Host end (on the bridge, down).
+    pub host: String,
+    /// Container end.
+    pub peer: String,
+    /// Ifindex of the host end (where the programs and their pins are); 0 when unknown.
+    pub ifindex: u32,
+}
+
+/// What a pool link is made for: its names, its network's bridge and MTU.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolLinkSpec {
+    /// Host end name ([`crate::names::pool_host`]).
+    pub host: String,
+    /// Container end name ([`crate::names::pool_peer`]).
+    pub peer: String,
+    /// The bridge the host end joins.
+    pub bridge: String,
+    /// MTU for both ends.
+    pub mtu: Option<u32>,
+}
+
 /// An endpoint as the eBPF datapath sees it: the programs on its host veth, its entry in
 /// the endpoints map and its addresses in the ipcache.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,6 +177,49 @@ pub trait Kernel: Send + Sync + 'static {
         ep: &EndpointDatapath,
     ) -> impl Future<Output = Result<(), KernelError>> + Send;
 
+    /// Warm link pool: creates a veth pair with its host end on `spec.bridge` but **down**,
+    /// the MTU set and the endpoint programs attached (and pinned) without an endpoint
+    /// entry: it passes nothing until [`Kernel::activate_endpoint`]. This is where the
+    /// attach's RCU waits are paid, off the request path. Rolls back on failure.
+    fn make_pool_link(
+        &self,
+        spec: &PoolLinkSpec,
+    ) -> impl Future<Output = Result<PoolLink, KernelError>> + Send {
+        let op = format!("create pool link {}", spec.host);
+        async move { Err(unsupported(&op)) }
+    }
+
+    /// Warm link pool: turns pool link `link` into the endpoint pair `spec` (renames both
+    /// ends, sets the container end's MAC; the host end stays down). On failure the link is
+    /// removed (programs and pins too).
+    fn claim_pool_link(
+        &self,
+        link: &PoolLink,
+        spec: &VethSpec,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send {
+        let op = format!("claim pool link {} as {}", link.host, spec.host);
+        async move { Err(unsupported(&op)) }
+    }
+
+    /// Registers an endpoint made from a claimed pool link (programs attached already,
+    /// `ep.ifindex` known): writes its map entries, then brings its host end up. Returns the
+    /// ifindex. By default the same as [`Kernel::attach_endpoint`].
+    fn activate_endpoint(
+        &self,
+        ep: &EndpointDatapath,
+    ) -> impl Future<Output = Result<u32, KernelError>> + Send {
+        self.attach_endpoint(ep)
+    }
+
+    /// Removes an unclaimed pool link: its programs and pins, then the pair. Idempotent
+    /// (`ifindex` 0: looked up by name).
+    fn delete_pool_link(
+        &self,
+        link: &PoolLink,
+    ) -> impl Future<Output = Result<(), KernelError>> + Send {
+        self.delete_link(&link.host)
+    }
+
     /// Makes the policy map exactly `compiled`.
     fn apply_policy(
         &self,
@@ -259,7 +327,9 @@ pub mod fake {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
-    use super::{BridgeSpec, EndpointDatapath, Kernel, KernelError, VethSpec};
+    use super::{
+        BridgeSpec, EndpointDatapath, Kernel, KernelError, PoolLink, PoolLinkSpec, VethSpec,
+    };
     use crate::datapath::{CompiledPolicy, EndpointCounters};
     use crate::macvlan::{MacvlanSpec, ParentSpec};
     use crate::nat::{NatRuleset, PortBinding, PortRequest, Proto};
@@ -295,6 +365,10 @@ pub mod fake {
         ports: Mutex<BTreeMap<String, Vec<PortBinding>>>,
         taken: Mutex<Vec<(Proto, u16)>>,
         remotes: Mutex<BTreeMap<String, crate::vxlan::RemotePeer>>,
+        /// Pool links with programs attached but no endpoint, by host end.
+        pooled: Mutex<BTreeMap<String, PoolLink>>,
+        /// Host ends brought up by [`Kernel::activate_endpoint`].
+        activated: Mutex<Vec<String>>,
     }
 
     impl FakeKernel {
@@ -328,6 +402,18 @@ pub mod fake {
         #[must_use]
         pub fn attached(&self) -> BTreeMap<String, EndpointDatapath> {
             self.attached.lock().map(|a| a.clone()).unwrap_or_default()
+        }
+
+        /// Pool links with programs attached and no endpoint, by host end.
+        #[must_use]
+        pub fn pooled(&self) -> BTreeMap<String, PoolLink> {
+            self.pooled.lock().map(|p| p.clone()).unwrap_or_default()
+        }
+
+        /// Host ends of endpoints made from pool links, in activation order.
+        #[must_use]
+        pub fn activated(&self) -> Vec<String> {
+            self.activated.lock().map(|a| a.clone()).unwrap_or_default()
         }
 
         /// The last policy written.
@@ -651,6 +737,73 @@ pub mod fake {
                 r.remove(&crate::model::format_mac(&peer.mac));
             }
             Ok(())
+        }
+
+        async fn make_pool_link(&self, spec: &PoolLinkSpec) -> Result<PoolLink, KernelError> {
+            self.check("make_pool_link")?;
+            self.ensure_veth(&VethSpec {
+                host: spec.host.clone(),
+                peer: spec.peer.clone(),
+                bridge: spec.bridge.clone(),
+                mtu: spec.mtu,
+                peer_mac: [0; 6],
+            })
+            .await?;
+            let ifindex = self.with_links(|l| {
+                l.keys()
+                    .position(|k| *k == spec.host)
+                    .and_then(|i| u32::try_from(i + 1).ok())
+                    .unwrap_or(0)
+            });
+            let link = PoolLink {
+                host: spec.host.clone(),
+                peer: spec.peer.clone(),
+                ifindex,
+            };
+            if let Ok(mut p) = self.pooled.lock() {
+                p.insert(link.host.clone(), link.clone());
+            }
+            Ok(link)
+        }
+
+        async fn claim_pool_link(
+            &self,
+            link: &PoolLink,
+            spec: &VethSpec,
+        ) -> Result<(), KernelError> {
+            if let Err(e) = self.check("claim_pool_link") {
+                self.delete_pool_link(link).await?;
+                return Err(e);
+            }
+            if let Ok(mut p) = self.pooled.lock() {
+                p.remove(&link.host);
+            }
+            self.with_links(|l| {
+                l.remove(&link.host);
+                l.remove(&link.peer);
+                l.insert(spec.host.clone(), FakeLink::VethHost(spec.clone()));
+                l.insert(spec.peer.clone(), FakeLink::VethPeer(spec.host.clone()));
+            });
+            Ok(())
+        }
+
+        async fn activate_endpoint(&self, ep: &EndpointDatapath) -> Result<u32, KernelError> {
+            self.check("activate_endpoint")?;
+            if let Ok(mut a) = self.attached.lock() {
+                a.insert(ep.host_veth.clone(), ep.clone());
+            }
+            if let Ok(mut a) = self.activated.lock() {
+                a.push(ep.host_veth.clone());
+            }
+            Ok(ep.ifindex)
+        }
+
+        async fn delete_pool_link(&self, link: &PoolLink) -> Result<(), KernelError> {
+            self.check("delete_pool_link")?;
+            if let Ok(mut p) = self.pooled.lock() {
+                p.remove(&link.host);
+            }
+            self.delete_link(&link.host).await
         }
     }
 }

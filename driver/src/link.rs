@@ -290,8 +290,43 @@ impl Netlink {
         peer_mac: [u8; 6],
         bridge_index: u32,
     ) -> Result<(), KernelError> {
-        let mut peer_msg = LinkUnspec::new_with_name(peer).address(peer_mac.to_vec());
-        let mut builder = LinkVeth::new(host, peer).controller(bridge_index).up();
+        self.create_veth_on(host, peer, mtu, Some(peer_mac), bridge_index, true)
+            .await
+    }
+
+    /// Like [`Netlink::create_veth_ready`] but the host end stays **down** and the container
+    /// end keeps the kernel's MAC (a warm pool link, see [`crate::kernel::PoolLink`]).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`], e.g. `EEXIST`.
+    pub async fn create_veth_down(
+        &self,
+        host: &str,
+        peer: &str,
+        mtu: Option<u32>,
+        bridge_index: u32,
+    ) -> Result<(), KernelError> {
+        self.create_veth_on(host, peer, mtu, None, bridge_index, false)
+            .await
+    }
+
+    async fn create_veth_on(
+        &self,
+        host: &str,
+        peer: &str,
+        mtu: Option<u32>,
+        peer_mac: Option<[u8; 6]>,
+        bridge_index: u32,
+        up: bool,
+    ) -> Result<(), KernelError> {
+        let mut peer_msg = LinkUnspec::new_with_name(peer);
+        if let Some(mac) = peer_mac {
+            peer_msg = peer_msg.address(mac.to_vec());
+        }
+        let mut builder = LinkVeth::new(host, peer).controller(bridge_index);
+        if up {
+            builder = builder.up();
+        }
         if let Some(mtu) = mtu {
             peer_msg = peer_msg.mtu(mtu);
             builder = builder.mtu(mtu);
@@ -308,11 +343,41 @@ impl Netlink {
                 "create veth {host} peer {peer} with master #{bridge_index}"
             )))?;
         debug!(
-            "ip link add {host}{m} master #{bridge_index} up type veth peer name {peer}{m} address {}",
-            format_mac(&peer_mac),
+            "ip link add {host}{m} master #{bridge_index}{} type veth peer name {peer}{m}{}",
+            if up { " up" } else { "" },
+            peer_mac
+                .map(|mac| format!(" address {}", format_mac(&mac)))
+                .unwrap_or_default(),
             m = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default()
         );
         Ok(())
+    }
+
+    /// Renames a (down) link and optionally sets its MAC, in one request
+    /// (`ip link set dev IDX name NEW address MAC`; a rename needs the index: by name the
+    /// kernel would look the new name up).
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`], e.g. `ENODEV`, or `EEXIST` when `new` is taken.
+    pub async fn rename_link(
+        &self,
+        index: u32,
+        new: &str,
+        mac: Option<[u8; 6]>,
+    ) -> Result<(), KernelError> {
+        let mut message = LinkUnspec::new_with_index(index).name(new);
+        if let Some(mac) = mac {
+            message = message.address(mac.to_vec());
+        }
+        self.set_link(
+            format!(
+                "ip link set dev #{index} name {new}{}",
+                mac.map(|m| format!(" address {}", format_mac(&m)))
+                    .unwrap_or_default()
+            ),
+            message,
+        )
+        .await
     }
 
     /// Sets a link's alias by name (`ip link set dev NAME alias ALIAS`).

@@ -42,6 +42,29 @@ pub fn peer_veth(endpoint_id: &str) -> String {
     derive(PEER_VETH_PREFIX, endpoint_id)
 }
 
+/// Host end of a warm pool link (renamed to [`host_veth`] when an endpoint takes it).
+pub const POOL_HOST_PREFIX: &str = "slvp";
+/// Container end of a warm pool link (renamed to [`peer_veth`] when an endpoint takes it).
+pub const POOL_PEER_PREFIX: &str = "slvq";
+
+/// Host end of the pool link tagged `tag` (hex digits).
+#[must_use]
+pub fn pool_host(tag: &str) -> String {
+    derive(POOL_HOST_PREFIX, tag)
+}
+
+/// Container end of the pool link tagged `tag`.
+#[must_use]
+pub fn pool_peer(tag: &str) -> String {
+    derive(POOL_PEER_PREFIX, tag)
+}
+
+/// True for the host end of a pool link.
+#[must_use]
+pub fn is_pool_host(name: &str) -> bool {
+    name.starts_with(POOL_HOST_PREFIX)
+}
+
 /// Prefix of an endpoint's macvlan link (macvlan mode).
 pub const MACVLAN_PREFIX: &str = "slmv";
 
@@ -59,6 +82,8 @@ pub fn is_sluice_link(name: &str) -> bool {
         HOST_VETH_PREFIX,
         PEER_VETH_PREFIX,
         MACVLAN_PREFIX,
+        POOL_HOST_PREFIX,
+        POOL_PEER_PREFIX,
         crate::vxlan::DEVICE_PREFIX,
     ]
     .iter()

@@ -105,6 +105,11 @@ pub struct DaemonArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub fast_path: bool,
+    /// Warm link pool: spare veth pairs kept per bridge-backed network, on the bridge but
+    /// down, programs attached, so CreateEndpoint pays no TCX attach (docs/options.md).
+    /// 0 turns it off.
+    #[arg(long, env = "SLUICE_LINK_POOL", default_value_t = 8)]
+    pub link_pool: usize,
 }
 
 /// Runs the daemon until a signal arrives.
@@ -155,7 +160,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         None
     });
     let mut driver = Driver::open(kernel, store, ipam)?
-        .identify_from_options(args.docker_host == crate::cluster::NO_DOCKER_HOST);
+        .identify_from_options(args.docker_host == crate::cluster::NO_DOCKER_HOST)
+        .with_link_pool(args.link_pool);
     let cluster =
         crate::cluster::connect(&args.cluster, args.cluster_address, &args.state_dir).await?;
     if let Some(c) = &cluster {
@@ -177,6 +183,12 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     for e in &report.errors {
         warn!(error = %e, "reconciliation");
     }
+    // After reconciliation, which removed the spare links of an earlier run.
+    let driver_for_pool = driver.clone();
+    let link_pool = tokio::spawn({
+        let driver = driver.clone();
+        async move { driver.run_link_pool().await }
+    });
     let discovery = match cluster {
         Some(c) => c.start(driver.clone()).await,
         None => None,
@@ -232,6 +244,13 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
         .with_graceful_shutdown(stopped(stop_rx));
     let (served, admin_served) = tokio::join!(plugin.into_future(), admin_api.into_future());
     signals.abort();
+    link_pool.abort();
+    // Cancelled: it pushes no spare link after this (one it was making is removed by the
+    // next start's reconciliation).
+    let _cancelled = link_pool.await;
+    for e in driver_for_pool.drain_link_pools().await {
+        warn!(error = %e, "removing a spare link at shutdown");
+    }
     remove_socket(&args.plugin_socket).await;
     remove_socket(&admin_socket).await;
     served.context("serving the plugin socket")?;

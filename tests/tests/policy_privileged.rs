@@ -25,7 +25,9 @@ use sluice_driver::names;
 use sluice_driver::policy::parse_documents;
 use sluice_driver::store::Store;
 use sluice_driver::{Driver, Kernel};
-use sluice_tests::netns::{NetNs, PeerNs, current_thread_runtime, require_root, run};
+use sluice_tests::netns::{
+    NetNs, PeerNs, current_thread_runtime, ip_json, link_names, require_root, run,
+};
 
 type TestDriver = Driver<LinuxKernel>;
 
@@ -703,5 +705,142 @@ fn a_policy_over_many_endpoints_costs_its_rules_once_in_the_map() {
         driver.remove_policy("web").await.unwrap();
         assert_eq!(policy_len(), 0);
         assert!(subjects().await.values().all(|s| *s == 0));
+    });
+}
+
+/// The spare links of the warm link pool in this namespace: (name, ifindex, up, master).
+fn spare_links() -> Vec<(String, u32, bool, String)> {
+    ip_json(&["link", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| {
+            l["ifname"]
+                .as_str()
+                .unwrap()
+                .starts_with(names::POOL_HOST_PREFIX)
+        })
+        .map(|l| {
+            let up = l["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f.as_str() == Some("UP"));
+            (
+                l["ifname"].as_str().unwrap().to_owned(),
+                u32::try_from(l["ifindex"].as_u64().unwrap()).unwrap(),
+                up,
+                l["master"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Pinned TCX links left under `bpffs` (one file per program and interface).
+fn pinned_links(bpffs: &Bpffs) -> Vec<String> {
+    std::fs::read_dir(bpffs.path().join("links"))
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The warm link pool (`Driver::with_link_pool`): spare pairs sit on the bridge down, with
+/// the programs attached and pinned but no endpoint entry; endpoints made from them carry
+/// traffic and enforce a deny; a restart removes the spare links of the last run, and
+/// deleting everything leaves no link and no pin. (Subnet 10.81.1.0/24.)
+#[test]
+fn link_pool_endpoints_enforce_policy_and_nothing_leaks() {
+    in_netns(|| async {
+        let bpffs = Bpffs::mount();
+        let config = DatapathConfig::pinned(bpffs.path());
+        let store = tempfile::tempdir().unwrap();
+        let driver = open_driver(store.path(), &config).with_link_pool(2);
+        let net_id = id("81");
+        create_network(&driver, &net_id, "10.81.1.0/24", &[]).await;
+        assert_eq!(driver.refill_link_pools().await, 2);
+        let spares = spare_links();
+        assert_eq!(spares.len(), 2, "{spares:?}");
+        for (name, ifindex, up, master) in &spares {
+            assert!(!up, "spare link {name} is up");
+            assert_eq!(*master, names::bridge(&net_id), "{name} not on the bridge");
+            let (attached, registered) = driver
+                .kernel()
+                .inspect_datapath(|dp| (dp.is_attached(*ifindex), dp.endpoint(*ifindex).unwrap()))
+                .unwrap();
+            assert!(attached, "{name} has no programs");
+            assert!(
+                registered.is_none(),
+                "{name} is registered: it would pass traffic"
+            );
+        }
+        let spare_ifindexes: Vec<u32> = spares.iter().map(|s| s.1).collect();
+
+        let a = create_container(&driver, &net_id, &id("a8"), "10.81.1.2/24").await;
+        let b = create_container(&driver, &net_id, &id("b8"), "10.81.1.3/24").await;
+        // Both came from the pool: the spare links now carry the endpoints' names.
+        assert!(spare_links().is_empty());
+        for c in [&a, &b] {
+            let link = &ip_json(&["link", "show", "dev", &c.host_veth])[0];
+            let ifindex = u32::try_from(link["ifindex"].as_u64().unwrap()).unwrap();
+            assert!(
+                spare_ifindexes.contains(&ifindex),
+                "{} not from the pool",
+                c.host_veth
+            );
+            assert_eq!(link["master"], names::bridge(&net_id));
+        }
+        label(&driver, &a, "ctr-a", &[("role", "a")]).await;
+        label(&driver, &b, "ctr-b", &[("role", "b")]).await;
+        assert!(
+            reaches(&a, &b.addr, Duration::from_secs(5)),
+            "no ping between pool endpoints"
+        );
+        apply(&driver, DENY_A_TO_B).await;
+        assert!(
+            !pings(&a, &b.addr, 2),
+            "deny not enforced on pool endpoints"
+        );
+        assert!(pings(&b, &a.addr, 1), "allowed direction broken");
+
+        // Spare links of this run are removed by the next one (programs and pins too).
+        assert_eq!(driver.refill_link_pools().await, 2);
+        let left: Vec<u32> = spare_links().iter().map(|s| s.1).collect();
+        assert_eq!(left.len(), 2);
+        drop(driver);
+        let driver = open_driver(store.path(), &config).with_link_pool(2);
+        let report = driver.reconcile().await;
+        assert!(report.errors.is_empty(), "reconcile: {:?}", report.errors);
+        assert!(spare_links().is_empty(), "spare links survived a restart");
+        let pins = pinned_links(&bpffs);
+        for ifindex in left {
+            assert!(
+                !pins.iter().any(|p| p.starts_with(&format!("{ifindex}_"))),
+                "pins of spare link #{ifindex} survived a restart: {pins:?}"
+            );
+        }
+        assert!(!pings(&a, &b.addr, 1), "deny lost after the restart");
+
+        // Network delete with a full pool: no sluice link and no pin left.
+        assert_eq!(driver.refill_link_pools().await, 2);
+        for c in [&a, &b] {
+            driver
+                .delete_endpoint(&net_id, &c.endpoint_id)
+                .await
+                .unwrap();
+        }
+        driver.delete_network(&net_id).await.unwrap();
+        let leftovers: Vec<String> = link_names()
+            .into_iter()
+            .filter(|n| names::is_sluice_link(n))
+            .collect();
+        assert!(leftovers.is_empty(), "links left: {leftovers:?}");
+        assert!(
+            pinned_links(&bpffs).is_empty(),
+            "pins left: {:?}",
+            pinned_links(&bpffs)
+        );
+        drop(driver);
     });
 }

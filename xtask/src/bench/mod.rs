@@ -311,6 +311,10 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
         &format!("{:06x}{:0<58}", 0, ""),
     );
     daemon.create_network(&net, "10.96.0.0/20", "10.96.0.1/20")?;
+    // The burst starts once the daemon's warm link pool (`--link-pool`, SLUICE_LINK_POOL)
+    // is full, as it is on a daemon that has been up a moment.
+    let spares = wait_link_pool(&h);
+    println!("bench: control plane: {spares} spare links in the pool before the burst");
     let per = c.endpoints.div_ceil(c.callers);
     let lat = Arc::new(Mutex::new(Vec::new()));
     let errors = Arc::new(Mutex::new(Vec::new()));
@@ -390,6 +394,34 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
         lab.daemons.push(d);
     }
     Ok(())
+}
+
+/// Waits (at most 60 s) until the spare links (`slvp…`) in namespace `ns` stop growing for
+/// a second; returns how many there are.
+fn wait_link_pool(ns: &str) -> usize {
+    let count = || {
+        Command::new("nsenter")
+            .arg(format!("--net=/proc/{ns}/ns/net"))
+            .args(["ip", "-br", "link"])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .lines()
+                    .filter(|l| l.starts_with("slvp"))
+                    .count()
+            })
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut last, mut since) = (count(), Instant::now());
+    while Instant::now() < deadline && since.elapsed() < Duration::from_secs(1) {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = count();
+        if now != last {
+            (last, since) = (now, Instant::now());
+        }
+    }
+    last
 }
 
 /// Installs iperf3 and sockperf from Debian when missing (idempotent).
