@@ -97,6 +97,19 @@ fn host_route(address: IpNetwork) -> IpNetwork {
     IpNetwork::new(ip, prefix).unwrap_or(address)
 }
 
+/// Puts the host route of each of `addresses` into the ipcache with `identity` and `network`.
+fn set_host_ips(
+    dp: &mut Datapath,
+    addresses: &[IpNetwork],
+    identity: u32,
+    network: u32,
+) -> Result<(), DatapathError> {
+    for address in addresses {
+        dp.set_ip(host_route(*address), IpInfo { identity, network })?;
+    }
+    Ok(())
+}
+
 /// Writes `value` to `/proc/sys/<key>` unless it already holds it.
 fn ensure_sysctl(key: &str, value: &str) -> Result<(), KernelError> {
     let current = std::fs::read_to_string(format!("/proc/sys/{key}")).unwrap_or_default();
@@ -446,15 +459,7 @@ impl Kernel for LinuxKernel {
             } else {
                 dp.set_endpoint(ifindex, info)?;
             }
-            for address in &ep.addresses {
-                dp.set_ip(
-                    host_route(*address),
-                    IpInfo {
-                        identity: ep.identity,
-                        network: ep.network,
-                    },
-                )?;
-            }
+            set_host_ips(dp, &ep.addresses, ep.identity, ep.network)?;
             if moved {
                 dp.refresh_sandboxed(ifindex)
             } else if ep.sandboxed {
@@ -475,15 +480,7 @@ impl Kernel for LinuxKernel {
         let info = endpoint_info(ep);
         self.with_dp(&op, |dp| {
             dp.set_endpoint(ep.ifindex, info)?;
-            for address in &ep.addresses {
-                dp.set_ip(
-                    host_route(*address),
-                    IpInfo {
-                        identity: ep.identity,
-                        network: ep.network,
-                    },
-                )?;
-            }
+            set_host_ips(dp, &ep.addresses, ep.identity, ep.network)?;
             Ok(())
         })?;
         debug!(veth = %ep.host_veth, ifindex = ep.ifindex, flags = ep.flags, subject = ep.subject, "datapath entries updated");
@@ -779,15 +776,7 @@ impl Kernel for LinuxKernel {
         crate::vxlan::program_peer(&self.nl, peer).await?;
         // Traffic from the remote endpoint meets policy and isolation with its identity.
         self.with_dp("ipcache of a remote endpoint", |dp| {
-            for a in &peer.addresses {
-                dp.set_ip(
-                    host_route(*a),
-                    IpInfo {
-                        identity: peer.identity,
-                        network: peer.network,
-                    },
-                )?;
-            }
+            set_host_ips(dp, &peer.addresses, peer.identity, peer.network)?;
             Ok(())
         })
     }
