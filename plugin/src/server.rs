@@ -210,7 +210,11 @@ pub fn router_with_discovery<K: Kernel>(
 
 /// Docker probes optional methods (ProgramExternalConnectivity on every container start)
 /// and reads 404 as "not implemented", so this is logged at debug, not as a failure.
-async fn not_found(uri: Uri) -> Response {
+///
+/// Handlers that need no body still take it: a response sent before the body is read makes
+/// hyper close the connection, and a client still writing its body then sees EPIPE instead
+/// of the answer.
+async fn not_found(uri: Uri, _body: Bytes) -> Response {
     debug!(%uri, "unknown plugin method: 404");
     let message = format!("{} is not implemented by sluice", uri.path());
     reply(
@@ -222,27 +226,27 @@ async fn not_found(uri: Uri) -> Response {
     )
 }
 
-async fn activate() -> Response {
+async fn activate(_body: Bytes) -> Response {
     ok(&ActivateResponse {
         implements: vec!["NetworkDriver", "IpamDriver"],
     })
 }
 
-async fn capabilities() -> Response {
+async fn capabilities(_body: Bytes) -> Response {
     ok(&CapabilitiesResponse {
         scope: "local",
         connectivity_scope: "local",
     })
 }
 
-async fn ipam_capabilities() -> Response {
+async fn ipam_capabilities(_body: Bytes) -> Response {
     ok(&IpamCapabilitiesResponse {
         requires_mac_address: false,
         requires_request_replay: false,
     })
 }
 
-async fn address_spaces() -> Response {
+async fn address_spaces(_body: Bytes) -> Response {
     ok(&AddressSpacesResponse {
         local: LOCAL_SPACE,
         global: GLOBAL_SPACE,
@@ -678,6 +682,45 @@ mod tests {
         assert_eq!(s, StatusCode::NOT_FOUND);
         let (s, _) = call(&h.app, "VolumeDriver.Create", "{}").await;
         assert_eq!(s, StatusCode::NOT_FOUND);
+    }
+
+    /// A reply before the body is read would make hyper close the connection under a client
+    /// still writing (EPIPE on its side, seen in CI). Over a real socket: no answer while the
+    /// body is outstanding, the answer once it is sent.
+    #[tokio::test]
+    async fn answers_wait_for_the_whole_body() {
+        use std::time::Duration;
+
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let h = harness();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.sock");
+        let listener = bind(&path).await.unwrap();
+        let server = tokio::spawn(axum::serve(listener, h.app.clone()).into_future());
+        for method in [
+            "NetworkDriver.Frobnicate",
+            "Plugin.Activate",
+            "NetworkDriver.GetCapabilities",
+            "IpamDriver.GetCapabilities",
+            "IpamDriver.GetDefaultAddressSpaces",
+        ] {
+            let mut stream = tokio::net::UnixStream::connect(&path).await.unwrap();
+            let head = format!(
+                "POST /{method} HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\n"
+            );
+            stream.write_all(head.as_bytes()).await.unwrap();
+            let mut buf = [0_u8; 64];
+            let early =
+                tokio::time::timeout(Duration::from_millis(200), stream.read(&mut buf)).await;
+            assert!(early.is_err(), "{method} answered before its body arrived");
+            stream.write_all(b"{}").await.unwrap();
+            let mut raw = Vec::new();
+            stream.read_to_end(&mut raw).await.unwrap();
+            let text = String::from_utf8_lossy(&raw);
+            assert!(text.starts_with("HTTP/1.1 "), "{method}: {text}");
+        }
+        server.abort();
     }
 
     #[tokio::test]

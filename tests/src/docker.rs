@@ -1036,10 +1036,19 @@ pub fn plugin_call(socket: &Path, method: &str, body: &[u8]) -> Result<(u16, Str
          Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
+    // One write, as Go's client does for small bodies; a failed write still reads the
+    // answer, since a server may reply (and close) before taking the whole body.
+    let mut request = head.into_bytes();
+    request.extend_from_slice(body);
+    let written = stream.write_all(&request);
     let mut raw = Vec::new();
-    stream.read_to_end(&mut raw).context("read the response")?;
+    if let Err(e) = stream.read_to_end(&mut raw) {
+        written.context("send the request")?;
+        return Err(e).context("read the response");
+    }
+    if raw.is_empty() {
+        written.context("send the request")?;
+    }
     let text = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
