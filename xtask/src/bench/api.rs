@@ -94,7 +94,7 @@ impl Daemon {
         let paths = DaemonPaths {
             run_dir: run_dir.to_path_buf(),
             plugin: run_dir.join(format!("{name}.sock")),
-            bpf_dir: Path::new(super::BPF_ROOT).join(name),
+            bpf_dir: super::bpf_root().join(name),
         };
         Self::start_at(sluice, ns, name, &paths, docker_host, extra)
     }

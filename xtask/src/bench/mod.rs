@@ -28,8 +28,20 @@ use measure::Metric;
 use report::{Control, Machine, Run, Status, TopologyResult};
 use topo::{Lab, Topology};
 
+/// The name of this run's directories: `/run/<tag>` (sockets, state, logs) and
+/// `/sys/fs/bpf/<tag>` (pins). `SLUICE_BENCH_TAG` lets two runs (two worktrees) share the
+/// machine without removing each other's files; the numbers of two runs at once are noise.
+pub(crate) fn tag() -> String {
+    std::env::var("SLUICE_BENCH_TAG")
+        .ok()
+        .filter(|t| !t.is_empty() && !t.contains('/') && t != "..")
+        .unwrap_or_else(|| "sluice-bench".to_owned())
+}
+
 /// Parent of the benchmark daemons' pin directories.
-pub(crate) const BPF_ROOT: &str = "/sys/fs/bpf/sluice-bench";
+pub(crate) fn bpf_root() -> std::path::PathBuf {
+    std::path::Path::new("/sys/fs/bpf").join(tag())
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub(crate) struct BenchArgs {

@@ -159,7 +159,7 @@ pub(crate) fn remove_leftovers() {
             }
         }
     }
-    let _ = std::fs::remove_dir_all(super::BPF_ROOT);
+    let _ = std::fs::remove_dir_all(super::bpf_root());
 }
 
 impl Lab {
@@ -495,7 +495,7 @@ impl Drop for Lab {
             let _ = holder.kill();
             let _ = holder.wait();
         }
-        let _ = std::fs::remove_dir_all(super::BPF_ROOT);
+        let _ = std::fs::remove_dir_all(super::bpf_root());
     }
 }
 
@@ -683,10 +683,10 @@ pub(crate) fn policy_docs(entries: usize, selector: &str) -> Vec<String> {
 
 /// Where benchmark daemons keep sockets, state and logs.
 pub(crate) fn run_dir() -> Result<PathBuf> {
-    let dir = Path::new("/run/sluice-bench");
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::create_dir_all(dir)?;
-    Ok(dir.to_path_buf())
+    let dir = Path::new("/run").join(super::tag());
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 #[cfg(test)]
