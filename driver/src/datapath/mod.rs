@@ -730,7 +730,7 @@ impl Datapath {
     /// programs also encapsulate towards remote endpoints ([`Datapath::set_vtep`]) and
     /// `sluice_underlay` on the underlay's TCX ingress decapsulates for local ones, so
     /// neither direction crosses the VXLAN device. With the fast path off, `sluice_overlay`
-    /// is attached but idle (no `OVERLAY` entry) and the underlay is left alone. Pinned as
+    /// is attached but idle (no `OVERLAY` entry) and the underlay has no program. Pinned as
     /// [`Datapath::attach`]. Idempotent.
     ///
     /// # Errors
@@ -754,6 +754,10 @@ impl Datapath {
             }
         } else {
             self.forget_overlay(ifindex)?;
+            if tunnel.underlay != 0 {
+                // A run with the fast path on may have left the underlay's program pinned.
+                self.detach(tunnel.underlay)?;
+            }
         }
         self.attach_hooks(ifindex, Some(&ifname), &OVERLAY_HOOKS)?;
         info!(

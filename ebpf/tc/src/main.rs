@@ -507,8 +507,9 @@ mod programs {
     }
 
     /// Attach to the TCX **ingress** hook of the underlay (the device holding the tunnel
-    /// address): a VXLAN packet of a tunnel in `DECAP`, to this host's tunnel address, whose
-    /// IPv4 frame is for a local endpoint of that network, is judged by the receiver's
+    /// address): a VXLAN packet of a tunnel in `DECAP`, to this host's tunnel address, from
+    /// the VTEP of the remote endpoint that sent its IPv4 frame (`VTEPS`), for a local
+    /// endpoint of that network, is judged by the receiver's
     /// ingress policy, stripped of its outer headers and redirected into the endpoint's
     /// namespace: no UDP socket, VXLAN device, GRO cell or bridge on the way. Everything else
     /// passes untouched, to the host's stack and the VXLAN device.
@@ -582,6 +583,16 @@ mod programs {
             || pkt.family != FAMILY_V4
             || !fast_eligible(&pkt)
         {
+            return NOT_FAST;
+        }
+        // From a known remote: the inner source is a remote endpoint of this network behind
+        // the VTEP that sent the packet. Anything else is the kernel's (and the host
+        // firewall's) to judge.
+        // SAFETY: a read of this program's own map; the value stays valid for the run (RCU).
+        let Some(sender) = (unsafe { VTEPS.get(&IpKey { addr: pkt.src }) }) else {
+            return NOT_FAST;
+        };
+        if sender.network != network || h[ip + 12..ip + 16] != sender.ipv4 {
             return NOT_FAST;
         }
         let Some((peer_ifindex, peer)) = local_endpoint(&pkt.dst, network) else {
