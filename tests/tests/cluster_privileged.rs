@@ -664,7 +664,10 @@ fn vxlan_fast_path_encapsulates_in_the_program_and_interoperates_with_kernel_vxl
     };
 
     // Both ways in the programs: the devices see (almost) nothing of 50 echoes.
-    let (before, counted) = ([vxlan_packets(&lab, 0), vxlan_packets(&lab, 1)], allowed(&lab));
+    let (before, counted) = (
+        [vxlan_packets(&lab, 0), vxlan_packets(&lab, 1)],
+        allowed(&lab),
+    );
     assert!(ping_burst(&web, &db, 50));
     let after = [vxlan_packets(&lab, 0), vxlan_packets(&lab, 1)];
     for h in 0..2 {

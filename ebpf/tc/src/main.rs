@@ -60,9 +60,8 @@ mod packet;
 mod programs {
     use aya_ebpf::bindings::{
         BPF_ANY, BPF_CSUM_LEVEL_QUERY, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT,
-        BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
-        bpf_fib_lookup as FibLookup,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_NOEXIST,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibLookup,
     };
     use aya_ebpf::helpers::{
         bpf_csum_level, bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns,
@@ -78,14 +77,13 @@ mod programs {
         CounterKey, CounterValue, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_BYTES,
         DEFAULT_EVENTS_PER_SEC, DEFAULT_MAX_BRIDGED, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_COUNTERS,
         DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_IPCACHE, DEFAULT_MAX_OVERLAY, DEFAULT_MAX_POLICY,
-        DEFAULT_MAX_VTEPS, Tunnel, Vtep, decap_key,
-        DIR_EGRESS, DIR_INGRESS, DropEvent, EP_EGRESS_ENFORCED, EP_IDENTITY_PENDING,
-        EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK, EndpointInfo, FAMILY_V4, IDENTITY_ANY,
-        IDENTITY_WORLD, IpInfo, IpKey,
-        POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
-        REASON_DEFAULT_DENY, REASON_IDENTITY_PENDING, REASON_ISOLATION, REASON_MALFORMED,
-        REASON_NOT_IP, REASON_POLICY_DENY, REASON_SPOOFED, RateState, Settings, VERDICT_ALLOW,
-        VERDICT_DENY,
+        DEFAULT_MAX_VTEPS, DIR_EGRESS, DIR_INGRESS, DropEvent, EP_EGRESS_ENFORCED,
+        EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK, EndpointInfo,
+        FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, IpInfo, IpKey, POLICY_PREFIX_FULL, PROTO_ICMP,
+        PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, REASON_DEFAULT_DENY,
+        REASON_IDENTITY_PENDING, REASON_ISOLATION, REASON_MALFORMED, REASON_NOT_IP,
+        REASON_POLICY_DENY, REASON_SPOOFED, RateState, Settings, Tunnel, VERDICT_ALLOW,
+        VERDICT_DENY, Vtep, decap_key,
     };
 
     use crate::packet::{ETH_HLEN, Frame, Packet, parse};
@@ -344,11 +342,7 @@ mod programs {
     /// its neighbour is not resolved yet, the packet is GSO or would exceed the underlay's
     /// MTU: the VXLAN device handles those (and resolves the neighbour).
     #[inline(never)]
-    fn encapsulate(
-        skb: *mut aya_ebpf::bindings::__sk_buff,
-        tunnel: &Tunnel,
-        vtep: [u8; 4],
-    ) -> i32 {
+    fn encapsulate(skb: *mut aya_ebpf::bindings::__sk_buff, tunnel: &Tunnel, vtep: [u8; 4]) -> i32 {
         let ctx = TcContext::new(skb);
         // SAFETY: plain context reads the verifier permits for SCHED_CLS programs.
         let gso_size = unsafe { (*skb).gso_size };
@@ -421,9 +415,14 @@ mod programs {
         h[vx + 8..vx + 8 + ETH_HLEN].copy_from_slice(&inner_eth);
 
         let flags = u64::from(
-            BPF_F_ADJ_ROOM_ENCAP_L3_IPV4 | BPF_F_ADJ_ROOM_ENCAP_L4_UDP | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+            BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+                | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+                | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
         ) | ((ETH_HLEN as u64) << 56);
-        if ctx.adjust_room(VXLAN_ROOM as i32, BPF_ADJ_ROOM_MAC, flags).is_err() {
+        if ctx
+            .adjust_room(VXLAN_ROOM as i32, BPF_ADJ_ROOM_MAC, flags)
+            .is_err()
+        {
             return NOT_FAST;
         }
         // The frame has grown: from here on a failure cannot give it back to the device.
@@ -601,7 +600,6 @@ mod programs {
         deliver(skb, peer_ifindex, peer, &pkt, OUTER_LEN)
     }
 
-
     /// Removes the `outer` bytes of VXLAN encapsulation in front of the inner frame (its
     /// Ethernet header takes the outer one's place).
     #[inline(always)]
@@ -612,7 +610,8 @@ mod programs {
         // BPF_ADJ_ROOM_MAC removes the bytes after the outer Ethernet header: the outer IP,
         // UDP and VXLAN headers and the inner Ethernet header, which is then written over
         // the outer one.
-        ctx.adjust_room(-(outer as i32), BPF_ADJ_ROOM_MAC, 0).is_ok()
+        ctx.adjust_room(-(outer as i32), BPF_ADJ_ROOM_MAC, 0)
+            .is_ok()
             && ctx.store(0, &inner_eth, 0).is_ok()
     }
 

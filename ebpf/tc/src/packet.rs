@@ -81,7 +81,11 @@ fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
 /// VXLAN packet) into `pkt`. Not inlined: a BPF function of its own keeps the header buffers
 /// in their own stack frame (the verifier allows 512 bytes per call chain).
 #[inline(never)]
-pub(crate) fn parse(skb: *mut __sk_buff, base: usize, pkt: &mut Packet) -> Result<Frame, Malformed> {
+pub(crate) fn parse(
+    skb: *mut __sk_buff,
+    base: usize,
+    pkt: &mut Packet,
+) -> Result<Frame, Malformed> {
     let ctx = TcContext::new(skb);
     let ethertype: [u8; 2] = load(&ctx, base + 12)?;
     match u16::from_be_bytes(ethertype) {
