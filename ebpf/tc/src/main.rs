@@ -7,7 +7,10 @@
 //! | [`sluice_ingress`] | egress | receives | ingress policy |
 //!
 //! `mode=vxlan`: [`sluice_overlay`] on the TCX ingress hook of the network's VXLAN device
-//! delivers frames from remote endpoints straight to local ones (the fast path, below).
+//! delivers frames from remote endpoints straight to local ones (the fast path, below). With
+//! an IPv4 underlay the programs skip the device too: the sender's program encapsulates
+//! ([`encapsulate`]) and sends out of the underlay, and [`sluice_underlay`] on the
+//! underlay's TCX ingress hook decapsulates for local endpoints.
 //!
 //! macvlan endpoints have no host-side peer: [`sluice_sandbox_egress`] (TCX egress) and
 //! [`sluice_sandbox_ingress`] (TCX ingress) run the same checks on the container's own
