@@ -765,10 +765,24 @@ impl Kernel for LinuxKernel {
         let op = format!("mark {}", spec.device);
         let index = self.require_index(&spec.device, &op).await?;
         self.nl.set_alias(index, &self.owner).await?;
-        // The fast path from the overlay: frames for local endpoints skip the bridge.
+        // The fast path: frames for local endpoints skip the bridge, and with an IPv4
+        // underlay the programs encapsulate and decapsulate themselves.
+        let mut tunnel = sluice_common::Tunnel {
+            device: index,
+            vni: spec.vni,
+            port: spec.port,
+            ..sluice_common::Tunnel::default()
+        };
+        if let std::net::IpAddr::V4(local) = spec.local
+            && let Some((underlay, mtu)) = self.nl.link_of_address(spec.local).await?
+        {
+            tunnel.underlay = underlay;
+            tunnel.mtu = mtu;
+            tunnel.local = local.octets();
+        }
         self.with_dp(
             &format!("attach the overlay fast path to {}", spec.device),
-            |dp| dp.attach_overlay(index, spec.network),
+            |dp| dp.attach_overlay(spec.network, tunnel),
         )
     }
 
@@ -777,6 +791,9 @@ impl Kernel for LinuxKernel {
         // Traffic from the remote endpoint meets policy and isolation with its identity.
         self.with_dp("ipcache of a remote endpoint", |dp| {
             set_host_ips(dp, &peer.addresses, peer.identity, peer.network)?;
+            for a in &peer.addresses {
+                dp.set_vtep(a.ip(), peer.network, peer.vtep)?;
+            }
             Ok(())
         })
     }
@@ -785,6 +802,9 @@ impl Kernel for LinuxKernel {
         let ipcache = self.with_dp("ipcache of a remote endpoint", |dp| {
             let mut first = None;
             for a in &peer.addresses {
+                if let Err(e) = dp.remove_vtep(a.ip()) {
+                    first.get_or_insert(e);
+                }
                 if let Err(e) = dp.remove_ip(host_route(*a)) {
                     first.get_or_insert(e);
                 }

@@ -610,3 +610,110 @@ fn vxlan_overlay_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
     );
     assert!(!ping(&other, &db), "policy lost with the fast path off");
 }
+
+/// Packets host `h`'s VXLAN device has (transmitted, received).
+fn vxlan_packets(lab: &Lab, h: usize) -> (u64, u64) {
+    let links = lab.json_in(h, "ip", &["-s", "-j", "link", "show", "type", "vxlan"]);
+    let dev = links
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|l| l["ifname"].as_str().is_some_and(|n| n.starts_with("slvx")))
+        .unwrap_or_else(|| panic!("no VXLAN device on host {h}: {links}"));
+    let count = |dir: &str| dev["stats64"][dir]["packets"].as_u64().unwrap_or(0);
+    (count("tx"), count("rx"))
+}
+
+/// With the fast path the programs encapsulate and decapsulate VXLAN themselves: a ping
+/// between containers on two hosts crosses neither VXLAN device, in either direction, and
+/// the receiver's ingress policy and counters still apply. What they put on the wire is what
+/// the kernel's VXLAN would: with the fast path off on the other host (a plain kernel VXLAN
+/// device decoding and answering), the same pings still work, the kernel device receives
+/// what the program encapsulated and the program decapsulates what the kernel sent.
+#[test]
+fn vxlan_fast_path_encapsulates_in_the_program_and_interoperates_with_kernel_vxlan() {
+    if !require_root() {
+        return;
+    }
+    let mut lab = Lab::new("x", 2, None).unwrap();
+    for h in 0..2 {
+        lab.start_daemon(h).unwrap();
+    }
+    let nets: Vec<(String, String)> = (0..2)
+        .map(|h| lab.create_network(h, SUBNET, &json!({"vni": "4242", "vxlan_port": "8472"})))
+        .collect();
+    let web = lab
+        .container(0, &nets[0].0, &nets[0].1, "web", &[("role", "web")])
+        .unwrap();
+    let other = lab
+        .container(0, &nets[0].0, &nets[0].1, "other", &[("role", "other")])
+        .unwrap();
+    let db = lab
+        .container(1, &nets[1].0, &nets[1].1, "db", &[("role", "db")])
+        .unwrap();
+    assert!(
+        eventually(SETTLE, || ping(&web, &db)),
+        "{}",
+        lab.host_log(1)
+    );
+    let db_ip = ip_of(&db);
+    let allowed = |lab: &Lab| {
+        endpoint_status(lab, 1, &db_ip)["ingress"]["allowed"]["packets"]
+            .as_u64()
+            .unwrap()
+    };
+
+    // Both ways in the programs: the devices see (almost) nothing of 50 echoes.
+    let (before, counted) = (
+        [vxlan_packets(&lab, 0), vxlan_packets(&lab, 1)],
+        allowed(&lab),
+    );
+    assert!(ping_burst(&web, &db, 50));
+    let after = [vxlan_packets(&lab, 0), vxlan_packets(&lab, 1)];
+    for h in 0..2 {
+        let (tx, rx) = (after[h].0 - before[h].0, after[h].1 - before[h].1);
+        assert!(
+            tx < 10 && rx < 10,
+            "host {h}: the VXLAN device sent {tx} and received {rx} packets of 50 echoes"
+        );
+    }
+    assert!(allowed(&lab) - counted >= 50, "not counted as db's ingress");
+
+    // Ingress policy where the program decapsulates.
+    let file = lab.dir.path().join("db.yaml");
+    std::fs::write(&file, POLICY).unwrap();
+    let applied = lab.cli(0, &["policy", "apply", "-f", &file.to_string_lossy()]);
+    assert!(
+        applied.status.success(),
+        "{}",
+        String::from_utf8_lossy(&applied.stderr)
+    );
+    assert!(
+        eventually(SETTLE, || !ping(&other, &db)),
+        "policy not enforced on decapsulation"
+    );
+    assert!(ping(&web, &db), "allowed remote peer blocked");
+
+    // Host 1 without the fast path: its kernel VXLAN device decodes host 0's packets and
+    // encapsulates the replies, which host 0's program decapsulates.
+    lab.kill_daemon(1);
+    lab.hosts[1].flags = vec!["--fast-path=false".into()];
+    lab.start_daemon(1).unwrap();
+    assert!(eventually(SETTLE, || ping(&web, &db)));
+    let before = [vxlan_packets(&lab, 0), vxlan_packets(&lab, 1)];
+    assert!(ping_burst(&web, &db, 50));
+    let after = [vxlan_packets(&lab, 0), vxlan_packets(&lab, 1)];
+    let delta = |h: usize| (after[h].0 - before[h].0, after[h].1 - before[h].1);
+    let ((tx0, rx0), (tx1, rx1)) = (delta(0), delta(1));
+    // (The kernel's packets carry a UDP checksum the program cannot trust over a veth: host
+    // 0's device decodes those.)
+    assert!(
+        tx0 < 10,
+        "host 0 (fast path): its VXLAN device sent {tx0} (received {rx0})"
+    );
+    assert!(
+        tx1 >= 50 && rx1 >= 50,
+        "host 1 (kernel VXLAN): its device sent {tx1} and received {rx1} of 50 echoes"
+    );
+    assert!(!ping(&other, &db), "policy lost with the fast path off");
+}

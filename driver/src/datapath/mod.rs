@@ -36,6 +36,7 @@ mod events;
 
 use std::collections::HashMap as StdHashMap;
 use std::io;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -51,10 +52,10 @@ use ipnetwork::IpNetwork;
 use sluice_common::{
     CounterKey, CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointInfo,
     IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_BRIDGED, MAP_CONNTRACK,
-    MAP_COUNTERS, MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_LOCAL, MAP_NAMES,
-    MAP_OVERLAY, MAP_POLICY, MAP_SETTINGS, MAP_TUNNELS, PROG_EGRESS, PROG_INGRESS, PROG_OVERLAY,
-    PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PolicyKey, PolicyValue, Settings, VERDICT_ALLOW,
-    VERDICT_DENY,
+    MAP_COUNTERS, MAP_DECAP, MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_LOCAL,
+    MAP_NAMES, MAP_OVERLAY, MAP_POLICY, MAP_SETTINGS, MAP_TUNNELS, MAP_VTEPS, PROG_EGRESS,
+    PROG_INGRESS, PROG_OVERLAY, PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PROG_UNDERLAY,
+    PolicyKey, PolicyValue, Settings, Tunnel, VERDICT_ALLOW, VERDICT_DENY, Vtep, decap_key,
 };
 use tracing::{debug, info};
 
@@ -68,7 +69,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Default pin directory (on the host's bpffs).
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
 /// Version of the map layouts in `sluice-common`; bump on any layout change.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// `statfs` magic of bpffs (`BPF_FS_MAGIC`, include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
@@ -350,6 +351,26 @@ fn remove_if_present(path: &Path) -> Result<()> {
 }
 
 /// `true` for a syscall error that means "no such element / file".
+/// `Ok` for a removal whose key was not there (idempotent deletes).
+fn ignore_not_found(
+    result: std::result::Result<(), aya::maps::MapError>,
+    op: String,
+    map: &'static str,
+) -> Result<()> {
+    match result {
+        Err(e) if !is_not_found(&e) => Err(map_err(op, map)(e)),
+        _ => Ok(()),
+    }
+}
+
+/// The map key of one address (IPv4 v4-mapped).
+fn ip_addr_key(addr: IpAddr) -> IpKey {
+    match addr {
+        IpAddr::V4(a) => IpKey::v4(a.octets()),
+        IpAddr::V6(a) => IpKey::v6(a.octets()),
+    }
+}
+
 fn is_not_found(e: &aya::maps::MapError) -> bool {
     match e {
         aya::maps::MapError::KeyNotFound | aya::maps::MapError::ElementNotFound => true,
@@ -374,13 +395,17 @@ const SANDBOX_HOOKS: [(&str, TcAttachType); 2] = [
 /// The fast path's program on a VXLAN device: what arrives from remote endpoints.
 const OVERLAY_HOOKS: [(&str, TcAttachType); 1] = [(PROG_OVERLAY, TcAttachType::Ingress)];
 
+/// The fast path's program on the underlay of VXLAN devices: it decapsulates for them.
+const UNDERLAY_HOOKS: [(&str, TcAttachType); 1] = [(PROG_UNDERLAY, TcAttachType::Ingress)];
+
 /// Every program and its hook: loaded, pinned and detached alike.
-const ALL_HOOKS: [(&str, TcAttachType); 5] = [
+const ALL_HOOKS: [(&str, TcAttachType); 6] = [
     HOOKS[0],
     HOOKS[1],
     SANDBOX_HOOKS[0],
     SANDBOX_HOOKS[1],
     OVERLAY_HOOKS[0],
+    UNDERLAY_HOOKS[0],
 ];
 
 /// Expected kernel map type, key size and value size of each map.
@@ -423,7 +448,14 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
         MAP_EVENTS => (MapType::RingBuf, 0, 0),
         MAP_LOCAL => (MapType::Hash, size(size_of::<IpKey>()), 4),
         MAP_BRIDGED => (MapType::LruHash, size(size_of::<CtKey>()), 8),
-        MAP_OVERLAY | MAP_TUNNELS => (MapType::Hash, 4, 4),
+        MAP_OVERLAY => (MapType::Hash, 4, 4),
+        MAP_TUNNELS => (MapType::Hash, 4, size(size_of::<Tunnel>())),
+        MAP_VTEPS => (
+            MapType::Hash,
+            size(size_of::<IpKey>()),
+            size(size_of::<Vtep>()),
+        ),
+        MAP_DECAP => (MapType::Hash, 8, 4),
         MAP_SETTINGS => (MapType::Array, 4, size(size_of::<Settings>())),
         MAP_EVENT_RATE => (
             MapType::PerCpuArray,
@@ -441,7 +473,9 @@ pub struct Datapath {
     local: HashMap<MapData, IpKey, u32>,
     bridged: HashMap<MapData, CtKey, u64>,
     overlay: HashMap<MapData, u32, u32>,
-    tunnels: HashMap<MapData, u32, u32>,
+    tunnels: HashMap<MapData, u32, Tunnel>,
+    vteps: HashMap<MapData, IpKey, Vtep>,
+    decap: HashMap<MapData, u64, u32>,
     fast_path: bool,
     ipcache: LpmTrie<MapData, IpKey, IpInfo>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
@@ -575,6 +609,10 @@ impl Datapath {
             .map_err(map_err("open", MAP_OVERLAY))?;
         let tunnels = HashMap::try_from(take_map(&mut ebpf, MAP_TUNNELS)?)
             .map_err(map_err("open", MAP_TUNNELS))?;
+        let vteps = HashMap::try_from(take_map(&mut ebpf, MAP_VTEPS)?)
+            .map_err(map_err("open", MAP_VTEPS))?;
+        let decap = HashMap::try_from(take_map(&mut ebpf, MAP_DECAP)?)
+            .map_err(map_err("open", MAP_DECAP))?;
         let ipcache = LpmTrie::try_from(take_map(&mut ebpf, MAP_IPCACHE)?)
             .map_err(map_err("open", MAP_IPCACHE))?;
         let policy = LpmTrie::try_from(take_map(&mut ebpf, MAP_POLICY)?)
@@ -595,6 +633,8 @@ impl Datapath {
             bridged,
             overlay,
             tunnels,
+            vteps,
+            decap,
             fast_path: config.fast_path,
             ipcache,
             policy,
@@ -621,6 +661,14 @@ impl Datapath {
             let networks: Vec<u32> = datapath.tunnels.keys().filter_map(Result::ok).collect();
             for network in networks {
                 let _ = datapath.tunnels.remove(&network);
+            }
+            let addresses: Vec<IpKey> = datapath.vteps.keys().filter_map(Result::ok).collect();
+            for address in addresses {
+                let _ = datapath.vteps.remove(&address);
+            }
+            let tunnels: Vec<u64> = datapath.decap.keys().filter_map(Result::ok).collect();
+            for tunnel in tunnels {
+                let _ = datapath.decap.remove(&tunnel);
             }
         }
         info!(
@@ -676,63 +724,131 @@ impl Datapath {
     }
 
     /// The fast path for a `mode=vxlan` network: attaches `sluice_overlay` to the TCX ingress
-    /// hook of its VXLAN device `ifindex` and records the device's network, so frames from
-    /// remote endpoints to local endpoints of `network` skip the bridge (after the
-    /// receiver's ingress policy). With the fast path off, the program is attached but idle
-    /// (no `OVERLAY` entry). Pinned as [`Datapath::attach`]. Idempotent.
+    /// hook of its VXLAN device `tunnel.device` and records the device's network, so frames
+    /// from remote endpoints to local endpoints of `network` skip the bridge (after the
+    /// receiver's ingress policy). With an IPv4 underlay (`tunnel.underlay` not 0) the
+    /// programs also encapsulate towards remote endpoints ([`Datapath::set_vtep`]) and
+    /// `sluice_underlay` on the underlay's TCX ingress decapsulates for local ones, so
+    /// neither direction crosses the VXLAN device. With the fast path off, `sluice_overlay`
+    /// is attached but idle (no `OVERLAY` entry) and the underlay has no program. Pinned as
+    /// [`Datapath::attach`]. Idempotent.
     ///
     /// # Errors
     /// As [`Datapath::attach`]; a failed map write.
-    pub fn attach_overlay(&mut self, ifindex: u32, network: u32) -> Result<()> {
+    pub fn attach_overlay(&mut self, network: u32, tunnel: Tunnel) -> Result<()> {
+        let ifindex = tunnel.device;
         let ifname = interface_name(ifindex)?;
         if self.fast_path {
             self.overlay
                 .insert(ifindex, network, 0)
                 .map_err(map_err(format!("set overlay {ifindex}"), MAP_OVERLAY))?;
             self.tunnels
-                .insert(network, ifindex, 0)
+                .insert(network, tunnel, 0)
                 .map_err(map_err(format!("set tunnel of {network}"), MAP_TUNNELS))?;
+            if tunnel.underlay != 0 {
+                let underlay = interface_name(tunnel.underlay)?;
+                self.decap
+                    .insert(decap_key(tunnel.port, tunnel.vni), network, 0)
+                    .map_err(map_err(format!("set decap of {network}"), MAP_DECAP))?;
+                self.attach_hooks(tunnel.underlay, Some(&underlay), &UNDERLAY_HOOKS)?;
+            }
         } else {
             self.forget_overlay(ifindex)?;
+            if tunnel.underlay != 0 {
+                // A run with the fast path on may have left the underlay's program pinned.
+                self.detach(tunnel.underlay)?;
+            }
         }
         self.attach_hooks(ifindex, Some(&ifname), &OVERLAY_HOOKS)?;
         info!(
             ifindex,
             network,
+            underlay = tunnel.underlay,
             fast_path = self.fast_path,
             "attached {PROG_OVERLAY}"
         );
         Ok(())
     }
 
-    /// Undoes [`Datapath::attach_overlay`]. Idempotent; works after the device is gone.
+    /// Undoes [`Datapath::attach_overlay`] (the underlay's program goes with the last tunnel
+    /// over it). Idempotent; works after the device is gone.
     ///
     /// # Errors
     /// As [`Datapath::detach`].
     pub fn detach_overlay(&mut self, ifindex: u32) -> Result<()> {
-        self.forget_overlay(ifindex)?;
+        let underlay = self.forget_overlay(ifindex)?;
+        if let Some(underlay) = underlay
+            && !self
+                .tunnels
+                .iter()
+                .filter_map(Result::ok)
+                .any(|(_, t)| t.underlay == underlay)
+        {
+            self.detach(underlay)?;
+        }
         self.detach(ifindex)
     }
 
-    fn forget_overlay(&mut self, ifindex: u32) -> Result<()> {
+    /// Removes the map entries of VXLAN device `ifindex`; returns its underlay, if it had
+    /// one.
+    fn forget_overlay(&mut self, ifindex: u32) -> Result<Option<u32>> {
+        let mut underlay = None;
         if let Some(network) = self.overlay_network(ifindex)?
-            && self.tunnels.get(&network, 0).ok() == Some(ifindex)
+            && let Ok(tunnel) = self.tunnels.get(&network, 0)
+            && tunnel.device == ifindex
         {
-            match self.tunnels.remove(&network) {
-                Ok(()) => {}
-                Err(e) if is_not_found(&e) => {}
-                Err(e) => {
-                    return Err(map_err(format!("remove tunnel of {network}"), MAP_TUNNELS)(
-                        e,
-                    ));
-                }
+            if tunnel.underlay != 0 {
+                underlay = Some(tunnel.underlay);
+                ignore_not_found(
+                    self.decap.remove(&decap_key(tunnel.port, tunnel.vni)),
+                    format!("remove decap of {network}"),
+                    MAP_DECAP,
+                )?;
             }
+            ignore_not_found(
+                self.tunnels.remove(&network),
+                format!("remove tunnel of {network}"),
+                MAP_TUNNELS,
+            )?;
         }
-        match self.overlay.remove(&ifindex) {
-            Ok(()) => Ok(()),
-            Err(e) if is_not_found(&e) => Ok(()),
-            Err(e) => Err(map_err(format!("remove overlay {ifindex}"), MAP_OVERLAY)(e)),
+        ignore_not_found(
+            self.overlay.remove(&ifindex),
+            format!("remove overlay {ifindex}"),
+            MAP_OVERLAY,
+        )?;
+        Ok(underlay)
+    }
+
+    /// Records remote endpoint address `address` of network `network` behind the host with
+    /// tunnel address `vtep` (what the VXLAN device's forwarding database says), so the
+    /// fast path sends to it without the bridge. A no-op with the fast path off.
+    ///
+    /// # Errors
+    /// A failed map write.
+    pub fn set_vtep(&mut self, address: IpAddr, network: u32, vtep: IpAddr) -> Result<()> {
+        if !self.fast_path {
+            return Ok(());
         }
+        let ipv4 = match vtep {
+            IpAddr::V4(v4) => v4.octets(),
+            // The VXLAN device encapsulates for an IPv6 underlay.
+            IpAddr::V6(_) => [0; 4],
+        };
+        self.vteps
+            .insert(ip_addr_key(address), Vtep { network, ipv4 }, 0)
+            .map_err(map_err(format!("set vtep of {address}"), MAP_VTEPS))
+    }
+
+    /// Undoes [`Datapath::set_vtep`]. Idempotent.
+    ///
+    /// # Errors
+    /// A failed map write.
+    pub fn remove_vtep(&mut self, address: IpAddr) -> Result<()> {
+        ignore_not_found(
+            self.vteps.remove(&ip_addr_key(address)),
+            format!("remove vtep of {address}"),
+            MAP_VTEPS,
+        )
     }
 
     /// The network number `OVERLAY` holds for VXLAN device `ifindex`.
@@ -1025,12 +1141,8 @@ impl Datapath {
     ///
     /// # Errors
     /// If the map read fails.
-    pub fn local_endpoint(&self, addr: std::net::IpAddr) -> Result<Option<u32>> {
-        let key = match addr {
-            std::net::IpAddr::V4(a) => IpKey::v4(a.octets()),
-            std::net::IpAddr::V6(a) => IpKey::v6(a.octets()),
-        };
-        match self.local.get(&key, 0) {
+    pub fn local_endpoint(&self, addr: IpAddr) -> Result<Option<u32>> {
+        match self.local.get(&ip_addr_key(addr), 0) {
             Ok(v) => Ok(Some(v)),
             Err(e) if is_not_found(&e) => Ok(None),
             Err(e) => Err(map_err(format!("get fast path of {addr}"), MAP_LOCAL)(e)),

@@ -53,19 +53,75 @@ pub const MAP_OVERLAY: &str = "OVERLAY";
 /// frame for a local endpoint of the device's network is judged by the receiver's
 /// **ingress** policy and redirected into its namespace (the rest takes the bridge).
 pub const PROG_OVERLAY: &str = "sluice_overlay";
-/// Map: a `mode=vxlan` network's number (`u32`) → ifindex of its VXLAN device (`u32`).
-/// Hash. The fast path towards other hosts: an endpoint's packet to a remote endpoint of its
-/// network (ipcache) goes straight to the VXLAN device, not through the bridge. Empty when
-/// the fast path is off.
+/// Map: a `mode=vxlan` network's number (`u32`) → its [`Tunnel`] (VXLAN device, VNI, port,
+/// underlay). Hash. The fast path towards other hosts: an endpoint's packet to a remote
+/// endpoint of its network ([`MAP_VTEPS`]) is encapsulated by the program and sent out of the
+/// underlay, or else handed straight to the VXLAN device; either way not through the bridge.
+/// Empty when the fast path is off.
 pub const MAP_TUNNELS: &str = "TUNNELS";
+/// Map: address ([`IpKey`]) of a remote endpoint of a `mode=vxlan` network → its [`Vtep`]
+/// (network, host's tunnel address). Hash. What the VXLAN device's forwarding database says,
+/// keyed by address for the fast path.
+pub const MAP_VTEPS: &str = "VTEPS";
+/// Map: [`decap_key`] (UDP port, VNI) → the network's number (`u32`). Hash.
+/// [`PROG_UNDERLAY`] on the underlay strips VXLAN packets of these tunnels itself.
+pub const MAP_DECAP: &str = "DECAP";
+/// Program for the **TCX ingress** hook of the underlay device of `mode=vxlan` networks: a
+/// VXLAN packet of a tunnel in [`MAP_DECAP`] addressed to this host, carrying an IPv4 frame
+/// for a local endpoint, is judged by the receiver's **ingress** policy, decapsulated and
+/// redirected into the endpoint's namespace; everything else passes untouched (the VXLAN
+/// device takes it).
+pub const PROG_UNDERLAY: &str = "sluice_underlay";
+
+/// Value of [`MAP_TUNNELS`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Tunnel {
+    /// Ifindex of the network's VXLAN device.
+    pub device: u32,
+    /// Ifindex of the underlay device (the one holding `local`); 0: no encapsulation in the
+    /// program (an IPv6 underlay), packets go to the VXLAN device.
+    pub underlay: u32,
+    /// VNI.
+    pub vni: u32,
+    /// This host's tunnel address (IPv4, network order).
+    pub local: [u8; 4],
+    /// MTU of the underlay: larger encapsulated packets go to the VXLAN device.
+    pub mtu: u32,
+    /// UDP destination port.
+    pub port: u16,
+    /// Zero.
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(size_of::<Tunnel>() == 24);
+
+/// Value of [`MAP_VTEPS`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Vtep {
+    /// The remote endpoint's network (local number).
+    pub network: u32,
+    /// Its host's tunnel address (IPv4, network order); zero for an IPv6 tunnel address
+    /// (the VXLAN device encapsulates those).
+    pub ipv4: [u8; 4],
+}
+const _: () = assert!(size_of::<Vtep>() == 8);
+
+/// Key of [`MAP_DECAP`].
+#[must_use]
+pub const fn decap_key(port: u16, vni: u32) -> u64 {
+    ((port as u64) << 32) | (vni as u64)
+}
 /// Default `max_entries` of [`MAP_BRIDGED`].
 pub const DEFAULT_MAX_BRIDGED: u32 = 16_384;
-/// Default `max_entries` of [`MAP_OVERLAY`].
+/// Default `max_entries` of [`MAP_OVERLAY`], [`MAP_TUNNELS`] and [`MAP_DECAP`].
 pub const DEFAULT_MAX_OVERLAY: u32 = 1_024;
+/// Default `max_entries` of [`MAP_VTEPS`] (remote endpoint addresses).
+pub const DEFAULT_MAX_VTEPS: u32 = 65_536;
 // --- end fast path ---
 
 /// Every map the object defines, in a fixed order.
-pub const MAP_NAMES: [&str; 12] = [
+pub const MAP_NAMES: [&str; 14] = [
     MAP_ENDPOINTS,
     MAP_IPCACHE,
     MAP_POLICY,
@@ -78,6 +134,8 @@ pub const MAP_NAMES: [&str; 12] = [
     MAP_BRIDGED,
     MAP_OVERLAY,
     MAP_TUNNELS,
+    MAP_VTEPS,
+    MAP_DECAP,
 ];
 
 /// Program for the **TCX ingress** hook of an endpoint's host-side veth: it sees what the
@@ -518,7 +576,7 @@ const _: () = assert!(size_of::<RateState>() == 24);
 mod pod {
     use super::{
         CounterKey, CounterValue, CtKey, CtValue, DropEvent, EndpointInfo, IpInfo, IpKey,
-        PolicyKey, PolicyValue, RateState, Settings,
+        PolicyKey, PolicyValue, RateState, Settings, Tunnel, Vtep,
     };
 
     // SAFETY: `aya::Pod` requires a `Copy + 'static` type that is valid for every bit pattern
@@ -531,6 +589,10 @@ mod pod {
     unsafe impl aya::Pod for IpKey {}
     // SAFETY: as above (two u32s; asserted).
     unsafe impl aya::Pod for IpInfo {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Tunnel {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for Vtep {}
     // SAFETY: as above (u32, u32, u8, u8, [u8; 2]; asserted 12 bytes).
     unsafe impl aya::Pod for PolicyKey {}
     // SAFETY: as above (two u32s; asserted).

@@ -7,7 +7,10 @@
 //! | [`sluice_ingress`] | egress | receives | ingress policy |
 //!
 //! `mode=vxlan`: [`sluice_overlay`] on the TCX ingress hook of the network's VXLAN device
-//! delivers frames from remote endpoints straight to local ones (the fast path, below).
+//! delivers frames from remote endpoints straight to local ones (the fast path, below). With
+//! an IPv4 underlay the programs skip the device too: the sender's program encapsulates
+//! ([`encapsulate`]) and sends out of the underlay, and [`sluice_underlay`] on the
+//! underlay's TCX ingress hook decapsulates for local endpoints.
 //!
 //! macvlan endpoints have no host-side peer: [`sluice_sandbox_egress`] (TCX egress) and
 //! [`sluice_sandbox_ingress`] (TCX ingress) run the same checks on the container's own
@@ -58,8 +61,15 @@ mod packet;
 
 #[cfg(target_arch = "bpf")]
 mod programs {
-    use aya_ebpf::bindings::{BPF_ANY, BPF_NOEXIST, TC_ACT_OK, TC_ACT_SHOT};
-    use aya_ebpf::helpers::{bpf_ktime_get_ns, bpf_redirect, bpf_redirect_peer};
+    use aya_ebpf::bindings::{
+        BPF_ANY, BPF_CSUM_LEVEL_QUERY, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_NOEXIST,
+        TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibLookup,
+    };
+    use aya_ebpf::helpers::{
+        bpf_csum_level, bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns,
+        bpf_redirect, bpf_redirect_peer,
+    };
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::Key;
     use aya_ebpf::maps::{
@@ -70,16 +80,16 @@ mod programs {
         CounterKey, CounterValue, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_BYTES,
         DEFAULT_EVENTS_PER_SEC, DEFAULT_MAX_BRIDGED, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_COUNTERS,
         DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_IPCACHE, DEFAULT_MAX_OVERLAY, DEFAULT_MAX_POLICY,
-        DIR_EGRESS, DIR_INGRESS, DropEvent, EP_EGRESS_ENFORCED, EP_IDENTITY_PENDING,
-        EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK, EndpointInfo, FAMILY_V4, IDENTITY_ANY,
-        IDENTITY_FIRST_CIDR, IDENTITY_FIRST_ENDPOINT, IDENTITY_WORLD, IpInfo, IpKey,
-        POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
-        REASON_DEFAULT_DENY, REASON_IDENTITY_PENDING, REASON_ISOLATION, REASON_MALFORMED,
-        REASON_NOT_IP, REASON_POLICY_DENY, REASON_SPOOFED, RateState, Settings, VERDICT_ALLOW,
-        VERDICT_DENY,
+        DEFAULT_MAX_VTEPS, DIR_EGRESS, DIR_INGRESS, DropEvent, EP_EGRESS_ENFORCED,
+        EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK, EndpointInfo,
+        FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, IpInfo, IpKey, POLICY_PREFIX_FULL, PROTO_ICMP,
+        PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, REASON_DEFAULT_DENY,
+        REASON_IDENTITY_PENDING, REASON_ISOLATION, REASON_MALFORMED, REASON_NOT_IP,
+        REASON_POLICY_DENY, REASON_SPOOFED, RateState, Settings, Tunnel, VERDICT_ALLOW,
+        VERDICT_DENY, Vtep, decap_key,
     };
 
-    use crate::packet::{Frame, Packet, parse};
+    use crate::packet::{ETH_HLEN, Frame, Packet, parse};
 
     #[map]
     static ENDPOINTS: HashMap<u32, EndpointInfo> =
@@ -113,9 +123,17 @@ mod programs {
     #[map]
     static OVERLAY: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_OVERLAY, 0);
 
-    /// Network number → its VXLAN device ifindex.
+    /// Network number → its tunnel (VXLAN device, VNI, port, underlay).
     #[map]
-    static TUNNELS: HashMap<u32, u32> = HashMap::with_max_entries(DEFAULT_MAX_OVERLAY, 0);
+    static TUNNELS: HashMap<u32, Tunnel> = HashMap::with_max_entries(DEFAULT_MAX_OVERLAY, 0);
+
+    /// Remote endpoint address → its network and host's tunnel address.
+    #[map]
+    static VTEPS: HashMap<IpKey, Vtep> = HashMap::with_max_entries(DEFAULT_MAX_VTEPS, 0);
+
+    /// `decap_key(port, VNI)` → network number: the tunnels `sluice_underlay` decapsulates.
+    #[map]
+    static DECAP: HashMap<u64, u32> = HashMap::with_max_entries(DEFAULT_MAX_OVERLAY, 0);
     // --- end fast path ---
 
     #[map]
@@ -206,7 +224,7 @@ mod programs {
         };
         let len = u64::from(ctx.len());
         let mut pkt = Packet::EMPTY;
-        let (verdict, parsed) = match parse(ctx.skb.skb, &mut pkt) {
+        let (verdict, parsed) = match parse(ctx.skb.skb, 0, &mut pkt) {
             Ok(Frame::Ip) => (decide(ep, ifindex, dir, &pkt), true),
             Ok(Frame::Neighbour) => (Ok(()), false),
             Ok(Frame::NotIp) => {
@@ -272,25 +290,22 @@ mod programs {
         if BRIDGED.get_ptr(&ct_key(ifindex, DIR_EGRESS, pkt)).is_some() {
             return NOT_FAST;
         }
-        deliver(skb, peer_ifindex, peer, pkt)
+        deliver(skb, peer_ifindex, peer, pkt, 0)
     }
 
-    /// `mode=vxlan`: a packet to an endpoint of the same network on another host (ipcache:
-    /// an endpoint identity of this network, not local) goes straight to the network's VXLAN
-    /// device (`TUNNELS`), which encapsulates it towards that host: the bridge is skipped.
-    /// The receiver's ingress policy is applied on its own host.
+    /// `mode=vxlan`: a packet to an endpoint of the same network on another host (`VTEPS`)
+    /// skips the bridge: [`encapsulate`]d here and sent out of the underlay when it can be,
+    /// else handed to the network's VXLAN device (`TUNNELS`), which encapsulates it. The
+    /// receiver's ingress policy is applied on its own host.
     #[inline(never)]
     fn to_tunnel(skb: *mut aya_ebpf::bindings::__sk_buff, network: u32, pkt: &Packet) -> i32 {
-        // SAFETY: a read of this program's own map; the value is a plain u32 copied out.
-        let Some(&device) = (unsafe { TUNNELS.get(&network) }) else {
+        // SAFETY: reads of this program's own maps; the values stay valid for the run (RCU).
+        let (Some(tunnel), Some(vtep)) = (unsafe { TUNNELS.get(&network) }, unsafe {
+            VTEPS.get(&IpKey { addr: pkt.dst })
+        }) else {
             return NOT_FAST;
         };
-        let Some(peer) = IPCACHE.get(Key::new(128, IpKey { addr: pkt.dst })) else {
-            return NOT_FAST;
-        };
-        let endpoint_identity =
-            peer.identity >= IDENTITY_FIRST_ENDPOINT && peer.identity < IDENTITY_FIRST_CIDR;
-        if peer.network != network || !endpoint_identity {
+        if vtep.network != network {
             return NOT_FAST;
         }
         let ctx = TcContext::new(skb);
@@ -300,9 +315,141 @@ mod programs {
         if first & 1 != 0 {
             return NOT_FAST;
         }
+        if tunnel.underlay != 0 && vtep.ipv4 != [0; 4] && pkt.family == FAMILY_V4 {
+            let action = encapsulate(skb, tunnel, vtep.ipv4);
+            if action != NOT_FAST {
+                return action;
+            }
+        }
         // SAFETY: bpf_redirect only records the target device; the kernel transmits there.
-        let action = unsafe { bpf_redirect(device, 0) };
+        let action = unsafe { bpf_redirect(tunnel.device, 0) };
         i32::try_from(action).unwrap_or(TC_ACT_SHOT)
+    }
+
+    /// Outer IPv4 + UDP + VXLAN header, and the inner Ethernet header they precede.
+    const VXLAN_ROOM: usize = 20 + 8 + 8 + ETH_HLEN;
+    const ETH_P_IP: u16 = 0x0800;
+    const IPPROTO_UDP: u8 = 17;
+    const AF_INET: u8 = 2;
+    /// VXLAN flags word: the I flag (a valid VNI), nothing else.
+    const VXLAN_FLAGS: [u8; 4] = [0x08, 0, 0, 0];
+    /// The kernel's default local port range, from which a VXLAN device picks source ports.
+    const SPORT_MIN: u64 = 32_768;
+    const SPORT_MAX: u64 = 60_999;
+
+    /// Encapsulates an IPv4 frame as the network's VXLAN device would (same VNI, port,
+    /// TTL 64, no DF, ECN copied, source port from the flow hash in the kernel's default
+    /// range), except for the UDP checksum: 0, as RFC 7348 recommends and every receiver
+    /// accepts (the kernel device computes one by default) and redirects it to the underlay's egress. [`NOT_FAST`] with
+    /// the packet untouched when the route to the VTEP does not leave through the underlay,
+    /// its neighbour is not resolved yet, the packet is GSO or would exceed the underlay's
+    /// MTU: the VXLAN device handles those (and resolves the neighbour).
+    #[inline(never)]
+    fn encapsulate(skb: *mut aya_ebpf::bindings::__sk_buff, tunnel: &Tunnel, vtep: [u8; 4]) -> i32 {
+        let ctx = TcContext::new(skb);
+        // SAFETY: plain context reads the verifier permits for SCHED_CLS programs.
+        let gso_size = unsafe { (*skb).gso_size };
+        if gso_size != 0 {
+            return NOT_FAST;
+        }
+        // Outer IP total length: IP 20 + UDP 8 + VXLAN 8 + the whole inner frame.
+        let ip_len = 36 + ctx.len() as usize;
+        if ip_len > tunnel.mtu as usize || ip_len > 0xffff {
+            return NOT_FAST;
+        }
+        // SAFETY: an all-zero `bpf_fib_lookup` is a valid value of this plain C struct.
+        let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+        fib.family = AF_INET;
+        fib.l4_protocol = IPPROTO_UDP;
+        fib.dport = tunnel.port.to_be();
+        fib.ifindex = tunnel.underlay;
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(tunnel.local);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(vtep);
+        // SAFETY: `fib` is a live, correctly sized `bpf_fib_lookup`; `skb` is the context.
+        let rc = unsafe {
+            bpf_fib_lookup(
+                skb.cast(),
+                &mut fib,
+                core::mem::size_of::<FibLookup>() as i32,
+                BPF_FIB_LOOKUP_OUTPUT,
+            )
+        };
+        if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != tunnel.underlay {
+            return NOT_FAST;
+        }
+        let Ok(inner_eth) = ctx.load::<[u8; ETH_HLEN]>(0) else {
+            return NOT_FAST;
+        };
+        let Ok(inner_tos) = ctx.load::<u8>(ETH_HLEN + 1) else {
+            return NOT_FAST;
+        };
+        // ECN as `INET_ECN_encapsulate`: copied, but CE becomes ECT(0).
+        let ecn = inner_tos & 3;
+        let tos = if ecn == 3 { 2 } else { ecn };
+        // SAFETY: no preconditions; the hash is the skb's flow hash.
+        let mut hash = unsafe { bpf_get_hash_recalc(skb) };
+        hash ^= hash << 16;
+        let sport = ((u64::from(hash) * (SPORT_MAX - SPORT_MIN)) >> 32) + SPORT_MIN;
+        // SAFETY: no preconditions.
+        let id = unsafe { bpf_get_prandom_u32() } as u16;
+
+        let mut h = [0u8; ETH_HLEN + VXLAN_ROOM];
+        h[0..6].copy_from_slice(&fib.dmac);
+        h[6..12].copy_from_slice(&fib.smac);
+        h[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
+        let ip = ETH_HLEN;
+        h[ip] = 0x45;
+        h[ip + 1] = tos;
+        h[ip + 2..ip + 4].copy_from_slice(&(ip_len as u16).to_be_bytes());
+        h[ip + 4..ip + 6].copy_from_slice(&id.to_be_bytes());
+        h[ip + 8] = 64;
+        h[ip + 9] = IPPROTO_UDP;
+        h[ip + 12..ip + 16].copy_from_slice(&tunnel.local);
+        h[ip + 16..ip + 20].copy_from_slice(&vtep);
+        let csum = !ipv4_sum(&h, ip);
+        h[ip + 10..ip + 12].copy_from_slice(&csum.to_be_bytes());
+        let udp = ip + 20;
+        h[udp..udp + 2].copy_from_slice(&(sport as u16).to_be_bytes());
+        h[udp + 2..udp + 4].copy_from_slice(&tunnel.port.to_be_bytes());
+        h[udp + 4..udp + 6].copy_from_slice(&((ip_len - 20) as u16).to_be_bytes());
+        let vx = udp + 8;
+        h[vx..vx + 4].copy_from_slice(&VXLAN_FLAGS);
+        h[vx + 4..vx + 8].copy_from_slice(&(tunnel.vni << 8).to_be_bytes());
+        h[vx + 8..vx + 8 + ETH_HLEN].copy_from_slice(&inner_eth);
+
+        let flags = u64::from(
+            BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
+                | BPF_F_ADJ_ROOM_ENCAP_L4_UDP
+                | BPF_F_ADJ_ROOM_ENCAP_L2_ETH,
+        ) | ((ETH_HLEN as u64) << 56);
+        if ctx
+            .adjust_room(VXLAN_ROOM as i32, BPF_ADJ_ROOM_MAC, flags)
+            .is_err()
+        {
+            return NOT_FAST;
+        }
+        // The frame has grown: from here on a failure cannot give it back to the device.
+        if ctx.store(0, &h, 0).is_err() {
+            return TC_ACT_SHOT;
+        }
+        // SAFETY: bpf_redirect only records the target device; the kernel transmits there.
+        let action = unsafe { bpf_redirect(tunnel.underlay, 0) };
+        i32::try_from(action).unwrap_or(TC_ACT_SHOT)
+    }
+
+    /// The ones' complement sum of the 20-byte IPv4 header at `h[at..]`: its checksum is the
+    /// complement (with the field zero), and a valid header sums to 0xffff.
+    #[inline(always)]
+    fn ipv4_sum<const N: usize>(h: &[u8; N], at: usize) -> u16 {
+        let mut sum: u32 = 0;
+        let mut i = 0;
+        while i < 20 {
+            sum += u32::from(u16::from_be_bytes([h[at + i], h[at + i + 1]]));
+            i += 2;
+        }
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum as u16
     }
 
     /// On a host veth's egress hook (the bridge delivered it): a packet from a local endpoint
@@ -352,13 +499,123 @@ mod programs {
     #[inline(never)]
     fn from_overlay(skb: *mut aya_ebpf::bindings::__sk_buff, network: u32) -> i32 {
         let mut pkt = Packet::EMPTY;
-        if !matches!(parse(skb, &mut pkt), Ok(Frame::Ip)) || !fast_eligible(&pkt) {
+        if !matches!(parse(skb, 0, &mut pkt), Ok(Frame::Ip)) || !fast_eligible(&pkt) {
             return NOT_FAST;
         }
         let Some((peer_ifindex, peer)) = local_endpoint(&pkt.dst, network) else {
             return NOT_FAST;
         };
-        deliver(skb, peer_ifindex, peer, &pkt)
+        deliver(skb, peer_ifindex, peer, &pkt, 0)
+    }
+
+    /// Attach to the TCX **ingress** hook of the underlay (the device holding the tunnel
+    /// address): a VXLAN packet of a tunnel in `DECAP`, to this host's tunnel address, from
+    /// the VTEP of the remote endpoint that sent its IPv4 frame (`VTEPS`), for a local
+    /// endpoint of that network, is judged by the receiver's
+    /// ingress policy, stripped of its outer headers and redirected into the endpoint's
+    /// namespace: no UDP socket, VXLAN device, GRO cell or bridge on the way. Everything else
+    /// passes untouched, to the host's stack and the VXLAN device.
+    #[classifier]
+    fn sluice_underlay(ctx: TcContext) -> i32 {
+        let action = from_underlay(ctx.skb.skb);
+        if action == NOT_FAST {
+            TC_ACT_OK
+        } else {
+            action
+        }
+    }
+
+    /// Bytes of the outer Ethernet, IPv4 (no options), UDP and VXLAN headers.
+    const OUTER_LEN: usize = ETH_HLEN + 20 + 8 + 8;
+    const PACKET_HOST: u32 = 0;
+
+    #[inline(never)]
+    fn from_underlay(skb: *mut aya_ebpf::bindings::__sk_buff) -> i32 {
+        let ctx = TcContext::new(skb);
+        // SAFETY: plain context reads the verifier permits for SCHED_CLS programs.
+        let (pkt_type, gso_size) = unsafe { ((*skb).pkt_type, (*skb).gso_size) };
+        if pkt_type != PACKET_HOST || gso_size != 0 {
+            return NOT_FAST;
+        }
+        let Ok(h) = ctx.load::<[u8; OUTER_LEN]>(0) else {
+            return NOT_FAST;
+        };
+        let ip = ETH_HLEN;
+        let udp = ip + 20;
+        let vx = udp + 8;
+        // What the kernel's input path would check, else left to it: IPv4 without options,
+        // not a fragment, a consistent length (no padding), a valid header checksum; VXLAN
+        // with only the I flag.
+        if u16::from_be_bytes([h[12], h[13]]) != ETH_P_IP
+            || h[ip] != 0x45
+            || h[ip + 9] != IPPROTO_UDP
+            || u16::from_be_bytes([h[ip + 6], h[ip + 7]]) & 0x3fff != 0
+            || usize::from(u16::from_be_bytes([h[ip + 2], h[ip + 3]])) + ETH_HLEN
+                != ctx.len() as usize
+            || h[vx..vx + 4] != VXLAN_FLAGS
+            || h[vx + 7] != 0
+            || ipv4_sum(&h, ip) != 0xffff
+        {
+            return NOT_FAST;
+        }
+        // A UDP checksum (the kernel's VXLAN sends one by default) counts only if it has been
+        // verified already (CHECKSUM_UNNECESSARY, e.g. by the NIC); the kernel checks the
+        // rest.
+        // SAFETY: bpf_csum_level with QUERY only reads the skb's checksum state.
+        if h[udp + 6..udp + 8] != [0, 0]
+            && unsafe { bpf_csum_level(skb, u64::from(BPF_CSUM_LEVEL_QUERY)) } < 0
+        {
+            return NOT_FAST;
+        }
+        let port = u16::from_be_bytes([h[udp + 2], h[udp + 3]]);
+        let vni = u32::from_be_bytes([0, h[vx + 4], h[vx + 5], h[vx + 6]]);
+        // SAFETY: reads of this program's own maps; the values stay valid for the run (RCU).
+        let Some(&network) = (unsafe { DECAP.get(&decap_key(port, vni)) }) else {
+            return NOT_FAST;
+        };
+        // SAFETY: as above.
+        let Some(tunnel) = (unsafe { TUNNELS.get(&network) }) else {
+            return NOT_FAST;
+        };
+        if h[ip + 16..ip + 20] != tunnel.local {
+            return NOT_FAST;
+        }
+        let mut pkt = Packet::EMPTY;
+        if !matches!(parse(skb, OUTER_LEN, &mut pkt), Ok(Frame::Ip))
+            || pkt.family != FAMILY_V4
+            || !fast_eligible(&pkt)
+        {
+            return NOT_FAST;
+        }
+        // From a known remote: the inner source is a remote endpoint of this network behind
+        // the VTEP that sent the packet. Anything else is the kernel's (and the host
+        // firewall's) to judge.
+        // SAFETY: a read of this program's own map; the value stays valid for the run (RCU).
+        let Some(sender) = (unsafe { VTEPS.get(&IpKey { addr: pkt.src }) }) else {
+            return NOT_FAST;
+        };
+        if sender.network != network || h[ip + 12..ip + 16] != sender.ipv4 {
+            return NOT_FAST;
+        }
+        let Some((peer_ifindex, peer)) = local_endpoint(&pkt.dst, network) else {
+            return NOT_FAST;
+        };
+        deliver(skb, peer_ifindex, peer, &pkt, OUTER_LEN)
+    }
+
+    /// Removes the `outer` bytes of VXLAN encapsulation in front of the inner frame (its
+    /// Ethernet header takes the outer one's place).
+    #[inline(always)]
+    fn decapsulate(ctx: &TcContext, outer: usize) -> bool {
+        let Ok(inner_eth) = ctx.load::<[u8; ETH_HLEN]>(outer) else {
+            return false;
+        };
+        // BPF_ADJ_ROOM_MAC removes the bytes after the outer Ethernet header: the outer IP,
+        // UDP and VXLAN headers and the inner Ethernet header, which is then written over
+        // the outer one.
+        ctx.adjust_room(-(outer as i32), BPF_ADJ_ROOM_MAC, 0)
+            .is_ok()
+            && ctx.store(0, &inner_eth, 0).is_ok()
     }
 
     /// TCP, UDP and ICMP echo, unfragmented: what the fast path may carry. An ICMP error
@@ -389,27 +646,32 @@ mod programs {
 
     /// Judges a unicast IP packet with the receiver's **ingress** policy (the same
     /// [`decide`], the receiver's counters and drop events) and, if it passes, hands it into
-    /// the receiver's namespace with `bpf_redirect_peer`. A broadcast or multicast
-    /// destination MAC: [`NOT_FAST`].
+    /// the receiver's namespace with `bpf_redirect_peer`, first stripping the `outer` bytes
+    /// of VXLAN encapsulation if there are any. A broadcast or multicast destination MAC:
+    /// [`NOT_FAST`].
     #[inline(always)]
     fn deliver(
         skb: *mut aya_ebpf::bindings::__sk_buff,
         peer_ifindex: u32,
         peer: &EndpointInfo,
         pkt: &Packet,
+        outer: usize,
     ) -> i32 {
         let ctx = TcContext::new(skb);
         // Destination MAC: group bit set = broadcast/multicast, which the bridge floods.
-        let Ok(first) = ctx.load::<u8>(0) else {
+        let Ok(first) = ctx.load::<u8>(outer) else {
             return NOT_FAST;
         };
         if first & 1 != 0 {
             return NOT_FAST;
         }
-        let len = u64::from(ctx.len());
+        let len = u64::from(ctx.len()).saturating_sub(outer as u64);
         match decide(peer, peer_ifindex, DIR_INGRESS, pkt) {
             Ok(()) => {
                 count(peer_ifindex, DIR_INGRESS, VERDICT_ALLOW, len);
+                if outer != 0 && !decapsulate(&ctx, outer) {
+                    return TC_ACT_SHOT;
+                }
                 // SAFETY: bpf_redirect_peer only records the target; the kernel checks that
                 // it is a veth whose peer is up in another namespace, else drops.
                 let action = unsafe { bpf_redirect_peer(peer_ifindex, 0) };

@@ -21,7 +21,7 @@ use aya_ebpf::programs::TcContext;
 use sluice_common::{FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP};
 
 /// Ethernet header length.
-const ETH_HLEN: usize = 14;
+pub(crate) const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const ETH_P_ARP: u16 = 0x0806;
@@ -77,23 +77,28 @@ fn load<T>(ctx: &TcContext, offset: usize) -> Result<T, Malformed> {
     ctx.load::<T>(offset).map_err(|_| Malformed)
 }
 
-/// Parses the frame of `skb` into `pkt`. Not inlined: a BPF function of its own keeps the
-/// header buffers in their own stack frame (the verifier allows 512 bytes per call chain).
+/// Parses the frame of `skb` that starts `base` bytes in (0, or past the outer headers of a
+/// VXLAN packet) into `pkt`. Not inlined: a BPF function of its own keeps the header buffers
+/// in their own stack frame (the verifier allows 512 bytes per call chain).
 #[inline(never)]
-pub(crate) fn parse(skb: *mut __sk_buff, pkt: &mut Packet) -> Result<Frame, Malformed> {
+pub(crate) fn parse(
+    skb: *mut __sk_buff,
+    base: usize,
+    pkt: &mut Packet,
+) -> Result<Frame, Malformed> {
     let ctx = TcContext::new(skb);
-    let ethertype: [u8; 2] = load(&ctx, 12)?;
+    let ethertype: [u8; 2] = load(&ctx, base + 12)?;
     match u16::from_be_bytes(ethertype) {
-        ETH_P_IP => parse_v4(&ctx, pkt),
-        ETH_P_IPV6 => parse_v6(&ctx, pkt),
+        ETH_P_IP => parse_v4(&ctx, base + ETH_HLEN, pkt),
+        ETH_P_IPV6 => parse_v6(&ctx, base + ETH_HLEN, pkt),
         ETH_P_ARP => Ok(Frame::Neighbour),
         _ => Ok(Frame::NotIp),
     }
 }
 
 #[inline(always)]
-fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<Frame, Malformed> {
-    let h: [u8; 20] = load(ctx, ETH_HLEN)?;
+fn parse_v4(ctx: &TcContext, l3: usize, pkt: &mut Packet) -> Result<Frame, Malformed> {
+    let h: [u8; 20] = load(ctx, l3)?;
     if h[0] >> 4 != 4 {
         return Err(Malformed);
     }
@@ -116,21 +121,21 @@ fn parse_v4(ctx: &TcContext, pkt: &mut Packet) -> Result<Frame, Malformed> {
     if fragment_offset != 0 {
         return Ok(Frame::Ip);
     }
-    parse_l4(ctx, ETH_HLEN + ihl, pkt)
+    parse_l4(ctx, l3 + ihl, pkt)
 }
 
 #[inline(always)]
-fn parse_v6(ctx: &TcContext, pkt: &mut Packet) -> Result<Frame, Malformed> {
+fn parse_v6(ctx: &TcContext, l3: usize, pkt: &mut Packet) -> Result<Frame, Malformed> {
     // Version/class/flow (4), payload length (2), next header, hop limit; then the addresses.
-    let h: [u8; 8] = load(ctx, ETH_HLEN)?;
+    let h: [u8; 8] = load(ctx, l3)?;
     if h[0] >> 4 != 6 {
         return Err(Malformed);
     }
     pkt.family = FAMILY_V6;
-    pkt.src = load(ctx, ETH_HLEN + 8)?;
-    pkt.dst = load(ctx, ETH_HLEN + 24)?;
+    pkt.src = load(ctx, l3 + 8)?;
+    pkt.dst = load(ctx, l3 + 24)?;
     let mut proto = h[6];
-    let mut offset = ETH_HLEN + 40;
+    let mut offset = l3 + 40;
     if proto == IPPROTO_HOPOPTS {
         // Next Header, and the length in 8-octet units not counting the first 8.
         let ext: [u8; 2] = load(ctx, offset)?;

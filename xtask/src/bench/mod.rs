@@ -61,6 +61,10 @@ pub(crate) struct BenchArgs {
     /// Do not rewrite docs/benchmarks.md and its chart (the JSON is still written).
     #[arg(long)]
     no_docs: bool,
+    /// Datapath suite: only these topologies (ids as in the table, comma-separated), e.g.
+    /// `--only kernel-vxlan,sluice-vxlan`.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 pub(crate) fn bench(args: &BenchArgs, root: &Path, sluice: Option<PathBuf>) -> Result<ExitCode> {
@@ -87,6 +91,9 @@ pub(crate) fn bench(args: &BenchArgs, root: &Path, sluice: Option<PathBuf>) -> R
     if let Some(s) = args.seconds {
         command += &format!(" --seconds {s}");
     }
+    if !args.only.is_empty() {
+        command += &format!(" --only {}", args.only.join(","));
+    }
     let machine_before = read_trim("/proc/loadavg");
     let started = now_utc();
     topo::remove_leftovers();
@@ -95,7 +102,20 @@ pub(crate) fn bench(args: &BenchArgs, root: &Path, sluice: Option<PathBuf>) -> R
     let mut not_measured = Vec::new();
     let runs = |suite: &str| args.suite == "all" || args.suite == suite;
     if runs("datapath") {
-        topologies = datapath(args.quick, reps, seconds, &sluice, &run_dir)?;
+        let mut list = topology_list(args.quick);
+        if !args.only.is_empty() {
+            let unknown: Vec<&String> = args
+                .only
+                .iter()
+                .filter(|id| !list.iter().any(|t| t.id() == **id))
+                .collect();
+            if !unknown.is_empty() {
+                bail!("--only: no topology {unknown:?} in this suite");
+            }
+            list.retain(|t| args.only.contains(&t.id()));
+            not_measured.push(format!("topologies other than {}", args.only.join(", ")));
+        }
+        topologies = datapath(list, reps, seconds, &sluice, &run_dir)?;
     }
     let control = runs("control").then(|| control_plane(&sluice, &run_dir, args.quick));
     let docker = runs("docker").then(|| dockerd::bench(&sluice, &run_dir, args.quick, args.reps));
@@ -205,13 +225,12 @@ fn topology_list(quick: bool) -> Vec<Topology> {
 }
 
 fn datapath(
-    quick: bool,
+    list: Vec<Topology>,
     reps: usize,
     seconds: u32,
     sluice: &Path,
     run_dir: &Path,
 ) -> Result<Vec<TopologyResult>> {
-    let list = topology_list(quick);
     let mut lab = Lab::new(sluice.to_path_buf(), run_dir.to_path_buf());
     let mut built = Vec::new();
     let mut results: Vec<TopologyResult> = Vec::new();
