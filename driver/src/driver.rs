@@ -516,7 +516,7 @@ impl<K: Kernel> Driver<K> {
     /// The applied policy documents, sorted by name.
     pub async fn policies(&self) -> Vec<PolicyDoc> {
         let state = self.state.lock().await;
-        state.policies.list().map(|p| p.doc.clone()).collect()
+        state.policies.list().map(|p| p.doc).collect()
     }
 
     /// Records Docker's names of the networks (ID → name; from the Engine API, as Docker

@@ -183,7 +183,7 @@ fn a_bad_file_changes_nothing() {
     let mut engine = PolicyEngine::new();
     let plan = engine.plan_apply(vec![example("web-to-db")]).unwrap();
     engine.commit(plan);
-    let before = engine.list().cloned().collect::<Vec<_>>();
+    let before = engine.list().collect::<Vec<_>>();
     // The first document is fine, the second is not: neither applies; every error is told.
     let err = apply_error(
         &engine,
@@ -195,7 +195,7 @@ fn a_bad_file_changes_nothing() {
         "policy \"other\": ingress[0].ports[0]: port 0 is out of range 1-65535 (line 8)\n\
          policy \"other\": ingress[0].ports[1]: port 99999 is out of range 1-65535 (line 8)"
     );
-    assert_eq!(engine.list().cloned().collect::<Vec<_>>(), before);
+    assert_eq!(engine.list().collect::<Vec<_>>(), before);
 }
 
 #[test]
@@ -346,7 +346,7 @@ fn stored_cidr_identities_are_parsed_prefixes_kept_as_text_in_the_store() {
     let mut engine = PolicyEngine::new();
     let plan = engine.plan_apply(parse_documents(yaml).unwrap()).unwrap();
     engine.commit(plan);
-    let stored = engine.get("a").unwrap().clone();
+    let stored = engine.get("a").unwrap();
     let nets: Vec<String> = stored
         .cidr_identities
         .keys()
@@ -399,7 +399,7 @@ fn inconsistent_stored_policies_are_refused() {
         )
         .unwrap();
     engine.commit(plan);
-    let good: Vec<StoredPolicy> = engine.list().cloned().collect();
+    let good: Vec<StoredPolicy> = engine.list().collect();
     PolicyEngine::load(good.clone()).unwrap();
 
     let mut same_number = good.clone();
@@ -935,7 +935,8 @@ fn memory_of_a_100k_entry_policy() {
         .into_iter()
         .enumerate()
     {
-        let mut s = format!("name: bench-{d}\nselector: {{}}\ningress:\n  - action: allow\n    from:\n");
+        let mut s =
+            format!("name: bench-{d}\nselector: {{}}\ningress:\n  - action: allow\n    from:\n");
         for n in first..end {
             if n == 0 {
                 s.push_str("      - selector: {}\n");
@@ -980,7 +981,11 @@ fn memory_of_a_100k_entry_policy() {
     let res = engine.resolve_with(&endpoints, &networks, &mut subjects);
     println!("+ resolution: {:.1} MB", mb(heap_in_use()));
     let compiled = res.compile().unwrap();
-    println!("+ compiled: {:.1} MB ({} entries)", mb(heap_in_use()), compiled.entries.len());
+    println!(
+        "+ compiled: {:.1} MB ({} entries)",
+        mb(heap_in_use()),
+        compiled.entries.len()
+    );
     drop(res);
     println!("engine + compiled: {:.1} MB", mb(heap_in_use()));
     drop(compiled);
