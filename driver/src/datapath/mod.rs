@@ -458,7 +458,7 @@ pub struct Datapath {
     /// writes of the entries that change, not a pass over every entry.
     policy_mirror: Option<StdHashMap<compile::PolicyEntry, PolicyValue>>,
     /// The `IPCACHE` entries policy owns (CIDRs and the v4 sentinel), likewise.
-    cidr_mirror: Option<std::collections::BTreeMap<(u32, IpKey), IpInfo>>,
+    cidr_mirror: Option<StdHashMap<(u32, IpKey), IpInfo>>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -1260,7 +1260,7 @@ impl Datapath {
 
     /// The `IPCACHE` entries policy owns (CIDR identities and the v4 sentinel), read from the
     /// kernel.
-    fn read_policy_cidrs(&self) -> Result<std::collections::BTreeMap<(u32, IpKey), IpInfo>> {
+    fn read_policy_cidrs(&self) -> Result<StdHashMap<(u32, IpKey), IpInfo>> {
         let sentinel = compile::v4_mapped_range();
         let all: Vec<(Key<IpKey>, IpInfo)> = self
             .ipcache
