@@ -446,12 +446,12 @@ impl<K: Kernel> Driver<K> {
             .values()
             .map(|e| (e.id.clone(), state.datapath_flags(e)))
             .collect();
-        let resolution = state.resolve();
+        let mut resolution = state.resolve();
         for w in &resolution.warnings {
             warn!(warning = %w, "policy");
         }
         let compiled = resolution
-            .compile()
+            .take_compiled()
             .map_err(|e| DriverError::InvalidOption(format!("policy: {e}")))?;
         // Rules first, then flags: an endpoint becomes enforced only once its allow rules
         // are in place. (An endpoint moving to a new subject whose old one is gone may see
@@ -792,8 +792,8 @@ impl<K: Kernel> Driver<K> {
                 existing.clone()
             }
         };
-        let resolution = state.resolve();
-        match resolution.compile() {
+        let mut resolution = state.resolve();
+        match resolution.take_compiled() {
             Ok(compiled) => {
                 if let Err(e) = self.kernel.apply_policy(&compiled).await {
                     report.errors.push(format!("policy: {e}"));

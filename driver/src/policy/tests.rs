@@ -978,9 +978,9 @@ fn memory_of_a_100k_entry_policy() {
     }
     let engine_bytes = heap_in_use();
     println!("engine: {:.1} MB", mb(engine_bytes));
-    let res = engine.resolve_with(&endpoints, &networks, &mut subjects);
+    let mut res = engine.resolve_with(&endpoints, &networks, &mut subjects);
     println!("+ resolution: {:.1} MB", mb(heap_in_use()));
-    let compiled = res.compile().unwrap();
+    let compiled = res.take_compiled().unwrap();
     println!(
         "+ compiled: {:.1} MB ({} entries)",
         mb(heap_in_use()),
