@@ -154,12 +154,42 @@ impl Entry {
     }
 }
 
+/// CIDR → identity as one sorted vector. A single allocation however many CIDRs: the
+/// B-tree it replaces allocated 100k-CIDR policies' entries in thousands of small nodes
+/// during the apply, scattered among the apply's freed memory, whose pages they then kept.
+#[derive(Debug, Clone, Default)]
+struct CidrTable(Vec<(IpNetwork, u32)>);
+
+impl CidrTable {
+    fn get(&self, net: &IpNetwork) -> Option<&u32> {
+        let i = self.0.binary_search_by(|(n, _)| n.cmp(net)).ok()?;
+        self.0.get(i).map(|(_, id)| id)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (IpNetwork, u32)> + '_ {
+        self.0.iter().copied()
+    }
+
+    /// Adds CIDRs the table does not hold yet.
+    fn extend(&mut self, new: impl IntoIterator<Item = (IpNetwork, u32)>) {
+        self.0.extend(new);
+        self.0.sort_by_key(|(n, _)| *n);
+        self.0.dedup_by_key(|(n, _)| *n);
+        self.0.shrink_to_fit();
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&(IpNetwork, u32)) -> bool) {
+        self.0.retain(keep);
+        self.0.shrink_to_fit();
+    }
+}
+
 /// The applied policies. Plain data: the owner (the Driver) serialises access.
 #[derive(Debug, Clone, Default)]
 pub struct PolicyEngine {
     policies: BTreeMap<String, Entry>,
     /// Union of the policies' CIDR identities.
-    cidrs: BTreeMap<IpNetwork, u32>,
+    cidrs: CidrTable,
 }
 
 impl PolicyEngine {
@@ -176,6 +206,7 @@ impl PolicyEngine {
     /// This is deliberately fatal: starting without a policy would silently open traffic.
     pub fn load(stored: Vec<StoredPolicy>) -> Result<Self, PolicyError> {
         let mut engine = Self::default();
+        let mut cidrs = BTreeMap::new();
         let mut numbers = BTreeSet::new();
         let mut problems = Vec::new();
         for s in stored {
@@ -196,7 +227,7 @@ impl PolicyEngine {
             for net in &compiled.cidrs() {
                 match s.cidr_identities.get(net) {
                     Some(id) if (IDENTITY_FIRST_CIDR..=IDENTITY_LAST_CIDR).contains(id) => {
-                        match engine.cidrs.insert(*net, *id) {
+                        match cidrs.insert(*net, *id) {
                             Some(other) if other != *id => problems.push(format!(
                                 "stored policy {name:?}: CIDR {net} has identity {id}, another policy has {other}"
                             )),
@@ -212,13 +243,14 @@ impl PolicyEngine {
             engine.policies.insert(name, entry);
         }
         let mut seen = BTreeMap::new();
-        for (net, id) in &engine.cidrs {
+        for (net, id) in &cidrs {
             if let Some(other) = seen.insert(*id, *net) {
                 problems.push(format!(
                     "stored policies: identity {id} is used by {other} and {net}"
                 ));
             }
         }
+        engine.cidrs.extend(cidrs);
         if problems.is_empty() {
             Ok(engine)
         } else {
@@ -263,7 +295,7 @@ impl PolicyEngine {
         let mut applied = Vec::new();
         let mut used_numbers: BTreeSet<u32> = self.policies.values().map(|e| e.number).collect();
         // Identities in use now or handed out by this plan: never reused within a plan.
-        let mut used_ids: BTreeSet<u32> = self.cidrs.values().copied().collect();
+        let mut used_ids: BTreeSet<u32> = self.cidrs.iter().map(|(_, id)| id).collect();
         for (doc, c) in compiled {
             let existing = self.policies.get(&doc.name);
             let number = existing.map_or(0, |e| e.number);
@@ -362,7 +394,7 @@ impl PolicyEngine {
                 .values()
                 .flat_map(|e| e.compiled.cidr_pieces())
                 .collect();
-            self.cidrs.retain(|net, _| mentioned.contains(net));
+            self.cidrs.retain(|(net, _)| mentioned.contains(net));
         }
         plan.applied
     }
@@ -443,7 +475,7 @@ impl PolicyEngine {
 
     /// Every CIDR the policies mention, with its identity.
     pub fn cidr_identities(&self) -> impl Iterator<Item = (IpNetwork, u32)> + '_ {
-        self.cidrs.iter().map(|(n, id)| (*n, *id))
+        self.cidrs.iter()
     }
 
     /// Which policy rule a rule ID (from a drop event) names.
