@@ -470,6 +470,9 @@ impl<K: Kernel> Driver<K> {
                 first.get_or_insert(e);
             }
         }
+        // The resolution and its compilation were transient (tens of MB with a 100k-entry
+        // policy), and a resync also follows endpoint and identity changes, not only applies.
+        crate::memory::release_free_memory();
         first.map_or(Ok(()), |e| Err(e.into()))
     }
 

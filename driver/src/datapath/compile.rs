@@ -142,10 +142,10 @@ pub struct CompiledPolicy {
 impl CompiledPolicy {
     /// The `IPCACHE` entries policy owns: one per CIDR, plus `::ffff:0:0/96 → WORLD` (unless
     /// `0.0.0.0/0` is itself a policy CIDR) so that an IPv4 address can never fall into an
-    /// IPv6 CIDR such as `::/0`.
+    /// IPv6 CIDR such as `::/0`. A hash table: one allocation for 100k CIDRs.
     #[must_use]
-    pub fn ipcache_entries(&self) -> BTreeMap<(u32, IpKey), IpInfo> {
-        let mut out: BTreeMap<(u32, IpKey), IpInfo> = self
+    pub fn ipcache_entries(&self) -> HashMap<(u32, IpKey), IpInfo> {
+        let mut out: HashMap<(u32, IpKey), IpInfo> = self
             .cidrs
             .iter()
             .map(|(net, &identity)| {
