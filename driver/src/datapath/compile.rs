@@ -142,10 +142,11 @@ pub struct CompiledPolicy {
 impl CompiledPolicy {
     /// The `IPCACHE` entries policy owns: one per CIDR, plus `::ffff:0:0/96 → WORLD` (unless
     /// `0.0.0.0/0` is itself a policy CIDR) so that an IPv4 address can never fall into an
-    /// IPv6 CIDR such as `::/0`. A hash table: one allocation for 100k CIDRs.
+    /// IPv6 CIDR such as `::/0`. Sorted by key, in one vector (one allocation for 100k
+    /// CIDRs; the datapath keeps it as its mirror of what it wrote).
     #[must_use]
-    pub fn ipcache_entries(&self) -> HashMap<(u32, IpKey), IpInfo> {
-        let mut out: HashMap<(u32, IpKey), IpInfo> = self
+    pub fn ipcache_entries(&self) -> Vec<((u32, IpKey), IpInfo)> {
+        let mut out: Vec<((u32, IpKey), IpInfo)> = self
             .cidrs
             .iter()
             .map(|(net, &identity)| {
@@ -158,10 +159,17 @@ impl CompiledPolicy {
                 )
             })
             .collect();
-        out.entry(v4_mapped_range()).or_insert(IpInfo {
-            identity: IDENTITY_WORLD,
-            network: 0,
-        });
+        if !out.iter().any(|(k, _)| *k == v4_mapped_range()) {
+            out.push((
+                v4_mapped_range(),
+                IpInfo {
+                    identity: IDENTITY_WORLD,
+                    network: 0,
+                },
+            ));
+        }
+        // Distinct CIDRs have distinct keys (host bits cleared, no v4-mapped IPv6).
+        out.sort_unstable_by_key(|(k, _)| *k);
         out
     }
 }
@@ -274,11 +282,12 @@ impl CidrIdentities {
     }
 
     /// Keeps the identities of `cidrs` already assigned, frees the others, assigns new ones.
-    fn retain_and_assign(&mut self, cidrs: &BTreeSet<IpNetwork>) -> Result<(), CompileError> {
+    /// `cidrs` sorted, without duplicates.
+    fn retain_and_assign(&mut self, cidrs: &[IpNetwork]) -> Result<(), CompileError> {
         let gone: Vec<IpNetwork> = self
             .assigned
             .keys()
-            .filter(|c| !cidrs.contains(c))
+            .filter(|c| cidrs.binary_search(c).is_err())
             .copied()
             .collect();
         for c in gone {
@@ -465,7 +474,8 @@ fn compile_entries(
     next: &mut CidrIdentities,
 ) -> Result<BTreeMap<PolicyEntry, PolicyValue>, CompileError> {
     // Validate, and collect CIDRs.
-    let mut policy_cidrs = BTreeSet::new();
+    // A sorted vector rather than a set: one allocation for 100k CIDRs.
+    let mut policy_cidrs = Vec::new();
     for rule in rules {
         if rule.id == 0 {
             return Err(CompileError::ZeroRuleId);
@@ -492,12 +502,14 @@ fn compile_entries(
                 });
             }
             Peer::Cidr(net) => {
-                policy_cidrs.insert(normalise(net));
+                policy_cidrs.push(normalise(net));
             }
             Peer::Identity(_) | Peer::Any => {}
         }
         tails(rule)?;
     }
+    policy_cidrs.sort_unstable();
+    policy_cidrs.dedup();
     next.retain_and_assign(&policy_cidrs)?;
     drop(policy_cidrs);
     let cover = cidr_cover(next.assignments());
@@ -938,7 +950,7 @@ mod tests {
         assert_eq!(verdict(&c, IDENTITY_WORLD, PROTO_TCP, 22), None);
 
         // The ipcache gets the CIDRs (v4-mapped) and the v4 sentinel.
-        let ipc = c.ipcache_entries();
+        let ipc: HashMap<_, _> = c.ipcache_entries().into_iter().collect();
         assert_eq!(ipc.len(), 5);
         assert_eq!(ipc[&(96 + 8, IpKey::v4([10, 0, 0, 0]))].identity, id8);
         assert_eq!(ipc[&v4_mapped_range()].identity, IDENTITY_WORLD);

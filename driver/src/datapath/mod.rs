@@ -1190,7 +1190,7 @@ impl Datapath {
 
         // CIDRs first, so new policy entries never see a CIDR without its identity.
         let want_ip = compiled.ipcache_entries();
-        for (&(prefix, key), info) in &want_ip {
+        for &((prefix, key), ref info) in &want_ip {
             if mirrored(&have_ip, &(prefix, key)) == Some(info) {
                 continue;
             }
@@ -1227,7 +1227,10 @@ impl Datapath {
         drop(have);
 
         // Then CIDRs nobody references any more.
-        for (k, _) in have_ip.iter().filter(|(k, _)| !want_ip.contains_key(k)) {
+        for (k, _) in have_ip
+            .iter()
+            .filter(|(k, _)| mirrored(&want_ip, k).is_none())
+        {
             match self.ipcache.remove(&Key::new(k.0, k.1)) {
                 Ok(()) => update.cidrs_removed += 1,
                 Err(e) if is_not_found(&e) => {}
@@ -1237,7 +1240,7 @@ impl Datapath {
         drop(have_ip);
         // Every write succeeded: the maps hold exactly `compiled`.
         self.policy_mirror = Some(compiled.entries.iter().map(|(e, v)| (*e, *v)).collect());
-        self.cidr_mirror = Some(mirror_of(want_ip));
+        self.cidr_mirror = Some(want_ip);
         if update != PolicyUpdate::default() {
             info!(
                 written = update.written,
