@@ -658,11 +658,12 @@ impl PolicyEngine {
         warnings: &mut Vec<String>,
         bound: &mut Vec<BoundSelector<'a>>,
         context: &dyn Fn(usize) -> String,
-    ) -> BTreeSet<ResolvedPeer> {
+    ) -> Vec<ResolvedPeer> {
         let Some(peers) = &rule.peers else {
-            return BTreeSet::from([ResolvedPeer::Any]);
+            return vec![ResolvedPeer::Any];
         };
-        let mut out = BTreeSet::new();
+        // Sorted and deduplicated at the end: one allocation for a 40k-peer rule, not a set.
+        let mut out = Vec::with_capacity(peers.len());
         for (j, peer) in peers.iter().enumerate() {
             match peer {
                 CompiledPeer::Selector(s) => {
@@ -685,6 +686,8 @@ impl PolicyEngine {
                 }
             }
         }
+        out.sort_unstable();
+        out.dedup();
         out
     }
 }
