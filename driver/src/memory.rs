@@ -13,11 +13,10 @@
 /// retained memory.
 pub const MALLOC_ARENAS: i32 = 2;
 
-/// Allocations from this size up get their own mapping, returned to the kernel when freed.
-/// glibc's default (128 KiB) is the same, but it is *dynamic*: freeing such a mapping raises
-/// the threshold up to 32 MiB, after which a policy apply's large tables (hash maps and
-/// vectors of 100k entries) land in the heap, where the small live allocations made next to
-/// them keep their pages from being returned. Setting it fixes it.
+/// Allocations from this size up that the heap cannot serve from free memory get their own
+/// mapping, returned to the kernel when freed. glibc's default (128 KiB) is the same, but it
+/// is *dynamic*: freeing such a mapping raises the threshold (up to 32 MiB), after which a
+/// policy apply's large vectors grow the heap instead. Setting it keeps it fixed.
 pub const MMAP_THRESHOLD: i32 = 128 * 1024;
 
 /// Caps glibc's malloc arenas at [`MALLOC_ARENAS`] and fixes the mmap threshold at
