@@ -446,12 +446,12 @@ impl<K: Kernel> Driver<K> {
             .values()
             .map(|e| (e.id.clone(), state.datapath_flags(e)))
             .collect();
-        let resolution = state.resolve();
+        let mut resolution = state.resolve();
         for w in &resolution.warnings {
             warn!(warning = %w, "policy");
         }
         let compiled = resolution
-            .compile()
+            .take_compiled()
             .map_err(|e| DriverError::InvalidOption(format!("policy: {e}")))?;
         // Rules first, then flags: an endpoint becomes enforced only once its allow rules
         // are in place. (An endpoint moving to a new subject whose old one is gone may see
@@ -470,6 +470,9 @@ impl<K: Kernel> Driver<K> {
                 first.get_or_insert(e);
             }
         }
+        // The resolution and its compilation were transient (tens of MB with a 100k-entry
+        // policy), and a resync also follows endpoint and identity changes, not only applies.
+        crate::memory::release_free_memory();
         first.map_or(Ok(()), |e| Err(e.into()))
     }
 
@@ -516,7 +519,7 @@ impl<K: Kernel> Driver<K> {
     /// The applied policy documents, sorted by name.
     pub async fn policies(&self) -> Vec<PolicyDoc> {
         let state = self.state.lock().await;
-        state.policies.list().map(|p| p.doc.clone()).collect()
+        state.policies.list().map(|p| p.doc).collect()
     }
 
     /// Records Docker's names of the networks (ID → name; from the Engine API, as Docker
@@ -792,8 +795,8 @@ impl<K: Kernel> Driver<K> {
                 existing.clone()
             }
         };
-        let resolution = state.resolve();
-        match resolution.compile() {
+        let mut resolution = state.resolve();
+        match resolution.take_compiled() {
             Ok(compiled) => {
                 if let Err(e) = self.kernel.apply_policy(&compiled).await {
                     report.errors.push(format!("policy: {e}"));

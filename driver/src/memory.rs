@@ -13,14 +13,25 @@
 /// retained memory.
 pub const MALLOC_ARENAS: i32 = 2;
 
-/// Caps glibc's malloc arenas at [`MALLOC_ARENAS`]. Call once at start, before threads exist
-/// (arenas already created are not removed). Returns whether the setting was accepted.
+/// Allocations from this size up that the heap cannot serve from free memory get their own
+/// mapping, returned to the kernel when freed. glibc's default (128 KiB) is the same, but it
+/// is *dynamic*: freeing such a mapping raises the threshold (up to 32 MiB), after which a
+/// policy apply's large vectors grow the heap instead. Setting it keeps it fixed.
+pub const MMAP_THRESHOLD: i32 = 128 * 1024;
+
+/// Caps glibc's malloc arenas at [`MALLOC_ARENAS`] and fixes the mmap threshold at
+/// [`MMAP_THRESHOLD`]. Call once at start, before threads exist (arenas already created are
+/// not removed). Returns whether the settings were accepted.
 pub fn limit_malloc_arenas() -> bool {
     #[cfg(target_env = "gnu")]
     {
-        // SAFETY: mallopt only changes allocator tuning parameters; M_ARENA_MAX with a positive
-        // value is documented (mallopt(3)) and takes no pointers.
-        unsafe { libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) == 1 }
+        // SAFETY: mallopt only changes allocator tuning parameters; M_ARENA_MAX and
+        // M_MMAP_THRESHOLD with positive values are documented (mallopt(3)) and take no
+        // pointers.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS) == 1
+                && libc::mallopt(libc::M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+        }
     }
     #[cfg(not(target_env = "gnu"))]
     {

@@ -358,7 +358,7 @@ impl<K: Kernel> Driver<K> {
         let current: BTreeMap<String, PolicyDoc> = state
             .policies
             .list()
-            .map(|p| (p.doc.name.clone(), p.doc.clone()))
+            .map(|p| (p.doc.name.clone(), p.doc))
             .collect();
         let wanted: BTreeMap<String, PolicyDoc> =
             docs.into_iter().map(|d| (d.name.clone(), d)).collect();

@@ -142,10 +142,11 @@ pub struct CompiledPolicy {
 impl CompiledPolicy {
     /// The `IPCACHE` entries policy owns: one per CIDR, plus `::ffff:0:0/96 → WORLD` (unless
     /// `0.0.0.0/0` is itself a policy CIDR) so that an IPv4 address can never fall into an
-    /// IPv6 CIDR such as `::/0`.
+    /// IPv6 CIDR such as `::/0`. Sorted by key, in one vector (one allocation for 100k
+    /// CIDRs; the datapath keeps it as its mirror of what it wrote).
     #[must_use]
-    pub fn ipcache_entries(&self) -> BTreeMap<(u32, IpKey), IpInfo> {
-        let mut out: BTreeMap<(u32, IpKey), IpInfo> = self
+    pub fn ipcache_entries(&self) -> Vec<((u32, IpKey), IpInfo)> {
+        let mut out: Vec<((u32, IpKey), IpInfo)> = self
             .cidrs
             .iter()
             .map(|(net, &identity)| {
@@ -158,10 +159,17 @@ impl CompiledPolicy {
                 )
             })
             .collect();
-        out.entry(v4_mapped_range()).or_insert(IpInfo {
-            identity: IDENTITY_WORLD,
-            network: 0,
-        });
+        if !out.iter().any(|(k, _)| *k == v4_mapped_range()) {
+            out.push((
+                v4_mapped_range(),
+                IpInfo {
+                    identity: IDENTITY_WORLD,
+                    network: 0,
+                },
+            ));
+        }
+        // Distinct CIDRs have distinct keys (host bits cleared, no v4-mapped IPv6).
+        out.sort_unstable_by_key(|(k, _)| *k);
         out
     }
 }
@@ -274,11 +282,12 @@ impl CidrIdentities {
     }
 
     /// Keeps the identities of `cidrs` already assigned, frees the others, assigns new ones.
-    fn retain_and_assign(&mut self, cidrs: &BTreeSet<IpNetwork>) -> Result<(), CompileError> {
+    /// `cidrs` sorted, without duplicates.
+    fn retain_and_assign(&mut self, cidrs: &[IpNetwork]) -> Result<(), CompileError> {
         let gone: Vec<IpNetwork> = self
             .assigned
             .keys()
-            .filter(|c| !cidrs.contains(c))
+            .filter(|c| cidrs.binary_search(c).is_err())
             .copied()
             .collect();
         for c in gone {
@@ -321,12 +330,13 @@ fn truncate(net: IpNetwork, prefix: u8) -> Option<IpNetwork> {
     IpNetwork::new(net.network(), prefix).ok().map(normalise)
 }
 
-/// The CIDR-range identities a `Peer::Cidr(n)` rule covers: `n` itself and every policy CIDR
-/// of the same family inside it.
+/// The CIDR-range identities a `Peer::Cidr(n)` rule covers besides `n`'s own: every policy
+/// CIDR of the same family strictly inside it. Only CIDRs that contain another have an entry
+/// (100k disjoint host prefixes make an empty map).
 fn cidr_cover(assigned: &BTreeMap<IpNetwork, u32>) -> HashMap<IpNetwork, Vec<u32>> {
     let mut cover: HashMap<IpNetwork, Vec<u32>> = HashMap::new();
     for (&net, &id) in assigned {
-        for len in 0..=net.prefix() {
+        for len in 0..net.prefix() {
             if let Some(ancestor) = truncate(net, len)
                 && assigned.contains_key(&ancestor)
             {
@@ -432,8 +442,40 @@ fn tails(rule: &Rule) -> Result<Vec<Tail>, CompileError> {
 /// # Errors
 /// [`CompileError`] for an invalid rule; nothing is assigned then.
 pub fn compile(rules: &[Rule], cidrs: &mut CidrIdentities) -> Result<CompiledPolicy, CompileError> {
+    let mut next = cidrs.clone();
+    let entries = compile_entries(rules, &mut next)?;
+    *cidrs = next;
+    Ok(CompiledPolicy {
+        entries,
+        cidrs: cidrs.assignments().clone(),
+    })
+}
+
+/// [`compile`] for a caller that does not keep `cidrs` (they become the output's): no copy
+/// of the assignments, which have an entry per CIDR.
+///
+/// # Errors
+/// [`CompileError`] for an invalid rule.
+pub fn compile_owned(
+    rules: &[Rule],
+    mut cidrs: CidrIdentities,
+) -> Result<CompiledPolicy, CompileError> {
+    let entries = compile_entries(rules, &mut cidrs)?;
+    Ok(CompiledPolicy {
+        entries,
+        cidrs: cidrs.assigned,
+    })
+}
+
+/// The `POLICY` entries of `rules`, assigning CIDR identities in `next` (left half-updated
+/// on error: callers pass a copy or drop it).
+fn compile_entries(
+    rules: &[Rule],
+    next: &mut CidrIdentities,
+) -> Result<BTreeMap<PolicyEntry, PolicyValue>, CompileError> {
     // Validate, and collect CIDRs.
-    let mut policy_cidrs = BTreeSet::new();
+    // A sorted vector rather than a set: one allocation for 100k CIDRs.
+    let mut policy_cidrs = Vec::new();
     for rule in rules {
         if rule.id == 0 {
             return Err(CompileError::ZeroRuleId);
@@ -460,54 +502,61 @@ pub fn compile(rules: &[Rule], cidrs: &mut CidrIdentities) -> Result<CompiledPol
                 });
             }
             Peer::Cidr(net) => {
-                policy_cidrs.insert(normalise(net));
+                policy_cidrs.push(normalise(net));
             }
             Peer::Identity(_) | Peer::Any => {}
         }
         tails(rule)?;
     }
-    let mut next = cidrs.clone();
+    policy_cidrs.sort_unstable();
+    policy_cidrs.dedup();
     next.retain_and_assign(&policy_cidrs)?;
+    drop(policy_cidrs);
     let cover = cidr_cover(next.assignments());
 
-    // Atoms per key space (subject, peer, direction), duplicates merged (deny wins, lowest id).
-    let mut spaces: BTreeMap<(u32, u32, u8), HashMap<Tail, Verdict>> = BTreeMap::new();
+    // Atoms: (key space (subject, peer, direction), tail, verdict), in one flat vector rather
+    // than a map per key space (a 100k-CIDR policy has 100k key spaces of one atom each).
+    let mut atoms: Vec<((u32, u32, u8), Tail, Verdict)> = Vec::new();
     for rule in rules {
-        let peers: Vec<u32> = match rule.peer {
-            Peer::Identity(id) => vec![id],
-            Peer::Any => vec![IDENTITY_ANY],
-            Peer::Cidr(net) => cover.get(&normalise(net)).cloned().unwrap_or_default(),
-        };
         let deny = rule.action == Action::Deny;
         let rule_tails = tails(rule)?;
-        for &subject in &rule.subjects {
-            for &peer in &peers {
-                let space = spaces
-                    .entry((subject, peer, rule.direction.code()))
-                    .or_default();
+        let verdict = Verdict {
+            deny,
+            rule_id: rule.id,
+        };
+        let mut push = |peer: u32| {
+            for &subject in &rule.subjects {
                 for &tail in &rule_tails {
-                    let new = Verdict {
-                        deny,
-                        rule_id: rule.id,
-                    };
-                    space
-                        .entry(tail)
-                        .and_modify(|v| {
-                            if (new.deny && !v.deny)
-                                || (new.deny == v.deny && new.rule_id < v.rule_id)
-                            {
-                                *v = new;
-                            }
-                        })
-                        .or_insert(new);
+                    atoms.push(((subject, peer, rule.direction.code()), tail, verdict));
+                }
+            }
+        };
+        match rule.peer {
+            Peer::Identity(id) => push(id),
+            Peer::Any => push(IDENTITY_ANY),
+            Peer::Cidr(net) => {
+                let net = normalise(net);
+                if let Some(&id) = next.assignments().get(&net) {
+                    push(id);
+                }
+                for &id in cover.get(&net).into_iter().flatten() {
+                    push(id);
                 }
             }
         }
     }
+    // Duplicates merged: deny wins, then the lowest rule id (sorted first within an atom).
+    atoms
+        .sort_unstable_by_key(|(space, tail, v)| (*space, tail.len, tail.bits, !v.deny, v.rule_id));
+    atoms.dedup_by_key(|(space, tail, _)| (*space, *tail));
 
     let mut entries = BTreeMap::new();
-    for ((subject, peer, direction), atoms) in spaces {
-        for (tail, verdict) in resolve(atoms) {
+    let mut kept = Vec::new();
+    for space_atoms in atoms.chunk_by(|a, b| a.0 == b.0) {
+        let (subject, peer, direction) = space_atoms[0].0;
+        kept.clear();
+        resolve(space_atoms, &mut kept);
+        for &(tail, verdict) in &kept {
             let proto = u8::try_from(tail.bits >> 16).unwrap_or(0);
             let port = u16::try_from(tail.bits & 0xffff).unwrap_or(0);
             entries.insert(
@@ -526,20 +575,15 @@ pub fn compile(rules: &[Rule], cidrs: &mut CidrIdentities) -> Result<CompiledPol
             );
         }
     }
-    *cidrs = next;
-    Ok(CompiledPolicy {
-        entries,
-        cidrs: cidrs.assignments().clone(),
-    })
+    Ok(entries)
 }
 
-/// Makes the longest match carry the deny-wins verdict (see the module docs).
-fn resolve(atoms: HashMap<Tail, Verdict>) -> Vec<(Tail, Verdict)> {
-    let mut sorted: Vec<(Tail, Verdict)> = atoms.into_iter().collect();
-    sorted.sort_by_key(|(t, _)| (t.len, t.bits));
+/// Makes the longest match carry the deny-wins verdict (see the module docs). `atoms` are
+/// one key space's, sorted by tail length, without duplicate tails; the entries to write are
+/// appended to `out`.
+fn resolve(atoms: &[((u32, u32, u8), Tail, Verdict)], out: &mut Vec<(Tail, Verdict)>) {
     let mut kept: HashMap<Tail, Verdict> = HashMap::new();
-    let mut out = Vec::new();
-    for (tail, verdict) in sorted {
+    for &(_, tail, verdict) in atoms {
         let mut nearest: Option<Verdict> = None;
         let mut under_deny = false;
         for len in (0..tail.len).rev() {
@@ -554,10 +598,11 @@ fn resolve(atoms: HashMap<Tail, Verdict>) -> Vec<(Tail, Verdict)> {
         if (under_deny && !verdict.deny) || redundant {
             continue;
         }
-        kept.insert(tail, verdict);
+        if atoms.len() > 1 {
+            kept.insert(tail, verdict);
+        }
         out.push((tail, verdict));
     }
-    out
 }
 
 #[cfg(test)]
@@ -905,7 +950,7 @@ mod tests {
         assert_eq!(verdict(&c, IDENTITY_WORLD, PROTO_TCP, 22), None);
 
         // The ipcache gets the CIDRs (v4-mapped) and the v4 sentinel.
-        let ipc = c.ipcache_entries();
+        let ipc: HashMap<_, _> = c.ipcache_entries().into_iter().collect();
         assert_eq!(ipc.len(), 5);
         assert_eq!(ipc[&(96 + 8, IpKey::v4([10, 0, 0, 0]))].identity, id8);
         assert_eq!(ipc[&v4_mapped_range()].identity, IDENTITY_WORLD);

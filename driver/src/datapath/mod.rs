@@ -490,9 +490,10 @@ pub struct Datapath {
     /// adopted from pins; read once from the kernel at the next apply). Applying a policy
     /// diffs against this instead of dumping the map, so an endpoint change costs the map
     /// writes of the entries that change, not a pass over every entry.
-    policy_mirror: Option<StdHashMap<compile::PolicyEntry, PolicyValue>>,
+    /// Sorted by key, in one vector: the smallest form of 100k fixed-size entries.
+    policy_mirror: Option<Mirror<compile::PolicyEntry, PolicyValue>>,
     /// The `IPCACHE` entries policy owns (CIDRs and the v4 sentinel), likewise.
-    cidr_mirror: Option<std::collections::BTreeMap<(u32, IpKey), IpInfo>>,
+    cidr_mirror: Option<Mirror<(u32, IpKey), IpInfo>>,
 }
 
 impl std::fmt::Debug for Datapath {
@@ -502,6 +503,23 @@ impl std::fmt::Debug for Datapath {
             .field("links", &self.links.len())
             .finish_non_exhaustive()
     }
+}
+
+/// Map entries as this process last wrote them, sorted by key (see `policy_mirror`).
+type Mirror<K, V> = Vec<(K, V)>;
+
+/// The value of `key` in a [`Mirror`].
+fn mirrored<'a, K: Ord, V>(mirror: &'a Mirror<K, V>, key: &K) -> Option<&'a V> {
+    let i = mirror.binary_search_by(|(k, _)| k.cmp(key)).ok()?;
+    mirror.get(i).map(|(_, v)| v)
+}
+
+/// `entries` as a [`Mirror`].
+fn mirror_of<K: Ord, V>(entries: impl IntoIterator<Item = (K, V)>) -> Mirror<K, V> {
+    let mut m: Mirror<K, V> = entries.into_iter().collect();
+    m.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    m.shrink_to_fit();
+    m
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -1273,71 +1291,68 @@ impl Datapath {
     pub fn apply_policy(&mut self, compiled: &CompiledPolicy) -> Result<PolicyUpdate> {
         let mut update = PolicyUpdate::default();
         // Taken out: an error below leaves `None`, so the next apply re-reads the kernel.
-        let mut have_ip = match self.cidr_mirror.take() {
+        let have_ip = match self.cidr_mirror.take() {
             Some(m) => m,
             None => self.read_policy_cidrs()?,
         };
-        let mut have = match self.policy_mirror.take() {
+        let have = match self.policy_mirror.take() {
             Some(m) => m,
             None => self.read_policy()?,
         };
 
         // CIDRs first, so new policy entries never see a CIDR without its identity.
         let want_ip = compiled.ipcache_entries();
-        for (&(prefix, key), info) in &want_ip {
-            if have_ip.get(&(prefix, key)) == Some(info) {
+        for &((prefix, key), ref info) in &want_ip {
+            if mirrored(&have_ip, &(prefix, key)) == Some(info) {
                 continue;
             }
             self.ipcache
                 .insert(&Key::new(prefix, key), info, 0)
                 .map_err(map_err("write cidr", MAP_IPCACHE))?;
-            have_ip.insert((prefix, key), *info);
             update.cidrs_written += 1;
         }
 
         let stale: Vec<(compile::PolicyEntry, PolicyValue)> = have
             .iter()
             .filter(|(e, _)| !compiled.entries.contains_key(e))
-            .map(|(e, v)| (*e, *v))
+            .copied()
             .collect();
         let allow = u32::from(VERDICT_ALLOW);
         for (entry, _) in stale.iter().filter(|(_, v)| v.verdict == allow) {
             self.remove_policy_key(&Key::new(entry.prefix_len, entry.key))?;
-            have.remove(entry);
             update.removed += 1;
         }
         for (entry, value) in &compiled.entries {
-            if have.get(entry) == Some(value) {
+            if mirrored(&have, entry) == Some(value) {
                 continue;
             }
             self.policy
                 .insert(&Key::new(entry.prefix_len, entry.key), value, 0)
                 .map_err(map_err("write policy", MAP_POLICY))?;
-            have.insert(*entry, *value);
             update.written += 1;
         }
         for (entry, _) in stale.iter().filter(|(_, v)| v.verdict != allow) {
             self.remove_policy_key(&Key::new(entry.prefix_len, entry.key))?;
-            have.remove(entry);
             update.removed += 1;
         }
+        drop(stale);
+        drop(have);
 
         // Then CIDRs nobody references any more.
-        let gone: Vec<(u32, IpKey)> = have_ip
-            .keys()
-            .filter(|k| !want_ip.contains_key(k))
-            .copied()
-            .collect();
-        for k in gone {
+        for (k, _) in have_ip
+            .iter()
+            .filter(|(k, _)| mirrored(&want_ip, k).is_none())
+        {
             match self.ipcache.remove(&Key::new(k.0, k.1)) {
                 Ok(()) => update.cidrs_removed += 1,
                 Err(e) if is_not_found(&e) => {}
                 Err(e) => return Err(map_err("remove cidr", MAP_IPCACHE)(e)),
             }
-            have_ip.remove(&k);
         }
-        self.policy_mirror = Some(have);
-        self.cidr_mirror = Some(have_ip);
+        drop(have_ip);
+        // Every write succeeded: the maps hold exactly `compiled`.
+        self.policy_mirror = Some(compiled.entries.iter().map(|(e, v)| (*e, *v)).collect());
+        self.cidr_mirror = Some(want_ip);
         if update != PolicyUpdate::default() {
             info!(
                 written = update.written,
@@ -1352,8 +1367,9 @@ impl Datapath {
     }
 
     /// Every `POLICY` entry, read from the kernel (once per process, see `policy_mirror`).
-    fn read_policy(&self) -> Result<StdHashMap<compile::PolicyEntry, PolicyValue>> {
-        self.policy
+    fn read_policy(&self) -> Result<Mirror<compile::PolicyEntry, PolicyValue>> {
+        let entries: Vec<_> = self
+            .policy
             .iter()
             .map(|r| {
                 r.map(|(k, v)| {
@@ -1367,34 +1383,37 @@ impl Datapath {
                 })
             })
             .collect::<std::result::Result<_, _>>()
-            .map_err(map_err("read policy", MAP_POLICY))
+            .map_err(map_err("read policy", MAP_POLICY))?;
+        Ok(mirror_of(entries))
     }
 
     /// The `IPCACHE` entries policy owns (CIDR identities and the v4 sentinel), read from the
     /// kernel.
-    fn read_policy_cidrs(&self) -> Result<std::collections::BTreeMap<(u32, IpKey), IpInfo>> {
+    fn read_policy_cidrs(&self) -> Result<Mirror<(u32, IpKey), IpInfo>> {
         let sentinel = compile::v4_mapped_range();
         let all: Vec<(Key<IpKey>, IpInfo)> = self
             .ipcache
             .iter()
             .collect::<std::result::Result<_, _>>()
             .map_err(map_err("read ipcache", MAP_IPCACHE))?;
-        Ok(all
-            .into_iter()
-            .map(|(key, info)| ((key.prefix_len(), key.data()), info))
-            .filter(|(k, info)| {
-                (IDENTITY_FIRST_CIDR..=IDENTITY_LAST_CIDR).contains(&info.identity)
-                    || *k == sentinel
-            })
-            .collect())
+        Ok(mirror_of(
+            all.into_iter()
+                .map(|(key, info)| ((key.prefix_len(), key.data()), info))
+                .filter(|(k, info)| {
+                    (IDENTITY_FIRST_CIDR..=IDENTITY_LAST_CIDR).contains(&info.identity)
+                        || *k == sentinel
+                }),
+        ))
     }
 
     /// An ipcache key written outside [`Datapath::apply_policy`] (an endpoint's address) is no
     /// longer what policy wrote there: forget it, so the next apply writes it again if policy
     /// still wants it.
     fn forget_cidr(&mut self, prefix: u32, key: IpKey) {
-        if let Some(m) = self.cidr_mirror.as_mut() {
-            m.remove(&(prefix, key));
+        if let Some(m) = self.cidr_mirror.as_mut()
+            && let Ok(i) = m.binary_search_by(|(k, _)| k.cmp(&(prefix, key)))
+        {
+            m.remove(i);
         }
     }
 

@@ -12,15 +12,16 @@ use std::collections::{BTreeMap, BTreeSet};
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
 
-use super::document::PolicyDoc;
-use super::document::Protocol;
+use super::document::{PolicyDoc, Protocol, Selector};
 use super::resolve::{
     Direction, EndpointView, Enforcement, NetworkView, Resolution, ResolvedPeer, ResolvedRule,
     cidr_endpoints,
 };
 use super::selector::{BoundSelector, NetworkIndex};
 use super::subjects::SubjectIds;
-use super::validate::{CompiledPeer, CompiledPolicy, CompiledRule, PortMatch, compile};
+use super::validate::{
+    CompiledPeer, CompiledPolicy, CompiledRule, PortMatch, cidr_pieces, compile,
+};
 use super::{IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, PolicyError};
 use crate::store::{Change, Store};
 
@@ -97,11 +98,18 @@ pub struct Applied {
     pub outcome: ApplyOutcome,
 }
 
-/// A validated change, not yet adopted: see [`PolicyEngine::plan_apply`].
+/// A validated change, not yet adopted: see [`PolicyEngine::plan_apply`]. It holds only
+/// what changes (not a copy of the engine: with 100k CIDR peers that copy was the apply's
+/// largest transient allocation).
 #[derive(Debug, Clone)]
 #[must_use = "a plan does nothing until committed"]
 pub struct Plan {
-    next: PolicyEngine,
+    /// New and replaced policies.
+    put: Vec<(String, Entry)>,
+    /// A removed policy.
+    remove: Option<String>,
+    /// CIDR identities this plan hands out.
+    new_cidrs: BTreeMap<IpNetwork, u32>,
     changes: Vec<Change>,
     applied: Vec<Applied>,
 }
@@ -113,13 +121,6 @@ impl Plan {
         &self.changes
     }
 
-    /// The engine as it will be after [`PolicyEngine::commit`]: resolve it to compute the
-    /// datapath's next state before committing.
-    #[must_use]
-    pub fn next(&self) -> &PolicyEngine {
-        &self.next
-    }
-
     /// Per document, what the apply does (empty for a remove).
     #[must_use]
     pub fn applied(&self) -> &[Applied] {
@@ -127,10 +128,60 @@ impl Plan {
     }
 }
 
+/// One applied policy (its name is the key in [`PolicyEngine`]'s map). The document is kept
+/// as its JSON text and parsed back only when asked for (`sluice policy get/ls`, the
+/// cluster's sync): a 40k-peer document takes about 6 MB as a [`PolicyDoc`] and 1 MB as
+/// text. Resolution works on `selector` and `compiled` alone.
 #[derive(Debug, Clone)]
 struct Entry {
-    stored: StoredPolicy,
+    number: u32,
+    doc: Box<str>,
+    selector: Selector,
     compiled: CompiledPolicy,
+}
+
+impl Entry {
+    fn new(doc: &PolicyDoc, number: u32, compiled: CompiledPolicy) -> Result<Self, PolicyError> {
+        let text = serde_json::to_string(doc).map_err(|e| {
+            PolicyError::Invalid(vec![format!("policy {:?}: cannot encode: {e}", doc.name)])
+        })?;
+        Ok(Self {
+            number,
+            doc: text.into_boxed_str(),
+            selector: doc.selector.clone(),
+            compiled,
+        })
+    }
+}
+
+/// CIDR → identity as one sorted vector. A single allocation however many CIDRs: the
+/// B-tree it replaces allocated 100k-CIDR policies' entries in thousands of small nodes
+/// during the apply, scattered among the apply's freed memory, whose pages they then kept.
+#[derive(Debug, Clone, Default)]
+struct CidrTable(Vec<(IpNetwork, u32)>);
+
+impl CidrTable {
+    fn get(&self, net: &IpNetwork) -> Option<&u32> {
+        let i = self.0.binary_search_by(|(n, _)| n.cmp(net)).ok()?;
+        self.0.get(i).map(|(_, id)| id)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (IpNetwork, u32)> + '_ {
+        self.0.iter().copied()
+    }
+
+    /// Adds CIDRs the table does not hold yet.
+    fn extend(&mut self, new: impl IntoIterator<Item = (IpNetwork, u32)>) {
+        self.0.extend(new);
+        self.0.sort_by_key(|(n, _)| *n);
+        self.0.dedup_by_key(|(n, _)| *n);
+        self.0.shrink_to_fit();
+    }
+
+    fn retain(&mut self, keep: impl FnMut(&(IpNetwork, u32)) -> bool) {
+        self.0.retain(keep);
+        self.0.shrink_to_fit();
+    }
 }
 
 /// The applied policies. Plain data: the owner (the Driver) serialises access.
@@ -138,7 +189,7 @@ struct Entry {
 pub struct PolicyEngine {
     policies: BTreeMap<String, Entry>,
     /// Union of the policies' CIDR identities.
-    cidrs: BTreeMap<IpNetwork, u32>,
+    cidrs: CidrTable,
 }
 
 impl PolicyEngine {
@@ -155,6 +206,7 @@ impl PolicyEngine {
     /// This is deliberately fatal: starting without a policy would silently open traffic.
     pub fn load(stored: Vec<StoredPolicy>) -> Result<Self, PolicyError> {
         let mut engine = Self::default();
+        let mut cidrs = BTreeMap::new();
         let mut numbers = BTreeSet::new();
         let mut problems = Vec::new();
         for s in stored {
@@ -172,10 +224,10 @@ impl PolicyEngine {
                     s.number
                 ));
             }
-            for net in &compiled.cidrs {
+            for net in &compiled.cidrs() {
                 match s.cidr_identities.get(net) {
                     Some(id) if (IDENTITY_FIRST_CIDR..=IDENTITY_LAST_CIDR).contains(id) => {
-                        match engine.cidrs.insert(*net, *id) {
+                        match cidrs.insert(*net, *id) {
                             Some(other) if other != *id => problems.push(format!(
                                 "stored policy {name:?}: CIDR {net} has identity {id}, another policy has {other}"
                             )),
@@ -187,22 +239,18 @@ impl PolicyEngine {
                     )),
                 }
             }
-            engine.policies.insert(
-                name,
-                Entry {
-                    stored: s,
-                    compiled,
-                },
-            );
+            let entry = Entry::new(&s.doc, s.number, compiled)?;
+            engine.policies.insert(name, entry);
         }
         let mut seen = BTreeMap::new();
-        for (net, id) in &engine.cidrs {
+        for (net, id) in &cidrs {
             if let Some(other) = seen.insert(*id, *net) {
                 problems.push(format!(
                     "stored policies: identity {id} is used by {other} and {net}"
                 ));
             }
         }
+        engine.cidrs.extend(cidrs);
         if problems.is_empty() {
             Ok(engine)
         } else {
@@ -241,16 +289,18 @@ impl PolicyEngine {
         if !errors.is_empty() {
             return Err(PolicyError::Invalid(errors));
         }
-        let mut next = self.clone();
+        let mut put = Vec::new();
+        let mut new_cidrs = BTreeMap::new();
         let mut changes = Vec::new();
         let mut applied = Vec::new();
-        let mut used_numbers: BTreeSet<u32> =
-            self.policies.values().map(|e| e.stored.number).collect();
+        let mut used_numbers: BTreeSet<u32> = self.policies.values().map(|e| e.number).collect();
         // Identities in use now or handed out by this plan: never reused within a plan.
-        let mut used_ids: BTreeSet<u32> = self.cidrs.values().copied().collect();
+        let mut used_ids: BTreeSet<u32> = self.cidrs.iter().map(|(_, id)| id).collect();
         for (doc, c) in compiled {
             let existing = self.policies.get(&doc.name);
-            if existing.is_some_and(|e| e.stored.doc == doc) {
+            let number = existing.map_or(0, |e| e.number);
+            let entry = Entry::new(&doc, number, c)?;
+            if existing.is_some_and(|e| e.doc == entry.doc) {
                 applied.push(Applied {
                     name: doc.name,
                     outcome: ApplyOutcome::Unchanged,
@@ -258,7 +308,7 @@ impl PolicyEngine {
                 continue;
             }
             let number = match existing {
-                Some(e) => e.stored.number,
+                Some(e) => e.number,
                 None => allocate(&used_numbers, 1, MAX_POLICY_NUMBER).ok_or_else(|| {
                     PolicyError::Invalid(vec![format!(
                         "policy {:?}: too many policies (at most {MAX_POLICY_NUMBER})",
@@ -268,8 +318,8 @@ impl PolicyEngine {
             };
             used_numbers.insert(number);
             let mut cidr_identities = BTreeMap::new();
-            for net in &c.cidrs {
-                let id = match self.cidrs.get(net).or_else(|| next.cidrs.get(net)) {
+            for net in entry.compiled.cidrs() {
+                let id = match self.cidrs.get(&net).or_else(|| new_cidrs.get(&net)) {
                     Some(id) => *id,
                     None => {
                         let id = allocate(&used_ids, IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR)
@@ -280,37 +330,31 @@ impl PolicyEngine {
                                 )])
                             })?;
                         used_ids.insert(id);
+                        new_cidrs.insert(net, id);
                         id
                     }
                 };
-                next.cidrs.insert(*net, id);
-                cidr_identities.insert(*net, id);
+                cidr_identities.insert(net, id);
             }
-            let stored = StoredPolicy {
-                doc,
-                number,
-                cidr_identities,
-            };
             applied.push(Applied {
-                name: stored.doc.name.clone(),
+                name: doc.name.clone(),
                 outcome: if existing.is_some() {
                     ApplyOutcome::Updated
                 } else {
                     ApplyOutcome::Created
                 },
             });
-            changes.push(Change::PutPolicy(stored.clone()));
-            next.policies.insert(
-                stored.doc.name.clone(),
-                Entry {
-                    stored,
-                    compiled: c,
-                },
-            );
+            put.push((doc.name.clone(), Entry { number, ..entry }));
+            changes.push(Change::PutPolicy(StoredPolicy {
+                doc,
+                number,
+                cidr_identities,
+            }));
         }
-        next.recompute_cidrs();
         Ok(Plan {
-            next,
+            put,
+            remove: None,
+            new_cidrs,
             changes,
             applied,
         })
@@ -324,11 +368,10 @@ impl PolicyEngine {
         if !self.policies.contains_key(name) {
             return Err(PolicyError::NotFound(name.to_owned()));
         }
-        let mut next = self.clone();
-        next.policies.remove(name);
-        next.recompute_cidrs();
         Ok(Plan {
-            next,
+            put: Vec::new(),
+            remove: Some(name.to_owned()),
+            new_cidrs: BTreeMap::new(),
             changes: vec![Change::DeletePolicy(name.to_owned())],
             applied: Vec::new(),
         })
@@ -336,7 +379,23 @@ impl PolicyEngine {
 
     /// Adopts a plan made from this engine (after its changes were written).
     pub fn commit(&mut self, plan: Plan) -> Vec<Applied> {
-        *self = plan.next;
+        let mut shrinks = false;
+        if let Some(name) = &plan.remove {
+            shrinks |= self.policies.remove(name).is_some();
+        }
+        for (name, entry) in plan.put {
+            shrinks |= self.policies.insert(name, entry).is_some();
+        }
+        self.cidrs.extend(plan.new_cidrs);
+        if shrinks {
+            // A removed or replaced policy may have been the last to mention a CIDR.
+            let mentioned: BTreeSet<IpNetwork> = self
+                .policies
+                .values()
+                .flat_map(|e| e.compiled.cidr_pieces())
+                .collect();
+            self.cidrs.retain(|(net, _)| mentioned.contains(net));
+        }
         plan.applied
     }
 
@@ -365,15 +424,41 @@ impl PolicyEngine {
         Ok(())
     }
 
-    /// The applied policies, by name.
-    pub fn list(&self) -> impl Iterator<Item = &StoredPolicy> {
-        self.policies.values().map(|e| &e.stored)
+    /// The applied policies, by name (each document decoded from its text: see [`Entry`]).
+    pub fn list(&self) -> impl Iterator<Item = StoredPolicy> + '_ {
+        self.policies
+            .iter()
+            .filter_map(|(name, e)| self.stored(name, e))
     }
 
     /// One policy.
     #[must_use]
-    pub fn get(&self, name: &str) -> Option<&StoredPolicy> {
-        self.policies.get(name).map(|e| &e.stored)
+    pub fn get(&self, name: &str) -> Option<StoredPolicy> {
+        self.policies
+            .get_key_value(name)
+            .and_then(|(name, e)| self.stored(name, e))
+    }
+
+    /// The store's form of a policy: the document decoded, its CIDRs' identities.
+    fn stored(&self, name: &str, e: &Entry) -> Option<StoredPolicy> {
+        let doc: PolicyDoc = match serde_json::from_str(&e.doc) {
+            Ok(doc) => doc,
+            Err(err) => {
+                // Cannot happen: the text was encoded from a `PolicyDoc`.
+                tracing::error!(policy = %name, error = %err, "applied policy does not decode");
+                return None;
+            }
+        };
+        let cidr_identities = e
+            .compiled
+            .cidr_pieces()
+            .filter_map(|net| self.cidrs.get(&net).map(|id| (net, *id)))
+            .collect();
+        Some(StoredPolicy {
+            doc,
+            number: e.number,
+            cidr_identities,
+        })
     }
 
     /// Number of policies.
@@ -390,7 +475,7 @@ impl PolicyEngine {
 
     /// Every CIDR the policies mention, with its identity.
     pub fn cidr_identities(&self) -> impl Iterator<Item = (IpNetwork, u32)> + '_ {
-        self.cidrs.iter().map(|(n, id)| (*n, *id))
+        self.cidrs.iter()
     }
 
     /// Which policy rule a rule ID (from a drop event) names.
@@ -403,14 +488,14 @@ impl PolicyEngine {
             Direction::Egress
         };
         let index = (id & ((1 << RULE_INDEX_BITS) - 1)) as usize;
-        let entry = self.policies.values().find(|e| e.stored.number == number)?;
+        let (name, entry) = self.policies.iter().find(|(_, e)| e.number == number)?;
         let count = match direction {
             Direction::Ingress => entry.compiled.ingress.as_ref(),
             Direction::Egress => entry.compiled.egress.as_ref(),
         }
         .map_or(0, Vec::len);
         (index < count).then(|| RuleRef {
-            policy: entry.stored.doc.name.clone(),
+            policy: name.clone(),
             direction,
             index,
         })
@@ -423,9 +508,7 @@ impl PolicyEngine {
         let mut warnings = Vec::new();
         let mut out = Enforcement::default();
         for e in self.policies.values() {
-            let sel = BoundSelector::bind(&e.stored.doc.selector, &index, &mut warnings, &|| {
-                String::new()
-            });
+            let sel = BoundSelector::bind(&e.selector, &index, &mut warnings, &|| String::new());
             if sel.matches(endpoint) {
                 out.ingress |= e.compiled.ingress.is_some();
                 out.egress |= e.compiled.egress.is_some();
@@ -464,12 +547,10 @@ impl PolicyEngine {
         // Pass 1: whom each policy selects, and so each endpoint's set of policies.
         let mut selected: Vec<Vec<u32>> = Vec::with_capacity(self.policies.len());
         let mut sets: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
-        for e in self.policies.values() {
-            let name = &e.stored.doc.name;
-            let subject_sel =
-                BoundSelector::bind(&e.stored.doc.selector, &index, &mut res.warnings, &|| {
-                    format!("policy {name:?}: selector")
-                });
+        for (name, e) in &self.policies {
+            let subject_sel = BoundSelector::bind(&e.selector, &index, &mut res.warnings, &|| {
+                format!("policy {name:?}: selector")
+            });
             let ids: Vec<u32> = endpoints
                 .iter()
                 .filter(|ep| subject_sel.matches(ep))
@@ -481,7 +562,7 @@ impl PolicyEngine {
                 let enf = res.enforced.entry(*id).or_default();
                 enf.ingress |= e.compiled.ingress.is_some();
                 enf.egress |= e.compiled.egress.is_some();
-                sets.entry(*id).or_default().push(e.stored.number);
+                sets.entry(*id).or_default().push(e.number);
             }
             selected.push(ids);
             selectors_cover.push(subject_sel);
@@ -492,9 +573,10 @@ impl PolicyEngine {
         }
         subjects.retain(&res.subject_of.values().copied().collect());
         // Pass 2: the rules, per subject rather than per endpoint.
-        let mut rules = BTreeSet::new();
-        for (e, ids) in self.policies.values().zip(&selected) {
-            let name = &e.stored.doc.name;
+        // A vector sorted and deduplicated at the end: a set's nodes for 100k rules were
+        // one of the largest transient allocations of a resync.
+        let mut rules = Vec::new();
+        for ((name, e), ids) in self.policies.iter().zip(&selected) {
             let policy_subjects: Vec<u32> = ids
                 .iter()
                 .filter_map(|id| res.subject_of.get(id).copied())
@@ -508,7 +590,7 @@ impl PolicyEngine {
             let mut peer_selectors = Vec::new();
             for (direction, field, list) in dirs {
                 for (i, rule) in list.iter().flatten().enumerate() {
-                    let id = rule_id(e.stored.number, direction, i);
+                    let id = rule_id(e.number, direction, i);
                     let peers = self.peer_identities(
                         rule,
                         endpoints,
@@ -534,7 +616,7 @@ impl PolicyEngine {
                             res.cidr_identities.insert(*net, *cidr_id);
                         }
                         for p in &ports {
-                            rules.insert(ResolvedRule {
+                            rules.push(ResolvedRule {
                                 rule_id: id,
                                 direction,
                                 subjects: policy_subjects.clone(),
@@ -559,7 +641,10 @@ impl PolicyEngine {
             })
             .map(|ep| ep.identity)
             .collect();
-        res.rules = rules.into_iter().collect();
+        rules.sort_unstable();
+        rules.dedup();
+        rules.shrink_to_fit();
+        res.rules = rules;
         res
     }
 
@@ -573,11 +658,12 @@ impl PolicyEngine {
         warnings: &mut Vec<String>,
         bound: &mut Vec<BoundSelector<'a>>,
         context: &dyn Fn(usize) -> String,
-    ) -> BTreeSet<ResolvedPeer> {
+    ) -> Vec<ResolvedPeer> {
         let Some(peers) = &rule.peers else {
-            return BTreeSet::from([ResolvedPeer::Any]);
+            return vec![ResolvedPeer::Any];
         };
-        let mut out = BTreeSet::new();
+        // Sorted and deduplicated at the end: one allocation for a 40k-peer rule, not a set.
+        let mut out = Vec::with_capacity(peers.len());
         for (j, peer) in peers.iter().enumerate() {
             match peer {
                 CompiledPeer::Selector(s) => {
@@ -590,12 +676,8 @@ impl PolicyEngine {
                     );
                     bound.push(sel);
                 }
-                CompiledPeer::Cidr {
-                    net,
-                    except,
-                    pieces,
-                } => {
-                    out.extend(pieces.iter().map(|p| ResolvedPeer::Cidr(*p)));
+                CompiledPeer::Cidr { net, except } => {
+                    out.extend(cidr_pieces(*net, except).map(ResolvedPeer::Cidr));
                     out.extend(
                         cidr_endpoints(*net, except, endpoint_addresses)
                             .into_iter()
@@ -604,21 +686,9 @@ impl PolicyEngine {
                 }
             }
         }
+        out.sort_unstable();
+        out.dedup();
         out
-    }
-
-    fn recompute_cidrs(&mut self) {
-        self.cidrs = self
-            .policies
-            .values()
-            .flat_map(|e| {
-                e.compiled
-                    .cidrs
-                    .iter()
-                    .filter_map(|net| e.stored.cidr_identities.get(net).map(|id| (*net, *id)))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
     }
 }
 

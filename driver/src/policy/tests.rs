@@ -183,7 +183,7 @@ fn a_bad_file_changes_nothing() {
     let mut engine = PolicyEngine::new();
     let plan = engine.plan_apply(vec![example("web-to-db")]).unwrap();
     engine.commit(plan);
-    let before = engine.list().cloned().collect::<Vec<_>>();
+    let before = engine.list().collect::<Vec<_>>();
     // The first document is fine, the second is not: neither applies; every error is told.
     let err = apply_error(
         &engine,
@@ -195,7 +195,7 @@ fn a_bad_file_changes_nothing() {
         "policy \"other\": ingress[0].ports[0]: port 0 is out of range 1-65535 (line 8)\n\
          policy \"other\": ingress[0].ports[1]: port 99999 is out of range 1-65535 (line 8)"
     );
-    assert_eq!(engine.list().cloned().collect::<Vec<_>>(), before);
+    assert_eq!(engine.list().collect::<Vec<_>>(), before);
 }
 
 #[test]
@@ -346,7 +346,7 @@ fn stored_cidr_identities_are_parsed_prefixes_kept_as_text_in_the_store() {
     let mut engine = PolicyEngine::new();
     let plan = engine.plan_apply(parse_documents(yaml).unwrap()).unwrap();
     engine.commit(plan);
-    let stored = engine.get("a").unwrap().clone();
+    let stored = engine.get("a").unwrap();
     let nets: Vec<String> = stored
         .cidr_identities
         .keys()
@@ -399,7 +399,7 @@ fn inconsistent_stored_policies_are_refused() {
         )
         .unwrap();
     engine.commit(plan);
-    let good: Vec<StoredPolicy> = engine.list().cloned().collect();
+    let good: Vec<StoredPolicy> = engine.list().collect();
     PolicyEngine::load(good.clone()).unwrap();
 
     let mut same_number = good.clone();
@@ -912,4 +912,86 @@ fn identity_constants_match_the_datapath() {
         };
         assert_eq!(parsed, value, "{name}");
     }
+}
+
+/// Live heap bytes (glibc's `mallinfo2`), for [`memory_of_a_100k_entry_policy`].
+#[cfg(target_env = "gnu")]
+fn heap_in_use() -> usize {
+    // SAFETY: mallinfo2(3) takes no arguments and only reads the allocator's counters.
+    unsafe { libc::mallinfo2() }.uordblks
+}
+
+/// What the policy layer keeps for the benchmark's 100k-entry policy (`cargo xtask bench
+/// control`: 40k + 40k + 20k CIDR peers) and 1,000 endpoints, stage by stage. A measurement,
+/// not a check: run it with
+/// `cargo test -p sluice-driver --lib memory_of_a_100k -- --ignored --nocapture --test-threads 1`.
+#[cfg(target_env = "gnu")]
+#[test]
+#[ignore = "a measurement: prints heap bytes per stage"]
+fn memory_of_a_100k_entry_policy() {
+    use std::fmt::Write as _;
+    let mut texts = Vec::new();
+    for (d, (first, end)) in [(0, 40_000), (40_000, 80_000), (80_000, 100_000)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut s =
+            format!("name: bench-{d}\nselector: {{}}\ningress:\n  - action: allow\n    from:\n");
+        for n in first..end {
+            if n == 0 {
+                s.push_str("      - selector: {}\n");
+            } else {
+                let _ = writeln!(
+                    s,
+                    "      - cidr: 172.{}.{}.{}/32",
+                    16 + ((n >> 16) & 0x0f),
+                    (n >> 8) & 0xff,
+                    n & 0xff
+                );
+            }
+        }
+        texts.push(s);
+    }
+    let endpoints: Vec<EndpointView> = (0..1000u32)
+        .map(|i| EndpointView {
+            endpoint_id: format!("{i:064x}"),
+            identity: IDENTITY_FIRST_ENDPOINT + i,
+            network_id: "n".repeat(64),
+            name: Some(format!("c{i}")),
+            labels: BTreeMap::new(),
+            addresses: vec![IpAddr::from([10, 96, (i >> 8) as u8, i as u8])],
+        })
+        .collect();
+    let networks = [NetworkView {
+        id: "n".repeat(64),
+        name: Some("bench".into()),
+    }];
+    let mut engine = PolicyEngine::new();
+    let mut subjects = SubjectIds::default();
+    let base = heap_in_use();
+    let mb = |b: usize| b.saturating_sub(base) as f64 / 1e6;
+    for text in &texts {
+        let docs = parse_documents(text).unwrap();
+        let plan = engine.plan_apply(docs).unwrap();
+        println!("planned: {:.1} MB (engine + plan)", mb(heap_in_use()));
+        engine.commit(plan);
+    }
+    let engine_bytes = heap_in_use();
+    println!("engine: {:.1} MB", mb(engine_bytes));
+    let mut res = engine.resolve_with(&endpoints, &networks, &mut subjects);
+    println!("+ resolution: {:.1} MB", mb(heap_in_use()));
+    let compiled = res.take_compiled().unwrap();
+    println!(
+        "+ compiled: {:.1} MB ({} entries)",
+        mb(heap_in_use()),
+        compiled.entries.len()
+    );
+    drop(res);
+    println!("engine + compiled: {:.1} MB", mb(heap_in_use()));
+    drop(compiled);
+    let mut next = engine.clone();
+    println!("engine cloned: {:.1} MB", mb(heap_in_use()));
+    next.commit(next.plan_remove("bench-1").unwrap());
+    drop(next);
+    assert_eq!(engine.len(), 3);
 }

@@ -11,9 +11,15 @@ impl ResolvedRule {
     /// The compiler's form of this rule.
     #[must_use]
     pub fn to_datapath(&self) -> compile::Rule {
+        self.clone().into_datapath()
+    }
+
+    /// [`ResolvedRule::to_datapath`], moving the subjects instead of copying them.
+    #[must_use]
+    pub fn into_datapath(self) -> compile::Rule {
         compile::Rule {
             id: self.rule_id,
-            subjects: self.subjects.clone(),
+            subjects: self.subjects,
             direction: match self.direction {
                 Direction::Ingress => compile::Direction::Ingress,
                 Direction::Egress => compile::Direction::Egress,
@@ -64,6 +70,21 @@ impl Resolution {
     pub fn compile(&self) -> Result<CompiledPolicy, CompileError> {
         let mut cidrs = self.datapath_cidr_identities();
         compile::compile(&self.datapath_rules(), &mut cidrs)
+    }
+
+    /// [`Resolution::compile`], taking the rules and CIDR identities out of the resolution
+    /// (left empty) instead of copying them: with a 100k-CIDR policy the copies were the
+    /// largest part of an apply's peak.
+    ///
+    /// # Errors
+    /// As [`Resolution::compile`].
+    pub fn take_compiled(&mut self) -> Result<CompiledPolicy, CompileError> {
+        let rules: Vec<compile::Rule> = std::mem::take(&mut self.rules)
+            .into_iter()
+            .map(ResolvedRule::into_datapath)
+            .collect();
+        let cidrs = CidrIdentities::from_assignments(std::mem::take(&mut self.cidr_identities));
+        compile::compile_owned(&rules, cidrs)
     }
 }
 

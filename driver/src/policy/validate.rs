@@ -49,18 +49,28 @@ pub(crate) struct PortMatch {
     pub(crate) ports: Option<PortRange>,
 }
 
-/// A peer after validation.
+/// A peer after validation. Small on purpose (40 bytes, no allocation for a CIDR without
+/// `except`): a policy may hold 100k of them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum CompiledPeer {
     /// Endpoints matching the selector.
-    Selector(Selector),
+    Selector(Box<Selector>),
     /// Addresses in `net` outside every `except` prefix (all inside `net`, canonical).
     Cidr {
         net: IpNetwork,
-        except: Vec<IpNetwork>,
-        /// `net` minus the `except` prefixes, as prefixes: what the datapath gets.
-        pieces: Vec<IpNetwork>,
+        except: Box<[IpNetwork]>,
     },
+}
+
+/// `net` minus the `except` prefixes, as prefixes: what the datapath gets for a CIDR peer.
+/// Computed when needed rather than kept (without `except` it is `net` alone).
+pub(crate) fn cidr_pieces(net: IpNetwork, except: &[IpNetwork]) -> impl Iterator<Item = IpNetwork> {
+    let split = if except.is_empty() {
+        Vec::new()
+    } else {
+        subtract(net, except)
+    };
+    except.is_empty().then_some(net).into_iter().chain(split)
 }
 
 /// One rule after validation.
@@ -78,9 +88,29 @@ pub(crate) struct CompiledRule {
 pub(crate) struct CompiledPolicy {
     pub(crate) ingress: Option<Vec<CompiledRule>>,
     pub(crate) egress: Option<Vec<CompiledRule>>,
+}
+
+impl CompiledPolicy {
     /// Every prefix the datapath needs an identity for: the CIDR peers minus their
-    /// `except` prefixes ([`subtract`]).
-    pub(crate) cidrs: BTreeSet<IpNetwork>,
+    /// `except` prefixes ([`cidr_pieces`]); a prefix mentioned twice comes twice.
+    pub(crate) fn cidr_pieces(&self) -> impl Iterator<Item = IpNetwork> + '_ {
+        [&self.ingress, &self.egress]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|rule| rule.peers.as_ref())
+            .flatten()
+            .flat_map(|peer| match peer {
+                CompiledPeer::Cidr { net, except } => Some(cidr_pieces(*net, except)),
+                CompiledPeer::Selector(_) => None,
+            })
+            .flatten()
+    }
+
+    /// [`CompiledPolicy::cidr_pieces`], each once.
+    pub(crate) fn cidrs(&self) -> BTreeSet<IpNetwork> {
+        self.cidr_pieces().collect()
+    }
 }
 
 /// Checks `doc` and compiles it.
@@ -92,7 +122,6 @@ pub(crate) fn compile(doc: &PolicyDoc) -> Result<CompiledPolicy, Vec<String>> {
         policy: doc.name.clone(),
         source: &doc.source,
         errors: Vec::new(),
-        cidrs: BTreeSet::new(),
     };
     v.name(&doc.name);
     v.selector("selector", &doc.selector);
@@ -129,11 +158,7 @@ pub(crate) fn compile(doc: &PolicyDoc) -> Result<CompiledPolicy, Vec<String>> {
             .collect()
     });
     if v.errors.is_empty() {
-        Ok(CompiledPolicy {
-            ingress,
-            egress,
-            cidrs: v.cidrs,
-        })
+        Ok(CompiledPolicy { ingress, egress })
     } else {
         Err(v.errors)
     }
@@ -143,7 +168,6 @@ struct Validator<'a> {
     policy: String,
     source: &'a super::lines::SourceLines,
     errors: Vec<String>,
-    cidrs: BTreeSet<IpNetwork>,
 }
 
 impl Validator<'_> {
@@ -214,10 +238,14 @@ impl Validator<'_> {
                     format!("empty list; omit `{peer_field}` to match any peer"),
                 );
             }
-            list.iter()
+            let mut peers: Vec<CompiledPeer> = list
+                .iter()
                 .enumerate()
                 .filter_map(|(i, p)| self.peer(&format!("{path}.{peer_field}[{i}]"), p))
-                .collect()
+                .collect();
+            // Kept for as long as the policy is applied: no spare capacity (up to half).
+            peers.shrink_to_fit();
+            peers
         });
         let ports = ports.map(|list| {
             if list.is_empty() {
@@ -253,7 +281,7 @@ impl Validator<'_> {
                     self.error(&format!("{path}.except"), "`except` needs `cidr`");
                 }
                 self.selector(&format!("{path}.selector"), s);
-                Some(CompiledPeer::Selector(s.clone()))
+                Some(CompiledPeer::Selector(Box::new(s.clone())))
             }
             (None, Some(c)) => {
                 let net = self.cidr(&format!("{path}.cidr"), c)?;
@@ -275,12 +303,9 @@ impl Validator<'_> {
                     }
                 }
                 except.sort();
-                let pieces = subtract(net, &except);
-                self.cidrs.extend(pieces.iter().copied());
                 Some(CompiledPeer::Cidr {
                     net,
-                    except,
-                    pieces,
+                    except: except.into_boxed_slice(),
                 })
             }
         }
@@ -603,21 +628,15 @@ ingress:
         assert!(c.egress.is_none());
         let rule = &c.ingress.as_ref().unwrap()[0];
         let net = |s: &str| s.parse::<IpNetwork>().unwrap();
-        let CompiledPeer::Cidr {
-            net: n,
-            except,
-            pieces,
-        } = &rule.peers.as_ref().unwrap()[0]
-        else {
+        let CompiledPeer::Cidr { net: n, except } = &rule.peers.as_ref().unwrap()[0] else {
             panic!("not a cidr peer")
         };
         assert_eq!(*n, net("10.0.0.0/8"));
-        assert_eq!(*except, vec![net("10.1.0.0/16"), net("10.2.0.0/16")]);
-        let text = |v: &mut dyn Iterator<Item = &IpNetwork>| {
-            v.map(ToString::to_string).collect::<Vec<_>>()
-        };
+        assert_eq!(**except, [net("10.1.0.0/16"), net("10.2.0.0/16")]);
+        let text =
+            |v: &mut dyn Iterator<Item = IpNetwork>| v.map(|n| n.to_string()).collect::<Vec<_>>();
         assert_eq!(
-            text(&mut pieces.iter()),
+            text(&mut cidr_pieces(*n, except)),
             [
                 "10.0.0.0/16",
                 "10.3.0.0/16",
@@ -630,9 +649,10 @@ ingress:
             ]
         );
         // The datapath gets the pieces, the single address and the IPv6 range.
-        assert_eq!(c.cidrs.len(), 10);
-        assert!(c.cidrs.contains(&net("192.0.2.7/32")));
-        assert!(c.cidrs.contains(&net("2001:db8::/32")));
+        let cidrs = c.cidrs();
+        assert_eq!(cidrs.len(), 10);
+        assert!(cidrs.contains(&net("192.0.2.7/32")));
+        assert!(cidrs.contains(&net("2001:db8::/32")));
         assert_eq!(
             rule.ports.as_ref().unwrap(),
             &[
