@@ -501,7 +501,12 @@ impl Kernel for LinuxKernel {
                 }
             }
             if ifindex != 0 {
-                if let Err(e) = dp.detach(ifindex) {
+                let detached = if ep.sandboxed {
+                    dp.detach_sandboxed(ifindex)
+                } else {
+                    dp.detach(ifindex)
+                };
+                if let Err(e) = detached {
                     first_error.get_or_insert(e);
                 }
                 if let Err(e) = dp.remove_endpoint(ifindex) {

@@ -36,6 +36,7 @@ mod events;
 
 use std::collections::HashMap as StdHashMap;
 use std::io;
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -57,6 +58,8 @@ use sluice_common::{
     VERDICT_DENY,
 };
 use tracing::{debug, info};
+
+use crate::link::{self, BpfFilter, TcHook, TcSlot};
 
 pub use compile::{CompiledPolicy, Direction};
 pub use events::{DropEvents, decode as decode_drop_event, event_addr};
@@ -144,12 +147,37 @@ pub enum DatapathError {
     /// No interface has that index (in the calling thread's network namespace).
     #[error("no interface with ifindex {0}")]
     NoSuchInterface(u32),
+    /// A traffic-control request (qdisc or `cls_bpf` filter) failed.
+    #[error("{op} on ifindex {ifindex}: {source}")]
+    Tc {
+        /// What was being done.
+        op: &'static str,
+        /// The device.
+        ifindex: u32,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
     /// The drop-event reader was already handed out, or needs a tokio runtime.
     #[error("drop events: {0}")]
     Events(String),
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn tc_error(op: &'static str, ifindex: u32) -> impl FnOnce(io::Error) -> DatapathError {
+    move |source| {
+        if source.raw_os_error() == Some(libc::ENODEV) {
+            DatapathError::NoSuchInterface(ifindex)
+        } else {
+            DatapathError::Tc {
+                op,
+                ifindex,
+                source,
+            }
+        }
+    }
+}
 
 /// `": <errno text>"` of a failed map syscall (e.g. ENOSPC when a map is full), else nothing.
 fn os_error(e: &aya::maps::MapError) -> String {
@@ -358,10 +386,40 @@ fn is_not_found(e: &aya::maps::MapError) -> bool {
     }
 }
 
-/// The TCX hook each program goes on, on the host-side veth.
+/// The hook each program goes on, on the host-side veth (a `cls_bpf` filter, see
+/// [`HOST_FILTERS`]; older builds used TCX links on the same hooks).
 const HOOKS: [(&str, TcAttachType); 2] = [
     (PROG_EGRESS, TcAttachType::Ingress),
     (PROG_INGRESS, TcAttachType::Egress),
+];
+
+/// Priority of sluice's filters on a host veth's `clsact` hooks (first to run).
+pub const TC_PRIORITY: u16 = 1;
+/// Handle of sluice's filters within [`TC_PRIORITY`].
+pub const TC_HANDLE: u32 = 1;
+
+/// Where each host-veth program sits: fixed slots, so attaching again (a restarted daemon's
+/// programs) replaces the filter in place. Host veths use legacy TC rather than TCX: a TCX
+/// attach waits for an RCU grace period under rtnl (`tcx_entry_sync`, 12-15 ms here), a
+/// `cls_bpf` filter does not, and a host veth never changes namespace (which would destroy
+/// its qdisc).
+const HOST_FILTERS: [(&str, TcSlot); 2] = [
+    (
+        PROG_EGRESS,
+        TcSlot {
+            hook: TcHook::Ingress,
+            priority: TC_PRIORITY,
+            handle: TC_HANDLE,
+        },
+    ),
+    (
+        PROG_INGRESS,
+        TcSlot {
+            hook: TcHook::Egress,
+            priority: TC_PRIORITY,
+            handle: TC_HANDLE,
+        },
+    ),
 ];
 
 /// Where the macvlan programs go on the container's own interface: the directions are the
@@ -650,27 +708,46 @@ impl Datapath {
     // -----------------------------------------------------------------------------------------
     // Attach / detach
 
-    /// Attaches both programs to the host-side veth `ifindex` through TCX (`sluice_egress` on
-    /// its ingress hook, `sluice_ingress` on its egress hook), like
-    /// `tc filter add dev IF {ingress,egress} bpf da obj … ` but as TCX links. Pinned mode
-    /// pins the links (they outlive this process); an existing live pinned link gets this
-    /// load's program swapped in atomically. Idempotent. Register the endpoint
-    /// ([`Datapath::set_endpoint`]) first: packets of an unregistered ifindex pass.
+    /// Attaches both programs to the host-side veth `ifindex` as direct-action `cls_bpf`
+    /// filters on its `clsact` qdisc (`sluice_egress` on its ingress hook, `sluice_ingress` on
+    /// its egress hook, both at [`TC_PRIORITY`] / [`TC_HANDLE`]), like `tc filter replace dev
+    /// IF {ingress,egress} pref 1 handle 1 bpf da …`. The filters belong to the device: they
+    /// outlive this process, and attaching again swaps this load's program in atomically.
+    /// Idempotent. Register the endpoint ([`Datapath::set_endpoint`]) first: packets of an
+    /// unregistered ifindex pass. A TCX link an older build pinned for the same hook is
+    /// removed once the filter is in place.
     ///
     /// The ifindex is resolved in the calling thread's network namespace.
-    ///
-    /// # Minimum kernel version
-    /// 6.6 (TCX).
     ///
     /// # Errors
     /// [`DatapathError::NoSuchInterface`], attach and pin errors. On error, a hook attached
     /// by this call may remain attached; call [`Datapath::detach`] to clean up.
     pub fn attach(&mut self, ifindex: u32) -> Result<()> {
-        let ifname = interface_name(ifindex)?;
-        self.attach_hooks(ifindex, Some(&ifname), &HOOKS)?;
+        let mut filters = Vec::with_capacity(HOST_FILTERS.len());
+        for (name, slot) in HOST_FILTERS {
+            let program = classifier(&self.ebpf, name)?
+                .fd()
+                .map_err(|source| DatapathError::Program {
+                    op: "attach (no fd)".into(),
+                    program: name,
+                    source,
+                })?
+                .as_fd();
+            filters.push(BpfFilter {
+                slot,
+                name,
+                program,
+            });
+        }
+        link::tc_attach_bpf(ifindex, &filters).map_err(tc_error("attach filters", ifindex))?;
+        if let Some(pins) = &self.pins {
+            for (program, _) in HOOKS {
+                remove_if_present(&pins.link(ifindex, program))?;
+            }
+        }
         info!(
             ifindex,
-            "attached datapath (tcx ingress {PROG_EGRESS}, tcx egress {PROG_INGRESS})"
+            "attached datapath (tc ingress {PROG_EGRESS}, tc egress {PROG_INGRESS})"
         );
         Ok(())
     }
@@ -711,7 +788,7 @@ impl Datapath {
     /// As [`Datapath::detach`].
     pub fn detach_overlay(&mut self, ifindex: u32) -> Result<()> {
         self.forget_overlay(ifindex)?;
-        self.detach(ifindex)
+        self.detach_links(ifindex)
     }
 
     fn forget_overlay(&mut self, ifindex: u32) -> Result<()> {
@@ -908,12 +985,30 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches both programs from `ifindex` (removes the pinned links, or drops the links
-    /// this process holds). Idempotent; works after the device is gone.
+    /// Detaches the programs from host veth `ifindex` (deletes sluice's filters, and any TCX
+    /// link pinned for it). Idempotent; works after the device is gone.
     ///
     /// # Errors
-    /// If a pin cannot be removed or a held link cannot be detached.
+    /// If a filter cannot be deleted, a pin cannot be removed or a held link cannot be
+    /// detached.
     pub fn detach(&mut self, ifindex: u32) -> Result<()> {
+        let slots = HOST_FILTERS.map(|(_, slot)| slot);
+        link::tc_detach_bpf(ifindex, &slots).map_err(tc_error("delete filters", ifindex))?;
+        self.detach_links(ifindex)
+    }
+
+    /// Detaches the TCX programs of a macvlan endpoint's own interface `ifindex` (which may
+    /// be in its container by now, so nothing is asked of a device here by that ifindex).
+    /// Idempotent.
+    ///
+    /// # Errors
+    /// As [`Datapath::detach`].
+    pub fn detach_sandboxed(&mut self, ifindex: u32) -> Result<()> {
+        self.detach_links(ifindex)
+    }
+
+    /// Removes the pinned TCX links of `ifindex`, or drops the links this process holds.
+    fn detach_links(&mut self, ifindex: u32) -> Result<()> {
         for (program, _) in ALL_HOOKS {
             if let Some(pins) = &self.pins {
                 let path = pins.link(ifindex, program);
@@ -951,12 +1046,13 @@ impl Datapath {
         Ok(())
     }
 
-    /// Whether `ifindex` has pinned links (pinned mode) or links held by this process.
+    /// Whether host veth `ifindex` has both of sluice's filters, as the kernel reports them
+    /// (calling thread's network namespace).
     #[must_use]
     pub fn is_attached(&self, ifindex: u32) -> bool {
-        HOOKS.iter().all(|(program, _)| match &self.pins {
-            Some(p) => p.link(ifindex, program).exists(),
-            None => self.links.contains_key(&(ifindex, *program)),
+        HOST_FILTERS.iter().all(|(program, slot)| {
+            link::tc_bpf_programs(ifindex, slot.hook)
+                .is_ok_and(|names| names.iter().any(|n| n == program))
         })
     }
 
@@ -1456,6 +1552,17 @@ fn map_data(map: &Map) -> Option<&MapData> {
     })
 }
 
+fn classifier<'a>(ebpf: &'a Ebpf, program: &'static str) -> Result<&'a SchedClassifier> {
+    ebpf.program(program)
+        .ok_or(DatapathError::Missing(program))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            op: "open".into(),
+            program,
+            source,
+        })
+}
+
 fn classifier_mut<'a>(
     ebpf: &'a mut Ebpf,
     program: &'static str,
@@ -1470,39 +1577,43 @@ fn classifier_mut<'a>(
         })
 }
 
-/// Names of the programs attached through TCX to interface `ifindex` (calling thread's
-/// network namespace), per hook: what `bpftool net` would show if it knew TCX. For
-/// reconciliation and tests; sluice's own are [`PROG_EGRESS`] on `ingress` and
-/// [`PROG_INGRESS`] on `egress`.
+/// Names of the programs attached to interface `ifindex` (calling thread's network
+/// namespace), per hook, as the kernel reports them: TCX links first (they run first), then
+/// `cls_bpf` filters of the `clsact` qdisc. What `bpftool net` shows. For reconciliation and
+/// tests; sluice's own on a host veth are [`PROG_EGRESS`] on `ingress` and [`PROG_INGRESS`]
+/// on `egress` (filters), on a macvlan interface the sandbox programs (TCX).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TcxPrograms {
-    /// The device's TCX ingress hook (what the container sends, for a host veth).
+pub struct TcPrograms {
+    /// The device's ingress hook (what the container sends, for a host veth).
     pub ingress: Vec<String>,
-    /// The device's TCX egress hook (what the container receives).
+    /// The device's egress hook (what the container receives).
     pub egress: Vec<String>,
 }
 
-/// Queries the TCX hooks of `ifindex` (`BPF_PROG_QUERY`).
+/// Queries the hooks of `ifindex` (`BPF_PROG_QUERY` for TCX, a filter dump for `clsact`).
 ///
 /// # Errors
 /// [`DatapathError::NoSuchInterface`] or a failed query.
-pub fn tcx_programs(ifindex: u32) -> Result<TcxPrograms> {
+pub fn tc_programs(ifindex: u32) -> Result<TcPrograms> {
     let ifname = interface_name(ifindex)?;
-    let query = |hook: TcAttachType| -> Result<Vec<String>> {
+    let query = |hook: TcAttachType, tc: TcHook| -> Result<Vec<String>> {
         let (_revision, programs) =
             SchedClassifier::query_tcx(&ifname, hook).map_err(|source| DatapathError::Program {
                 op: format!("query tcx {hook:?} of {ifname} for"),
                 program: "any",
                 source,
             })?;
-        Ok(programs
+        let mut names: Vec<String> = programs
             .iter()
             .map(|p| p.name_as_str().unwrap_or("?").to_owned())
-            .collect())
+            .collect();
+        names
+            .extend(link::tc_bpf_programs(ifindex, tc).map_err(tc_error("list filters", ifindex))?);
+        Ok(names)
     };
-    Ok(TcxPrograms {
-        ingress: query(TcAttachType::Ingress)?,
-        egress: query(TcAttachType::Egress)?,
+    Ok(TcPrograms {
+        ingress: query(TcAttachType::Ingress, TcHook::Ingress)?,
+        egress: query(TcAttachType::Egress, TcHook::Egress)?,
     })
 }
 
