@@ -1096,7 +1096,10 @@ fn traffic_policy_counters_events_and_detach() {
     dp.attach(t.h2).unwrap();
     dp.attach(t.h2).unwrap(); // idempotent
     assert!(dp.is_attached(t.h1) && dp.is_attached(t.h2));
-    for name in ["progs/sluice_egress", &format!("maps/v{LAYOUT_VERSION}/POLICY")] {
+    for name in [
+        "progs/sluice_egress",
+        &format!("maps/v{LAYOUT_VERSION}/POLICY"),
+    ] {
         assert!(bpffs.path().join(name).exists(), "{name} not pinned");
     }
     // The programs are cls_bpf filters on the host veth's clsact hooks, once each.
