@@ -375,16 +375,23 @@ impl Netlink {
         index: u32,
         new: &str,
         mac: Option<[u8; 6]>,
+        up: bool,
     ) -> Result<(), KernelError> {
         let mut message = LinkUnspec::new_with_index(index).name(new);
         if let Some(mac) = mac {
             message = message.address(mac.to_vec());
         }
+        if up {
+            // The kernel renames before it changes flags: a down link can be renamed and
+            // brought up in one request.
+            message = message.up();
+        }
         self.set_link(
             format!(
-                "ip link set dev #{index} name {new}{}",
+                "ip link set dev #{index} name {new}{}{}",
                 mac.map(|m| format!(" address {}", format_mac(&m)))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if up { " up" } else { "" }
             ),
             message,
         )

@@ -1,10 +1,11 @@
 //! The eBPF datapath, user side: loads sluice's TC programs (`ebpf/tc`, embedded at build
-//! time), pins them and their maps, attaches them to endpoints' host-side veths through TCX,
-//! and writes the maps (endpoints, ipcache, policy) in the layouts of `sluice-common`.
+//! time), pins them and their maps, attaches them to endpoints' host-side veths as
+//! `cls_bpf` filters (to macvlan interfaces and VXLAN devices through TCX), and writes the
+//! maps (endpoints, ipcache, policy) in the layouts of `sluice-common`.
 //! [`compile`] turns policy rules into `POLICY` entries; it is pure.
 //!
 //! Owns no decisions about *which* endpoint gets which identity or flags (that is the
-//! driver's), and never touches links other than through TCX attachments.
+//! driver's), and never touches links other than through its attachments.
 //!
 //! # Per-packet cost
 //! Fixed, whatever the number of rules: `ENDPOINTS` (hash) → `IPCACHE` (LPM) →
@@ -20,14 +21,15 @@
 //! maps/v<LAYOUT_VERSION>/<MAP>       every map; an existing pin is adopted at load
 //! progs/sluice_egress, progs/sluice_ingress
 //!                                    the programs of the latest load (replaced each load)
-//! links/<ifindex>_sluice_egress      TCX link on the host veth's ingress hook
-//! links/<ifindex>_sluice_ingress     TCX link on the host veth's egress hook
+//! links/<ifindex>_<program>          TCX link of a macvlan interface or VXLAN device
 //! ```
-//! Pinned links keep an endpoint enforced while the daemon is down; a restarted daemon loads
-//! the object again (new program instances sharing the pinned maps, so policy is not reset)
-//! and [`Datapath::attach`] swaps the new program into an existing link atomically
-//! (`BPF_LINK_UPDATE`). A link whose device is gone is replaced. Link names carry ifindexes
-//! of the daemon's (host) network namespace. The map layout version is
+//! Host veths carry no pins: their filters (`clsact`, [`TC_PRIORITY`] / [`TC_HANDLE`])
+//! belong to the device and keep it enforced while the daemon is down. Pinned links do the
+//! same for TCX. A restarted daemon loads the object again (new program instances sharing
+//! the pinned maps, so policy is not reset) and [`Datapath::attach`] replaces each filter in
+//! place, as [`Datapath::attach_sandboxed`] swaps the new program into an existing link
+//! (`BPF_LINK_UPDATE`): atomically either way. A link whose device is gone is replaced. Link
+//! names carry ifindexes of the daemon's (host) network namespace. The map layout version is
 //! part of the path, so a build with different layouts starts from empty maps instead of
 //! misreading old ones (the driver re-applies state from its store).
 
