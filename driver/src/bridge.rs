@@ -37,6 +37,10 @@ pub struct LinuxKernel {
     nat: Nat,
     /// Sockets holding the host ports of published ports.
     ports: Arc<PortReservations>,
+    /// Taken (asynchronously) around attaching programs outside the driver's lock: an
+    /// attach blocks its thread in netlink requests while holding the datapath's mutex,
+    /// so concurrent attaches queue here instead of blocking the runtime's workers there.
+    attaching: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Alias of links owned by the daemon serving plugin `name`.
@@ -148,6 +152,7 @@ impl LinuxKernel {
             datapath: None,
             nat: Nat::new("sluice"),
             ports: Arc::new(PortReservations::default()),
+            attaching: Arc::default(),
         }
     }
 
@@ -234,6 +239,7 @@ impl LinuxKernel {
     /// written. Returns its ifindex.
     async fn attach_unregistered(&self, host: &str, op: &str) -> Result<u32, KernelError> {
         let ifindex = self.require_index(host, op).await?;
+        let _attaching = self.attaching.lock().await;
         self.with_dp(op, |dp| {
             dp.remove_endpoint(ifindex)?;
             dp.attach(ifindex)
