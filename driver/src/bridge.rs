@@ -37,6 +37,10 @@ pub struct LinuxKernel {
     nat: Nat,
     /// Sockets holding the host ports of published ports.
     ports: Arc<PortReservations>,
+    /// Taken (asynchronously) around attaching programs outside the driver's lock: an
+    /// attach blocks its thread in netlink requests while holding the datapath's mutex,
+    /// so concurrent attaches queue here instead of blocking the runtime's workers there.
+    attaching: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Alias of links owned by the daemon serving plugin `name`.
@@ -148,6 +152,7 @@ impl LinuxKernel {
             datapath: None,
             nat: Nat::new("sluice"),
             ports: Arc::new(PortReservations::default()),
+            attaching: Arc::default(),
         }
     }
 
@@ -227,6 +232,19 @@ impl LinuxKernel {
             .link_index(name)
             .await?
             .ok_or_else(|| missing(op.to_owned(), &format!("link {name}")))
+    }
+
+    /// Attaches the endpoint programs to host veth `host` with no endpoint entry (a reused
+    /// ifindex may have left one): it stays unregistered until its endpoint's entries are
+    /// written. Returns its ifindex.
+    async fn attach_unregistered(&self, host: &str, op: &str) -> Result<u32, KernelError> {
+        let ifindex = self.require_index(host, op).await?;
+        let _attaching = self.attaching.lock().await;
+        self.with_dp(op, |dp| {
+            dp.remove_endpoint(ifindex)?;
+            dp.attach(ifindex)
+        })?;
+        Ok(ifindex)
     }
 
     /// Everything after creation; on failure the caller rolls back what it created.
@@ -376,23 +394,41 @@ impl Kernel for LinuxKernel {
 
     async fn ensure_veth(&self, spec: &VethSpec) -> Result<(), KernelError> {
         let VethSpec { host, peer, .. } = spec;
-        if self.nl.link_index(host).await?.is_none() {
-            // A leftover container end without its host end cannot be adopted (the pair is
-            // gone) and would make creation fail with EEXIST; it is ours by name.
-            if self.nl.delete_link(peer).await? {
-                warn!(%peer, "deleted a stale veth end before re-creating the pair");
+        let bridge = &spec.bridge;
+        let bridge_index = self.nl.link_index(bridge).await?.ok_or_else(|| {
+            missing(
+                format!("attach {host} to bridge {bridge}"),
+                &format!("bridge {bridge}"),
+            )
+        })?;
+        // Created configured (one request) unless a name is taken: the usual case costs no
+        // look-ups first.
+        let created = match self
+            .nl
+            .create_veth_ready(host, peer, spec.mtu, spec.peer_mac, bridge_index)
+            .await
+        {
+            Ok(()) => true,
+            Err(e) if link::errno(&e) == Some(libc::EEXIST) => false,
+            Err(e) => return Err(e),
+        };
+        let created = created || {
+            if self.nl.link_index(host).await?.is_none() {
+                // A leftover container end without its host end cannot be adopted (the pair
+                // is gone) and made creation fail with EEXIST; it is ours by name.
+                if self.nl.delete_link(peer).await? {
+                    warn!(%peer, "deleted a stale veth end before re-creating the pair");
+                }
+                self.nl
+                    .create_veth_ready(host, peer, spec.mtu, spec.peer_mac, bridge_index)
+                    .await?;
+                true
+            } else {
+                false
             }
-            let bridge = &spec.bridge;
-            let bridge_index = self.nl.link_index(bridge).await?.ok_or_else(|| {
-                missing(
-                    format!("attach {host} to bridge {bridge}"),
-                    &format!("bridge {bridge}"),
-                )
-            })?;
-            // Created configured (one request); only the ownership marks follow.
-            self.nl
-                .create_veth_ready(host, peer, spec.mtu, spec.peer_mac, bridge_index)
-                .await?;
+        };
+        if created {
+            // Only the ownership marks follow.
             let marked = async {
                 self.nl.set_alias_by_name(host, &self.owner).await?;
                 self.nl.set_alias_by_name(peer, &self.owner).await
@@ -501,7 +537,12 @@ impl Kernel for LinuxKernel {
                 }
             }
             if ifindex != 0 {
-                if let Err(e) = dp.detach(ifindex) {
+                let detached = if ep.sandboxed {
+                    dp.detach_sandboxed(ifindex)
+                } else {
+                    dp.detach(ifindex)
+                };
+                if let Err(e) = detached {
                     first_error.get_or_insert(e);
                 }
                 if let Err(e) = dp.remove_endpoint(ifindex) {
@@ -510,6 +551,14 @@ impl Kernel for LinuxKernel {
             }
             first_error.map_or(Ok(()), Err)
         })
+    }
+
+    async fn attach_programs(&self, host: &str) -> Result<Option<u32>, KernelError> {
+        if self.datapath.is_none() {
+            return Ok(None);
+        }
+        let op = format!("attach datapath to {host}");
+        self.attach_unregistered(host, &op).await.map(Some)
     }
 
     async fn make_pool_link(&self, spec: &PoolLinkSpec) -> Result<PoolLink, KernelError> {
@@ -529,14 +578,7 @@ impl Kernel for LinuxKernel {
         let made = async {
             self.nl.set_alias_by_name(host, &self.owner).await?;
             self.nl.set_alias_by_name(peer, &self.owner).await?;
-            let ifindex = self.require_index(host, &op).await?;
-            self.with_dp(&op, |dp| {
-                // No endpoint entry (a reused ifindex may have left one): the link is down
-                // and unregistered until an endpoint claims it.
-                dp.remove_endpoint(ifindex)?;
-                dp.attach(ifindex)
-            })?;
-            Ok::<_, KernelError>(ifindex)
+            self.attach_unregistered(host, &op).await
         };
         match made.await {
             Ok(ifindex) => {
@@ -565,9 +607,13 @@ impl Kernel for LinuxKernel {
         let op = format!("claim pool link {} as {}", link.host, spec.host);
         let claimed = async {
             let peer_index = self.require_index(&link.peer, &op).await?;
-            self.nl.rename_link(link.ifindex, &spec.host, None).await?;
+            // The host end goes up now, unregistered: its container end is not in a
+            // container before Join, so nothing flows before the entries are written.
             self.nl
-                .rename_link(peer_index, &spec.peer, Some(spec.peer_mac))
+                .rename_link(link.ifindex, &spec.host, None, true)
+                .await?;
+            self.nl
+                .rename_link(peer_index, &spec.peer, Some(spec.peer_mac), false)
                 .await
         };
         if let Err(e) = claimed.await {
@@ -592,11 +638,10 @@ impl Kernel for LinuxKernel {
         if ep.ifindex == 0 || ep.sandboxed {
             return self.attach_endpoint(ep).await;
         }
-        // Map entries first, then up: the programs are attached already, and the endpoint
-        // entry makes them enforce from the first packet.
+        // The programs are attached and the link is up already (claim_pool_link): the
+        // endpoint entry makes them enforce from the container's first packet.
         self.update_endpoint(ep).await?;
-        self.nl.set_up(ep.ifindex).await?;
-        debug!(veth = %ep.host_veth, ifindex = ep.ifindex, "endpoint from the link pool is up");
+        debug!(veth = %ep.host_veth, ifindex = ep.ifindex, "endpoint from the link pool registered");
         Ok(ep.ifindex)
     }
 

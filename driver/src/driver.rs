@@ -1171,10 +1171,10 @@ impl<K: Kernel> Driver<K> {
         let made = self.make_endpoint_links(&net, &mut ep).await;
         let mut state = self.state.lock().await;
         state.creating.remove(&ep.id);
-        let pooled = made?;
+        let made = made?;
         if !state.networks.contains_key(&net.id) {
             // The network was deleted meanwhile (its bridge took the veth's host end along).
-            let undo = if pooled {
+            let undo = if made == Made::Pooled {
                 self.kernel.delete_pool_link(&claimed(&ep)).await
             } else {
                 self.kernel.delete_link(&ep.host_veth).await
@@ -1191,12 +1191,17 @@ impl<K: Kernel> Driver<K> {
         let mut result = self.resync(&mut state, Some(&ep.id)).await;
         if result.is_ok() {
             // An endpoint never carries traffic without its programs: no attach, no endpoint.
-            // A pool link has them already: its map entries are written, then it goes up.
+            // A pool link has them already, and so has a pair made inline (both attached
+            // outside the lock): only their map entries are written here.
             let view = state.datapath_view(&ep);
-            let attached = if pooled {
-                self.kernel.activate_endpoint(&view).await
-            } else {
-                self.kernel.attach_endpoint(&view).await
+            let attached = match made {
+                Made::Pooled => self.kernel.activate_endpoint(&view).await,
+                Made::Attached => self
+                    .kernel
+                    .update_endpoint(&view)
+                    .await
+                    .map(|()| view.ifindex),
+                Made::Bare => self.kernel.attach_endpoint(&view).await,
             };
             result = match attached {
                 Ok(ifindex) => {
@@ -1248,13 +1253,15 @@ impl<K: Kernel> Driver<K> {
 
     /// The links of a new endpoint (veth pair or macvlan link), and its cluster-wide
     /// identity in cluster mode. No lock held. A veth pair comes from the network's link
-    /// pool when it has one (then `ep.ifindex` is set and this returns `true`: the programs
-    /// are attached, the host end is still down), else it is made here.
+    /// pool when it has one (then `ep.ifindex` is set and this returns [`Made::Pooled`]: the
+    /// programs are attached, no endpoint entry yet), else it is made here, and its
+    /// programs attached here too when the kernel can ([`Made::Attached`]): the attach then
+    /// does not hold the driver's lock.
     async fn make_endpoint_links(
         &self,
         net: &Network,
         ep: &mut Endpoint,
-    ) -> Result<bool, DriverError> {
+    ) -> Result<Made, DriverError> {
         if let Some(cluster) = &self.cluster {
             // Identities are cluster-wide: remote hosts' policies name this one too.
             ep.identity = cluster.allocate_identity().await?;
@@ -1271,16 +1278,29 @@ impl<K: Kernel> Driver<K> {
                     match self.kernel.claim_pool_link(&link, &spec).await {
                         Ok(()) => {
                             ep.ifindex = link.ifindex;
-                            return Ok(true);
+                            return Ok(Made::Pooled);
                         }
                         // The kernel removed that link; the endpoint is made inline.
                         Err(e) => warn!(pool = %link.host, error = %e, "link pool: claim failed"),
                     }
                 }
                 self.kernel.ensure_veth(&spec).await?;
+                match self.kernel.attach_programs(&spec.host).await {
+                    Ok(Some(ifindex)) => {
+                        ep.ifindex = ifindex;
+                        return Ok(Made::Attached);
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        if let Err(undo) = self.kernel.delete_link(&spec.host).await {
+                            warn!(error = %undo, veth = %spec.host, "rollback of veth failed");
+                        }
+                        return Err(e.into());
+                    }
+                }
             }
         }
-        Ok(false)
+        Ok(Made::Bare)
     }
 
     /// Undoes a CreateEndpoint whose later step failed: programs, state, policy, links.
@@ -1608,6 +1628,17 @@ fn new_endpoint(req: EndpointRequest, net: &Network, identity: u32) -> Endpoint 
         container: None,
         published: Vec::new(),
     }
+}
+
+/// How [`Driver::make_endpoint_links`] left a new endpoint's links.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Made {
+    /// A claimed pool link: programs attached, no map entries yet.
+    Pooled,
+    /// A pair made here, programs attached, no map entries yet.
+    Attached,
+    /// Links without programs (macvlan, or a kernel that attaches only with the entries).
+    Bare,
 }
 
 /// The pool link `ep` was made from, under its endpoint names.

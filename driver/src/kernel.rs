@@ -159,6 +159,19 @@ pub trait Kernel: Send + Sync + 'static {
         ep: &EndpointDatapath,
     ) -> impl Future<Output = Result<u32, KernelError>> + Send;
 
+    /// Attaches the endpoint programs to the new host veth `host` before the endpoint is
+    /// registered (as for a pool link: no endpoint entry yet; the container end is not in a
+    /// container before Join, so nothing flows), so that the attach is not done under the
+    /// driver's lock. Returns its ifindex; then [`Kernel::update_endpoint`] registers it.
+    /// `None`: this kernel attaches in [`Kernel::attach_endpoint`] only (the default).
+    fn attach_programs(
+        &self,
+        host: &str,
+    ) -> impl Future<Output = Result<Option<u32>, KernelError>> + Send {
+        let _unused = host;
+        async { Ok(None) }
+    }
+
     /// Rewrites the map entries of an endpoint whose programs are attached already (new
     /// flags or policy subject), without touching its programs: attaching costs RCU grace
     /// periods in the kernel, a map write does not. By default the same as
@@ -190,8 +203,9 @@ pub trait Kernel: Send + Sync + 'static {
     }
 
     /// Warm link pool: turns pool link `link` into the endpoint pair `spec` (renames both
-    /// ends, sets the container end's MAC; the host end stays down). On failure the link is
-    /// removed (programs and pins too).
+    /// ends, sets the container end's MAC, brings the host end up: unregistered, but its
+    /// container end is in no container before Join). On failure the link is removed
+    /// (programs and pins too).
     fn claim_pool_link(
         &self,
         link: &PoolLink,
@@ -202,8 +216,8 @@ pub trait Kernel: Send + Sync + 'static {
     }
 
     /// Registers an endpoint made from a claimed pool link (programs attached already,
-    /// `ep.ifindex` known): writes its map entries, then brings its host end up. Returns the
-    /// ifindex. By default the same as [`Kernel::attach_endpoint`].
+    /// `ep.ifindex` known): writes its map entries. Returns the ifindex. By default the
+    /// same as [`Kernel::attach_endpoint`].
     fn activate_endpoint(
         &self,
         ep: &EndpointDatapath,

@@ -9,17 +9,28 @@
 //! rtnetlink error as their source; [`errno`] extracts the kernel's errno for callers that
 //! must tell "already there" or "already gone" apart from real failures.
 
+use std::io;
 use std::net::IpAddr;
+use std::os::fd::AsRawFd as _;
 use std::pin::pin;
 
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
 use netlink_packet_route::AddressFamily;
+use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressHeaderFlags};
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
+use netlink_packet_route::tc::{
+    TcAttribute, TcBpfFlags, TcFilterBpf, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
+};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use rtnetlink::{LinkBridge, LinkMessageBuilder, LinkUnspec, LinkVeth};
 use tracing::debug;
 
@@ -364,16 +375,23 @@ impl Netlink {
         index: u32,
         new: &str,
         mac: Option<[u8; 6]>,
+        up: bool,
     ) -> Result<(), KernelError> {
         let mut message = LinkUnspec::new_with_index(index).name(new);
         if let Some(mac) = mac {
             message = message.address(mac.to_vec());
         }
+        if up {
+            // The kernel renames before it changes flags: a down link can be renamed and
+            // brought up in one request.
+            message = message.up();
+        }
         self.set_link(
             format!(
-                "ip link set dev #{index} name {new}{}",
+                "ip link set dev #{index} name {new}{}{}",
                 mac.map(|m| format!(" address {}", format_mac(&m)))
-                    .unwrap_or_default()
+                    .unwrap_or_default(),
+                if up { " up" } else { "" }
             ),
             message,
         )
@@ -817,6 +835,266 @@ impl Netlink {
             format!("ip neigh del {ip} dev #{index}"),
         )
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Traffic control (synchronous)
+//
+// The eBPF datapath attaches its programs while holding its own (blocking) lock, so these
+// requests go over a short-lived blocking socket in the calling thread's network namespace,
+// not through the async [`Netlink`] handle.
+
+/// A hook of a device's `clsact` qdisc.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcHook {
+    /// What the device receives (for a host veth: what the container sends).
+    Ingress,
+    /// What the device transmits.
+    Egress,
+}
+
+impl TcHook {
+    fn parent(self) -> TcHandle {
+        let minor = match self {
+            Self::Ingress => TcHandle::MIN_INGRESS,
+            Self::Egress => TcHandle::MIN_EGRESS,
+        };
+        TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor,
+        }
+    }
+}
+
+/// Where a `cls_bpf` filter sits on a device: hook, priority and handle (`tc filter … pref
+/// PRIORITY handle HANDLE bpf`). Fixed positions make attaching again a replace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcSlot {
+    /// The hook.
+    pub hook: TcHook,
+    /// The filter's priority (lower runs first).
+    pub priority: u16,
+    /// The filter's handle within its priority.
+    pub handle: u32,
+}
+
+/// A direct-action `cls_bpf` filter to install: its slot and program.
+#[derive(Debug, Clone, Copy)]
+pub struct BpfFilter<'a> {
+    /// Where it goes.
+    pub slot: TcSlot,
+    /// The program's name (shown by `tc filter show`).
+    pub name: &'a str,
+    /// The loaded program.
+    pub program: std::os::fd::BorrowedFd<'a>,
+}
+
+/// `ETH_P_ALL` in network byte order, as `tc` puts it in `tcm_info`.
+const TC_PROTOCOL_ALL: u16 = (libc::ETH_P_ALL as u16).to_be();
+
+fn tc_filter_message(ifindex: u32, slot: TcSlot) -> io::Result<TcMessage> {
+    let mut msg = TcMessage::default();
+    msg.header.index = i32::try_from(ifindex).map_err(io::Error::other)?;
+    msg.header.parent = slot.hook.parent();
+    msg.header.handle = TcHandle::from(slot.handle);
+    msg.header.info = (u32::from(slot.priority) << 16) | u32::from(TC_PROTOCOL_ALL);
+    msg.attributes
+        .push(TcAttribute::Kind(TcFilterBpf::KIND.to_owned()));
+    Ok(msg)
+}
+
+/// Adds a `clsact` qdisc to `ifindex` if it has none and installs (or replaces in place, so
+/// there is no moment without a program) each filter, like `tc qdisc add dev IF clsact; tc
+/// filter replace dev IF {ingress,egress} pref P handle H bpf da fd …`, all in one send.
+///
+/// # Errors
+/// The kernel's refusal (its errno) of any request other than "the qdisc exists".
+pub fn tc_attach_bpf(ifindex: u32, filters: &[BpfFilter<'_>]) -> io::Result<()> {
+    let mut qdisc = TcMessage::default();
+    qdisc.header.index = i32::try_from(ifindex).map_err(io::Error::other)?;
+    qdisc.header.parent = TcHandle::CLSACT;
+    qdisc.header.handle = TcHandle {
+        major: TcHandle::CLSACT.major,
+        minor: 0,
+    };
+    qdisc
+        .attributes
+        .push(TcAttribute::Kind("clsact".to_owned()));
+    let mut requests = vec![(
+        RouteNetlinkMessage::NewQueueDiscipline(qdisc),
+        NLM_F_CREATE | NLM_F_EXCL,
+    )];
+    for filter in filters {
+        let mut msg = tc_filter_message(ifindex, filter.slot)?;
+        msg.attributes.push(TcAttribute::Options(vec![
+            TcOption::Bpf(TcFilterBpfOption::ProgFd(
+                u32::try_from(filter.program.as_raw_fd()).map_err(io::Error::other)?,
+            )),
+            TcOption::Bpf(TcFilterBpfOption::ProgName(filter.name.to_owned())),
+            TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
+        ]));
+        // CREATE without EXCL: replace the filter at this slot if there is one.
+        requests.push((RouteNetlinkMessage::NewTrafficFilter(msg), NLM_F_CREATE));
+    }
+    let results = tc_transact(requests)?;
+    for (i, result) in results.into_iter().enumerate() {
+        match result {
+            Err(e) if i == 0 && e.raw_os_error() == Some(libc::EEXIST) => {}
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+    }
+    debug!(ifindex, filters = filters.len(), "tc bpf filters replaced");
+    Ok(())
+}
+
+/// Deletes the filters at `slots` of `ifindex` (`tc filter del dev IF … pref P handle H bpf`).
+/// Idempotent: a missing device, qdisc or filter is not an error.
+///
+/// # Errors
+/// The kernel's refusal for any other reason.
+pub fn tc_detach_bpf(ifindex: u32, slots: &[TcSlot]) -> io::Result<()> {
+    let requests = slots
+        .iter()
+        .map(|slot| {
+            tc_filter_message(ifindex, *slot).map(|m| (RouteNetlinkMessage::DelTrafficFilter(m), 0))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    for result in tc_transact(requests)? {
+        match result {
+            // EINVAL: no clsact qdisc (so no filter) on the device.
+            Err(e)
+                if matches!(
+                    e.raw_os_error(),
+                    Some(libc::ENOENT | libc::ENODEV | libc::EINVAL)
+                ) => {}
+            Err(e) => return Err(e),
+            Ok(()) => {}
+        }
+    }
+    Ok(())
+}
+
+/// The names of the `cls_bpf` programs on `hook` of `ifindex`, in the kernel's order (what
+/// `tc filter show dev IF ingress|egress` lists). Empty without a `clsact` qdisc.
+///
+/// # Errors
+/// A failed dump.
+pub fn tc_bpf_programs(ifindex: u32, hook: TcHook) -> io::Result<Vec<String>> {
+    let mut msg = TcMessage::default();
+    msg.header.index = i32::try_from(ifindex).map_err(io::Error::other)?;
+    msg.header.parent = hook.parent();
+    let socket = tc_socket()?;
+    tc_send(
+        &socket,
+        vec![(RouteNetlinkMessage::GetTrafficFilter(msg), NLM_F_DUMP)],
+    )?;
+    let mut names = Vec::new();
+    loop {
+        let (buf, _) = socket.recv_from_full()?;
+        for message in tc_parse(&buf)? {
+            match message.payload {
+                NetlinkPayload::Done(_) => return Ok(names),
+                NetlinkPayload::Error(e) => match e.code {
+                    None => return Ok(names),
+                    Some(c) if matches!(c.get().saturating_neg(), libc::EINVAL | libc::ENOENT) => {
+                        return Ok(names);
+                    }
+                    Some(_) => return Err(e.to_io()),
+                },
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficFilter(m)) => {
+                    names.extend(m.attributes.iter().flat_map(|a| {
+                        match a {
+                            TcAttribute::Options(options) => options
+                                .iter()
+                                .filter_map(|o| match o {
+                                    TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => {
+                                        Some(n.clone())
+                                    }
+                                    _ => None,
+                                })
+                                .collect(),
+                            _ => Vec::new(),
+                        }
+                    }));
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+fn tc_socket() -> io::Result<Socket> {
+    let mut socket = Socket::new(NETLINK_ROUTE)?;
+    socket.bind_auto()?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    Ok(socket)
+}
+
+/// Sends `requests` in one datagram, numbered from 1.
+fn tc_send(socket: &Socket, requests: Vec<(RouteNetlinkMessage, u16)>) -> io::Result<()> {
+    let mut buf = Vec::new();
+    for (seq, (message, flags)) in (1..).zip(requests) {
+        let mut msg = NetlinkMessage::new(
+            NetlinkHeader::default(),
+            NetlinkPayload::InnerMessage(message),
+        );
+        msg.header.flags = NLM_F_REQUEST | flags;
+        msg.header.sequence_number = seq;
+        msg.finalize();
+        let start = buf.len();
+        buf.resize(start + msg.buffer_len(), 0);
+        msg.serialize(&mut buf[start..]);
+    }
+    socket.send(&buf, 0)?;
+    Ok(())
+}
+
+fn tc_parse(buf: &[u8]) -> io::Result<Vec<NetlinkMessage<RouteNetlinkMessage>>> {
+    let mut messages = Vec::new();
+    let mut offset = 0;
+    while offset < buf.len() {
+        let message = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[offset..])
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        let len = usize::try_from(message.header.length).map_err(io::Error::other)?;
+        if len == 0 {
+            break;
+        }
+        offset += (len + 3) & !3;
+        messages.push(message);
+    }
+    Ok(messages)
+}
+
+/// Sends `requests` (each acknowledged) in one datagram and returns each one's outcome.
+fn tc_transact(requests: Vec<(RouteNetlinkMessage, u16)>) -> io::Result<Vec<io::Result<()>>> {
+    let count = requests.len();
+    let requests = requests
+        .into_iter()
+        .map(|(m, flags)| (m, flags | NLM_F_ACK))
+        .collect();
+    let socket = tc_socket()?;
+    tc_send(&socket, requests)?;
+    let mut results: Vec<Option<io::Result<()>>> = (0..count).map(|_| None).collect();
+    while results.iter().any(Option::is_none) {
+        let (buf, _) = socket.recv_from_full()?;
+        for message in tc_parse(&buf)? {
+            let NetlinkPayload::Error(e) = message.payload else {
+                continue;
+            };
+            let slot = usize::try_from(message.header.sequence_number)
+                .ok()
+                .and_then(|seq| seq.checked_sub(1))
+                .and_then(|i| results.get_mut(i));
+            if let Some(slot) = slot {
+                *slot = Some(match e.code {
+                    None => Ok(()),
+                    Some(_) => Err(e.to_io()),
+                });
+            }
+        }
+    }
+    Ok(results.into_iter().flatten().collect())
 }
 
 fn ignore_missing(result: Result<(), rtnetlink::Error>, op: String) -> Result<(), KernelError> {

@@ -34,7 +34,7 @@ use sluice_driver::datapath::layout::{
 };
 use sluice_driver::datapath::{
     Datapath, DatapathConfig, DatapathError, LAYOUT_VERSION, TC_ACT_OK, TC_ACT_SHOT, event_addr,
-    tcx_programs,
+    tc_programs,
 };
 use sluice_tests::netns::{NetNs, PeerNs, current_thread_runtime, ip_json, require_root, run};
 
@@ -1099,10 +1099,13 @@ fn traffic_policy_counters_events_and_detach() {
     for name in [
         "progs/sluice_egress",
         &format!("maps/v{LAYOUT_VERSION}/POLICY"),
-        &format!("links/{}_sluice_ingress", t.h2),
     ] {
         assert!(bpffs.path().join(name).exists(), "{name} not pinned");
     }
+    // The programs are cls_bpf filters on the host veth's clsact hooks, once each.
+    let attached = tc_programs(t.h2).unwrap();
+    assert_eq!(attached.ingress, vec!["sluice_egress".to_owned()]);
+    assert_eq!(attached.egress, vec!["sluice_ingress".to_owned()]);
 
     // No policy: everything flows and is counted as allowed.
     assert!(pings(&t.c1, C2, 3));
@@ -1213,11 +1216,12 @@ fn traffic_policy_counters_events_and_detach() {
         (REASON_POLICY_DENY, 2, 8080)
     );
 
-    // Detach: traffic is back to normal, pins are gone, detach again is a no-op.
+    // Detach: traffic is back to normal, the filters are gone, detach again is a no-op.
     dp.detach(t.h1).unwrap();
     dp.detach(t.h2).unwrap();
     dp.detach(t.h2).unwrap();
     assert!(!dp.is_attached(t.h2));
+    assert_eq!(tc_programs(t.h2).unwrap(), Default::default());
     assert!(pings(&t.c1, C2, 1));
     assert!(tcp_hello(&t.c2, &t.c1, C1, 8080));
 }
@@ -1260,7 +1264,7 @@ fn traffic_pinned_state_survives_a_daemon_restart() {
     dp.attach(t.h2).unwrap();
     assert!(!pings(&t.c1, C2, 1));
     // Exactly one program per hook (the link was updated, not duplicated).
-    let attached = tcx_programs(t.h2).unwrap();
+    let attached = tc_programs(t.h2).unwrap();
     assert_eq!(attached.ingress, vec!["sluice_egress".to_owned()]);
     assert_eq!(attached.egress, vec!["sluice_ingress".to_owned()]);
     // Allow ICMP now, through the adopted POLICY map.
@@ -1275,8 +1279,8 @@ fn traffic_pinned_state_survives_a_daemon_restart() {
         .unwrap();
     assert!(pings(&t.c1, C2, 2));
 
-    // A link whose device went away stays pinned (defunct) until detach; a new device that
-    // reuses the ifindex gets a fresh link instead of the dead one.
+    // Filters go with their device; a new device that reuses the ifindex starts without
+    // programs and gets its own.
     run("ip", &["link", "del", "slvhdp1"]).unwrap();
     assert!(matches!(
         dp.attach(t.h1),
@@ -1291,14 +1295,14 @@ fn traffic_pinned_state_survives_a_daemon_restart() {
     )
     .unwrap();
     assert_eq!(ifindex("slvhdp9"), t.h1);
-    assert_eq!(tcx_programs(t.h1).unwrap(), Default::default());
+    assert_eq!(tc_programs(t.h1).unwrap(), Default::default());
     dp.attach(t.h1).unwrap();
-    let attached = tcx_programs(t.h1).unwrap();
+    let attached = tc_programs(t.h1).unwrap();
     assert_eq!(attached.ingress, vec!["sluice_egress".to_owned()]);
     assert_eq!(attached.egress, vec!["sluice_ingress".to_owned()]);
     dp.detach(t.h1).unwrap();
     dp.detach(t.h2).unwrap();
-    assert_eq!(tcx_programs(t.h2).unwrap(), Default::default());
+    assert_eq!(tc_programs(t.h2).unwrap(), Default::default());
     Datapath::remove_pins(&bpffs.path()).unwrap();
     assert!(!Path::new(&bpffs.path()).exists());
 }

@@ -747,7 +747,7 @@ fn pinned_links(bpffs: &Bpffs) -> Vec<String> {
 }
 
 /// The warm link pool (`Driver::with_link_pool`): spare pairs sit on the bridge down, with
-/// the programs attached and pinned but no endpoint entry; endpoints made from them carry
+/// the programs attached (tc filters) but no endpoint entry; endpoints made from them carry
 /// traffic and enforce a deny; a restart removes the spare links of the last run, and
 /// deleting everything leaves no link and no pin. (Subnet 10.81.1.0/24.)
 #[test]

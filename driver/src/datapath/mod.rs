@@ -1,10 +1,11 @@
 //! The eBPF datapath, user side: loads sluice's TC programs (`ebpf/tc`, embedded at build
-//! time), pins them and their maps, attaches them to endpoints' host-side veths through TCX,
-//! and writes the maps (endpoints, ipcache, policy) in the layouts of `sluice-common`.
+//! time), pins them and their maps, attaches them to endpoints' host-side veths as
+//! `cls_bpf` filters (to macvlan interfaces and VXLAN devices through TCX), and writes the
+//! maps (endpoints, ipcache, policy) in the layouts of `sluice-common`.
 //! [`compile`] turns policy rules into `POLICY` entries; it is pure.
 //!
 //! Owns no decisions about *which* endpoint gets which identity or flags (that is the
-//! driver's), and never touches links other than through TCX attachments.
+//! driver's), and never touches links other than through its attachments.
 //!
 //! # Per-packet cost
 //! Fixed, whatever the number of rules: `ENDPOINTS` (hash) → `IPCACHE` (LPM) →
@@ -20,14 +21,15 @@
 //! maps/v<LAYOUT_VERSION>/<MAP>       every map; an existing pin is adopted at load
 //! progs/sluice_egress, progs/sluice_ingress
 //!                                    the programs of the latest load (replaced each load)
-//! links/<ifindex>_sluice_egress      TCX link on the host veth's ingress hook
-//! links/<ifindex>_sluice_ingress     TCX link on the host veth's egress hook
+//! links/<ifindex>_<program>          TCX link of a macvlan interface or VXLAN device
 //! ```
-//! Pinned links keep an endpoint enforced while the daemon is down; a restarted daemon loads
-//! the object again (new program instances sharing the pinned maps, so policy is not reset)
-//! and [`Datapath::attach`] swaps the new program into an existing link atomically
-//! (`BPF_LINK_UPDATE`). A link whose device is gone is replaced. Link names carry ifindexes
-//! of the daemon's (host) network namespace. The map layout version is
+//! Host veths carry no pins: their filters (`clsact`, [`TC_PRIORITY`] / [`TC_HANDLE`])
+//! belong to the device and keep it enforced while the daemon is down. Pinned links do the
+//! same for TCX. A restarted daemon loads the object again (new program instances sharing
+//! the pinned maps, so policy is not reset) and [`Datapath::attach`] replaces each filter in
+//! place, as [`Datapath::attach_sandboxed`] swaps the new program into an existing link
+//! (`BPF_LINK_UPDATE`): atomically either way. A link whose device is gone is replaced. Link
+//! names carry ifindexes of the daemon's (host) network namespace. The map layout version is
 //! part of the path, so a build with different layouts starts from empty maps instead of
 //! misreading old ones (the driver re-applies state from its store).
 
@@ -37,6 +39,7 @@ mod events;
 use std::collections::HashMap as StdHashMap;
 use std::io;
 use std::net::IpAddr;
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -58,6 +61,8 @@ use sluice_common::{
     PolicyKey, PolicyValue, Settings, Tunnel, VERDICT_ALLOW, VERDICT_DENY, Vtep, decap_key,
 };
 use tracing::{debug, info};
+
+use crate::link::{self, BpfFilter, TcHook, TcSlot};
 
 pub use compile::{CompiledPolicy, Direction};
 pub use events::{DropEvents, decode as decode_drop_event, event_addr};
@@ -145,12 +150,37 @@ pub enum DatapathError {
     /// No interface has that index (in the calling thread's network namespace).
     #[error("no interface with ifindex {0}")]
     NoSuchInterface(u32),
+    /// A traffic-control request (qdisc or `cls_bpf` filter) failed.
+    #[error("{op} on ifindex {ifindex}: {source}")]
+    Tc {
+        /// What was being done.
+        op: &'static str,
+        /// The device.
+        ifindex: u32,
+        /// The kernel's answer.
+        #[source]
+        source: io::Error,
+    },
     /// The drop-event reader was already handed out, or needs a tokio runtime.
     #[error("drop events: {0}")]
     Events(String),
 }
 
 type Result<T, E = DatapathError> = std::result::Result<T, E>;
+
+fn tc_error(op: &'static str, ifindex: u32) -> impl FnOnce(io::Error) -> DatapathError {
+    move |source| {
+        if source.raw_os_error() == Some(libc::ENODEV) {
+            DatapathError::NoSuchInterface(ifindex)
+        } else {
+            DatapathError::Tc {
+                op,
+                ifindex,
+                source,
+            }
+        }
+    }
+}
 
 /// `": <errno text>"` of a failed map syscall (e.g. ENOSPC when a map is full), else nothing.
 fn os_error(e: &aya::maps::MapError) -> String {
@@ -379,10 +409,40 @@ fn is_not_found(e: &aya::maps::MapError) -> bool {
     }
 }
 
-/// The TCX hook each program goes on, on the host-side veth.
+/// The hook each program goes on, on the host-side veth (a `cls_bpf` filter, see
+/// [`HOST_FILTERS`]; older builds used TCX links on the same hooks).
 const HOOKS: [(&str, TcAttachType); 2] = [
     (PROG_EGRESS, TcAttachType::Ingress),
     (PROG_INGRESS, TcAttachType::Egress),
+];
+
+/// Priority of sluice's filters on a host veth's `clsact` hooks (first to run).
+pub const TC_PRIORITY: u16 = 1;
+/// Handle of sluice's filters within [`TC_PRIORITY`].
+pub const TC_HANDLE: u32 = 1;
+
+/// Where each host-veth program sits: fixed slots, so attaching again (a restarted daemon's
+/// programs) replaces the filter in place. Host veths use legacy TC rather than TCX: a TCX
+/// attach waits for an RCU grace period under rtnl (`tcx_entry_sync`, 12-15 ms here), a
+/// `cls_bpf` filter does not, and a host veth never changes namespace (which would destroy
+/// its qdisc).
+const HOST_FILTERS: [(&str, TcSlot); 2] = [
+    (
+        PROG_EGRESS,
+        TcSlot {
+            hook: TcHook::Ingress,
+            priority: TC_PRIORITY,
+            handle: TC_HANDLE,
+        },
+    ),
+    (
+        PROG_INGRESS,
+        TcSlot {
+            hook: TcHook::Egress,
+            priority: TC_PRIORITY,
+            handle: TC_HANDLE,
+        },
+    ),
 ];
 
 /// Where the macvlan programs go on the container's own interface: the directions are the
@@ -716,27 +776,46 @@ impl Datapath {
     // -----------------------------------------------------------------------------------------
     // Attach / detach
 
-    /// Attaches both programs to the host-side veth `ifindex` through TCX (`sluice_egress` on
-    /// its ingress hook, `sluice_ingress` on its egress hook), like
-    /// `tc filter add dev IF {ingress,egress} bpf da obj … ` but as TCX links. Pinned mode
-    /// pins the links (they outlive this process); an existing live pinned link gets this
-    /// load's program swapped in atomically. Idempotent. Register the endpoint
-    /// ([`Datapath::set_endpoint`]) first: packets of an unregistered ifindex pass.
+    /// Attaches both programs to the host-side veth `ifindex` as direct-action `cls_bpf`
+    /// filters on its `clsact` qdisc (`sluice_egress` on its ingress hook, `sluice_ingress` on
+    /// its egress hook, both at [`TC_PRIORITY`] / [`TC_HANDLE`]), like `tc filter replace dev
+    /// IF {ingress,egress} pref 1 handle 1 bpf da …`. The filters belong to the device: they
+    /// outlive this process, and attaching again swaps this load's program in atomically.
+    /// Idempotent. Register the endpoint ([`Datapath::set_endpoint`]) first: packets of an
+    /// unregistered ifindex pass. A TCX link an older build pinned for the same hook is
+    /// removed once the filter is in place.
     ///
     /// The ifindex is resolved in the calling thread's network namespace.
-    ///
-    /// # Minimum kernel version
-    /// 6.6 (TCX).
     ///
     /// # Errors
     /// [`DatapathError::NoSuchInterface`], attach and pin errors. On error, a hook attached
     /// by this call may remain attached; call [`Datapath::detach`] to clean up.
     pub fn attach(&mut self, ifindex: u32) -> Result<()> {
-        let ifname = interface_name(ifindex)?;
-        self.attach_hooks(ifindex, Some(&ifname), &HOOKS)?;
+        let mut filters = Vec::with_capacity(HOST_FILTERS.len());
+        for (name, slot) in HOST_FILTERS {
+            let program = classifier(&self.ebpf, name)?
+                .fd()
+                .map_err(|source| DatapathError::Program {
+                    op: "attach (no fd)".into(),
+                    program: name,
+                    source,
+                })?
+                .as_fd();
+            filters.push(BpfFilter {
+                slot,
+                name,
+                program,
+            });
+        }
+        link::tc_attach_bpf(ifindex, &filters).map_err(tc_error("attach filters", ifindex))?;
+        if let Some(pins) = &self.pins {
+            for (program, _) in HOOKS {
+                remove_if_present(&pins.link(ifindex, program))?;
+            }
+        }
         info!(
             ifindex,
-            "attached datapath (tcx ingress {PROG_EGRESS}, tcx egress {PROG_INGRESS})"
+            "attached datapath (tc ingress {PROG_EGRESS}, tc egress {PROG_INGRESS})"
         );
         Ok(())
     }
@@ -774,7 +853,7 @@ impl Datapath {
             self.forget_overlay(ifindex)?;
             if tunnel.underlay != 0 {
                 // A run with the fast path on may have left the underlay's program pinned.
-                self.detach(tunnel.underlay)?;
+                self.detach_links(tunnel.underlay)?;
             }
         }
         self.attach_hooks(ifindex, Some(&ifname), &OVERLAY_HOOKS)?;
@@ -794,6 +873,7 @@ impl Datapath {
     /// # Errors
     /// As [`Datapath::detach`].
     pub fn detach_overlay(&mut self, ifindex: u32) -> Result<()> {
+        // Overlay and underlay programs are TCX links (not the host veths' tc filters).
         let underlay = self.forget_overlay(ifindex)?;
         if let Some(underlay) = underlay
             && !self
@@ -802,9 +882,9 @@ impl Datapath {
                 .filter_map(Result::ok)
                 .any(|(_, t)| t.underlay == underlay)
         {
-            self.detach(underlay)?;
+            self.detach_links(underlay)?;
         }
-        self.detach(ifindex)
+        self.detach_links(ifindex)
     }
 
     /// Removes the map entries of VXLAN device `ifindex`; returns its underlay, if it had
@@ -1042,12 +1122,30 @@ impl Datapath {
         Ok(())
     }
 
-    /// Detaches both programs from `ifindex` (removes the pinned links, or drops the links
-    /// this process holds). Idempotent; works after the device is gone.
+    /// Detaches the programs from host veth `ifindex` (deletes sluice's filters, and any TCX
+    /// link pinned for it). Idempotent; works after the device is gone.
     ///
     /// # Errors
-    /// If a pin cannot be removed or a held link cannot be detached.
+    /// If a filter cannot be deleted, a pin cannot be removed or a held link cannot be
+    /// detached.
     pub fn detach(&mut self, ifindex: u32) -> Result<()> {
+        let slots = HOST_FILTERS.map(|(_, slot)| slot);
+        link::tc_detach_bpf(ifindex, &slots).map_err(tc_error("delete filters", ifindex))?;
+        self.detach_links(ifindex)
+    }
+
+    /// Detaches the TCX programs of a macvlan endpoint's own interface `ifindex` (which may
+    /// be in its container by now, so nothing is asked of a device here by that ifindex).
+    /// Idempotent.
+    ///
+    /// # Errors
+    /// As [`Datapath::detach`].
+    pub fn detach_sandboxed(&mut self, ifindex: u32) -> Result<()> {
+        self.detach_links(ifindex)
+    }
+
+    /// Removes the pinned TCX links of `ifindex`, or drops the links this process holds.
+    fn detach_links(&mut self, ifindex: u32) -> Result<()> {
         for (program, _) in ALL_HOOKS {
             if let Some(pins) = &self.pins {
                 let path = pins.link(ifindex, program);
@@ -1085,12 +1183,13 @@ impl Datapath {
         Ok(())
     }
 
-    /// Whether `ifindex` has pinned links (pinned mode) or links held by this process.
+    /// Whether host veth `ifindex` has both of sluice's filters, as the kernel reports them
+    /// (calling thread's network namespace).
     #[must_use]
     pub fn is_attached(&self, ifindex: u32) -> bool {
-        HOOKS.iter().all(|(program, _)| match &self.pins {
-            Some(p) => p.link(ifindex, program).exists(),
-            None => self.links.contains_key(&(ifindex, *program)),
+        HOST_FILTERS.iter().all(|(program, slot)| {
+            link::tc_bpf_programs(ifindex, slot.hook)
+                .is_ok_and(|names| names.iter().any(|n| n == program))
         })
     }
 
@@ -1587,6 +1686,17 @@ fn map_data(map: &Map) -> Option<&MapData> {
     })
 }
 
+fn classifier<'a>(ebpf: &'a Ebpf, program: &'static str) -> Result<&'a SchedClassifier> {
+    ebpf.program(program)
+        .ok_or(DatapathError::Missing(program))?
+        .try_into()
+        .map_err(|source| DatapathError::Program {
+            op: "open".into(),
+            program,
+            source,
+        })
+}
+
 fn classifier_mut<'a>(
     ebpf: &'a mut Ebpf,
     program: &'static str,
@@ -1601,39 +1711,43 @@ fn classifier_mut<'a>(
         })
 }
 
-/// Names of the programs attached through TCX to interface `ifindex` (calling thread's
-/// network namespace), per hook: what `bpftool net` would show if it knew TCX. For
-/// reconciliation and tests; sluice's own are [`PROG_EGRESS`] on `ingress` and
-/// [`PROG_INGRESS`] on `egress`.
+/// Names of the programs attached to interface `ifindex` (calling thread's network
+/// namespace), per hook, as the kernel reports them: TCX links first (they run first), then
+/// `cls_bpf` filters of the `clsact` qdisc. What `bpftool net` shows. For reconciliation and
+/// tests; sluice's own on a host veth are [`PROG_EGRESS`] on `ingress` and [`PROG_INGRESS`]
+/// on `egress` (filters), on a macvlan interface the sandbox programs (TCX).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TcxPrograms {
-    /// The device's TCX ingress hook (what the container sends, for a host veth).
+pub struct TcPrograms {
+    /// The device's ingress hook (what the container sends, for a host veth).
     pub ingress: Vec<String>,
-    /// The device's TCX egress hook (what the container receives).
+    /// The device's egress hook (what the container receives).
     pub egress: Vec<String>,
 }
 
-/// Queries the TCX hooks of `ifindex` (`BPF_PROG_QUERY`).
+/// Queries the hooks of `ifindex` (`BPF_PROG_QUERY` for TCX, a filter dump for `clsact`).
 ///
 /// # Errors
 /// [`DatapathError::NoSuchInterface`] or a failed query.
-pub fn tcx_programs(ifindex: u32) -> Result<TcxPrograms> {
+pub fn tc_programs(ifindex: u32) -> Result<TcPrograms> {
     let ifname = interface_name(ifindex)?;
-    let query = |hook: TcAttachType| -> Result<Vec<String>> {
+    let query = |hook: TcAttachType, tc: TcHook| -> Result<Vec<String>> {
         let (_revision, programs) =
             SchedClassifier::query_tcx(&ifname, hook).map_err(|source| DatapathError::Program {
                 op: format!("query tcx {hook:?} of {ifname} for"),
                 program: "any",
                 source,
             })?;
-        Ok(programs
+        let mut names: Vec<String> = programs
             .iter()
             .map(|p| p.name_as_str().unwrap_or("?").to_owned())
-            .collect())
+            .collect();
+        names
+            .extend(link::tc_bpf_programs(ifindex, tc).map_err(tc_error("list filters", ifindex))?);
+        Ok(names)
     };
-    Ok(TcxPrograms {
-        ingress: query(TcAttachType::Ingress)?,
-        egress: query(TcAttachType::Egress)?,
+    Ok(TcPrograms {
+        ingress: query(TcAttachType::Ingress, TcHook::Ingress)?,
+        egress: query(TcAttachType::Egress, TcHook::Egress)?,
     })
 }
 

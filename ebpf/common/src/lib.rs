@@ -138,11 +138,12 @@ pub const MAP_NAMES: [&str; 14] = [
     MAP_DECAP,
 ];
 
-/// Program for the **TCX ingress** hook of an endpoint's host-side veth: it sees what the
-/// container *sends*, so it applies the endpoint's **egress** policy.
+/// Program for the **ingress** hook (`clsact`, a `cls_bpf` filter) of an endpoint's host-side
+/// veth: it sees what the container *sends*, so it applies the endpoint's **egress** policy.
 pub const PROG_EGRESS: &str = "sluice_egress";
-/// Program for the **TCX egress** hook of an endpoint's host-side veth: it sees what the
-/// container *receives*, so it applies the endpoint's **ingress** policy.
+/// Program for the **egress** hook (`clsact`, a `cls_bpf` filter) of an endpoint's host-side
+/// veth: it sees what the container *receives*, so it applies the endpoint's **ingress**
+/// policy.
 pub const PROG_INGRESS: &str = "sluice_ingress";
 
 /// Program for the **TCX egress** hook of a macvlan endpoint's own interface (inside the
