@@ -125,6 +125,9 @@ struct State {
     resolution: Resolution,
     /// Policy subjects, stable across resolutions (see [`SubjectIds`]).
     subjects: SubjectIds,
+    /// A resync failed after it began: `resolution` may not be what is in the datapath, so
+    /// the next change resyncs in full.
+    unsynced: bool,
     /// Endpoints of other hosts on this host's `mode=vxlan` networks, by endpoint ID.
     remote: BTreeMap<String, crate::cluster::EndpointLocation>,
     /// Endpoints whose links are being made outside the lock (CreateEndpoint), with the
@@ -384,6 +387,7 @@ impl<K: Kernel> Driver<K> {
             policies: PolicyEngine::load(snap.policies)?,
             resolution: Resolution::default(),
             subjects: SubjectIds::default(),
+            unsynced: false,
             remote: BTreeMap::new(),
             creating: BTreeMap::new(),
         };
@@ -446,6 +450,7 @@ impl<K: Kernel> Driver<K> {
             .values()
             .map(|e| (e.id.clone(), state.datapath_flags(e)))
             .collect();
+        state.unsynced = true;
         let mut resolution = state.resolve();
         for w in &resolution.warnings {
             warn!(warning = %w, "policy");
@@ -459,6 +464,7 @@ impl<K: Kernel> Driver<K> {
         self.kernel.apply_policy(&compiled).await?;
         drop(compiled);
         state.keep_resolution(resolution);
+        state.unsynced = false;
         let mut first = None;
         for ep in state.endpoints.values() {
             if Some(ep.id.as_str()) == skip || before.get(&ep.id) == Some(&state.datapath_flags(ep))
@@ -474,6 +480,45 @@ impl<K: Kernel> Driver<K> {
         // policy), and a resync also follows endpoint and identity changes, not only applies.
         crate::memory::release_free_memory();
         first.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// [`Driver::resync`] after the container identity of endpoint `id` changed from
+    /// `previous`, without resolving when no policy selector (subject or peer) may match the
+    /// endpoint under its old or its new identity. Then no rule, subject or enforced
+    /// direction changes (CIDR peers and the ipcache depend on addresses, not names): only
+    /// the endpoint's pending flag can, as it now has a name.
+    async fn resync_identity(
+        &self,
+        state: &mut State,
+        id: &str,
+        previous: Option<&ContainerIdentity>,
+    ) -> Result<(), DriverError> {
+        if state.policy_free() {
+            return Ok(());
+        }
+        let Some(ep) = state.endpoints.get(id) else {
+            return self.resync(state, None).await;
+        };
+        let networks = state.network_views();
+        let old = EndpointView::new(ep, ep.identity, previous);
+        let new = EndpointView::new(ep, ep.identity, ep.container.as_ref());
+        if state.unsynced
+            || new.name.is_none()
+            || state.policies.could_select(&old, &networks)
+            || state.policies.could_select(&new, &networks)
+        {
+            return self.resync(state, None).await;
+        }
+        debug!(endpoint = %id, "no policy selector sees the endpoint; no resolution");
+        let flags = state.datapath_flags(ep);
+        // Pending means "no name yet while some selector covers the network".
+        state.resolution.pending.remove(&ep.identity);
+        if state.datapath_flags(ep) != flags {
+            self.kernel
+                .update_endpoint(&state.datapath_view(ep))
+                .await?;
+        }
+        Ok(())
     }
 
     /// Applies policy documents (all or nothing), persists them and updates the datapath.
@@ -579,7 +624,9 @@ impl<K: Kernel> Driver<K> {
         let commit = self.store.submit(vec![Change::PutEndpoint(ep.clone())]);
         info!(endpoint = %ep.id, container = ?ep.container.as_ref().map(|c| &c.name), "container identity known");
         self.republish(&state, &ep.id).await;
-        let synced = self.resync(&mut state, None).await;
+        let synced = self
+            .resync_identity(&mut state, &ep.id, previous.as_ref())
+            .await;
         drop(state);
         if let Err(e) = commit.durable().await {
             let mut state = self.state.lock().await;
@@ -2172,6 +2219,84 @@ mod tests {
 
         d.delete_endpoint(NID, EID).await.unwrap();
         assert!(!d.kernel().attached().contains_key(&names::host_veth(EID)));
+    }
+
+    /// A container identity no policy selector can see (old or new) is recorded without a
+    /// full resolution; one a subject or peer selector sees, before or after, resolves. In
+    /// both cases the datapath ends as a full resync leaves it.
+    #[tokio::test]
+    async fn identities_no_selector_sees_skip_the_resolution() {
+        use crate::datapath::layout::{EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED};
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        let eid = |n: u32| format!("{n:06x}{}", "0".repeat(58));
+        for n in 0..3 {
+            d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", 10 + n)))
+                .await
+                .unwrap();
+        }
+        let yaml = "name: db\nselector: {name: db-*}\ningress:\n  - action: allow\n    from:\n      - selector: {labels: {role: web}}\n      - cidr: 192.0.2.0/24\n";
+        let docs = || crate::policy::parse_documents(yaml).unwrap();
+        d.apply_policies(docs()).await.unwrap();
+        let identify = |n: u32, name: &'static str, labels: &[(&str, &str)]| {
+            let labels = labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            let d = &d;
+            async move {
+                let applies = d.kernel().policy_applies();
+                d.set_container(ContainerIdentity {
+                    endpoint_id: eid(n),
+                    container_id: format!("c{n}"),
+                    name: name.to_owned(),
+                    labels,
+                })
+                .await
+                .unwrap();
+                let resolved = d.kernel().policy_applies() > applies;
+                // What the datapath holds must be what a full resync makes of it.
+                let (attached, policy) = (d.kernel().attached(), d.kernel().policy());
+                d.apply_policies(docs()).await.unwrap();
+                assert_eq!(d.kernel().attached(), attached, "{name}: endpoints");
+                assert_eq!(d.kernel().policy(), policy, "{name}: policy");
+                resolved
+            }
+        };
+        let flags = |n: u32| d.kernel().attached()[&names::host_veth(&eid(n))].flags;
+        assert!((0..3).all(|n| flags(n) & EP_IDENTITY_PENDING != 0));
+
+        assert!(identify(0, "db-1", &[]).await, "a subject resolves");
+        assert_eq!(
+            flags(0) & (EP_INGRESS_ENFORCED | EP_IDENTITY_PENDING),
+            EP_INGRESS_ENFORCED
+        );
+        let rules = d.kernel().policy().unwrap().entries.len();
+
+        assert!(
+            !identify(1, "other", &[("role", "db")]).await,
+            "nobody sees it"
+        );
+        assert_eq!(
+            flags(1) & (EP_INGRESS_ENFORCED | EP_IDENTITY_PENDING),
+            0,
+            "known now"
+        );
+        assert!(!identify(1, "other-2", &[]).await, "renamed, still unseen");
+        assert_eq!(d.kernel().policy().unwrap().entries.len(), rules);
+
+        assert!(
+            identify(2, "web-1", &[("role", "web")]).await,
+            "a peer (new) resolves"
+        );
+        assert_eq!(d.kernel().policy().unwrap().entries.len(), rules + 1);
+        assert!(identify(2, "web-1", &[]).await, "a peer (old) resolves");
+        assert_eq!(d.kernel().policy().unwrap().entries.len(), rules);
+        assert!(identify(0, "web-2", &[]).await, "a subject (old) resolves");
+        assert_eq!(flags(0) & EP_INGRESS_ENFORCED, 0);
     }
 
     #[tokio::test]

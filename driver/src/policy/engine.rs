@@ -517,6 +517,30 @@ impl PolicyEngine {
         out
     }
 
+    /// Whether some subject or peer selector of some policy may match `endpoint` (with the
+    /// networks of `networks` and the endpoint's own). When neither an endpoint's old nor
+    /// its new identity may match, the change cannot alter any rule, subject or enforced
+    /// direction: the driver then skips the full resolution. Errs towards `true`: an
+    /// ambiguous network ID prefix among all networks may be unique here.
+    #[must_use]
+    pub fn could_select(&self, endpoint: &EndpointView, networks: &[NetworkView]) -> bool {
+        let index = NetworkIndex::new(networks, std::slice::from_ref(endpoint));
+        // Warnings are the full resolution's business.
+        let sees = |s: &Selector| {
+            BoundSelector::bind(s, &index, &mut Vec::new(), &String::new).matches(endpoint)
+        };
+        self.policies.values().any(|e| {
+            sees(&e.selector)
+                || [&e.compiled.ingress, &e.compiled.egress]
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|rule| rule.peers.as_ref())
+                    .flatten()
+                    .any(|peer| matches!(peer, CompiledPeer::Selector(s) if sees(s)))
+        })
+    }
+
     /// Resolves the policies against the endpoints that exist now (all networks) and the
     /// networks' names. Pure: call it again whenever policies, endpoints, their identities,
     /// names, labels or addresses, or network names change. Subjects are numbered afresh; the
