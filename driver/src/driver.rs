@@ -188,6 +188,32 @@ impl State {
             && self.resolution.subject_of.is_empty()
     }
 
+    /// Whether a change of an endpoint, seen as `views` (before and/or after it), can be
+    /// left out of the policy resolution: no subject or peer selector matches any of them,
+    /// and (when the addresses change, `addressed`) no CIDR peer covers their addresses.
+    /// Then no rule, subject or enforced direction changes, only the endpoint's pending
+    /// flag ([`State::set_pending`]). Identities, addresses and the ipcache are the
+    /// endpoint's own datapath entry, written either way.
+    fn unseen_by_policy(&self, views: &[EndpointView], addressed: bool) -> bool {
+        let networks = self.network_views();
+        let seen = |v: &EndpointView| {
+            self.policies.could_select(v, &networks)
+                || (addressed && self.policies.cidr_covers(&v.addresses))
+        };
+        !self.unsynced && !views.iter().any(seen)
+    }
+
+    /// Sets the pending flag of `view` as a resolution would: nameless on a network some
+    /// selector covers.
+    fn set_pending(&mut self, view: &EndpointView) {
+        let networks = self.network_views();
+        if view.name.is_none() && self.policies.covers_network(view, &networks) {
+            self.resolution.pending.insert(view.identity);
+        } else {
+            self.resolution.pending.remove(&view.identity);
+        }
+    }
+
     /// Keeps what the driver reads between resolutions (enforcement, pending, subjects) and
     /// lets the rules go: once compiled into the datapath they are the largest part of a
     /// resolution (one per CIDR of a 100k-CIDR policy) and are recomputed at the next one.
@@ -483,10 +509,8 @@ impl<K: Kernel> Driver<K> {
     }
 
     /// [`Driver::resync`] after the container identity of endpoint `id` changed from
-    /// `previous`, without resolving when no policy selector (subject or peer) may match the
-    /// endpoint under its old or its new identity. Then no rule, subject or enforced
-    /// direction changes (CIDR peers and the ipcache depend on addresses, not names): only
-    /// the endpoint's pending flag can, as it now has a name.
+    /// `previous`, without resolving when no policy selector sees the endpoint under its old
+    /// or its new identity ([`State::unseen_by_policy`]; its addresses did not change).
     async fn resync_identity(
         &self,
         state: &mut State,
@@ -496,27 +520,45 @@ impl<K: Kernel> Driver<K> {
         if state.policy_free() {
             return Ok(());
         }
-        let Some(ep) = state.endpoints.get(id) else {
+        let Some(ep) = state.endpoints.get(id).cloned() else {
             return self.resync(state, None).await;
         };
-        let networks = state.network_views();
-        let old = EndpointView::new(ep, ep.identity, previous);
-        let new = EndpointView::new(ep, ep.identity, ep.container.as_ref());
-        if state.unsynced
-            || new.name.is_none()
-            || state.policies.could_select(&old, &networks)
-            || state.policies.could_select(&new, &networks)
-        {
+        let old = EndpointView::new(&ep, ep.identity, previous);
+        let new = EndpointView::new(&ep, ep.identity, ep.container.as_ref());
+        if !state.unseen_by_policy(&[old, new.clone()], false) {
             return self.resync(state, None).await;
         }
         debug!(endpoint = %id, "no policy selector sees the endpoint; no resolution");
-        let flags = state.datapath_flags(ep);
-        // Pending means "no name yet while some selector covers the network".
-        state.resolution.pending.remove(&ep.identity);
-        if state.datapath_flags(ep) != flags {
+        let flags = state.datapath_flags(&ep);
+        state.set_pending(&new);
+        if state.datapath_flags(&ep) != flags {
             self.kernel
-                .update_endpoint(&state.datapath_view(ep))
+                .update_endpoint(&state.datapath_view(&ep))
                 .await?;
+        }
+        Ok(())
+    }
+
+    /// [`Driver::resync`] after endpoint `ep` was added to or removed from `state.endpoints`
+    /// (the caller writes its own datapath entry), without resolving when no policy sees it
+    /// ([`State::unseen_by_policy`]).
+    async fn resync_added_or_removed(
+        &self,
+        state: &mut State,
+        ep: &Endpoint,
+    ) -> Result<(), DriverError> {
+        if state.policy_free() {
+            return Ok(());
+        }
+        let view = EndpointView::new(ep, ep.identity, ep.container.as_ref());
+        if !state.unseen_by_policy(std::slice::from_ref(&view), true) {
+            return self.resync(state, Some(&ep.id)).await;
+        }
+        debug!(endpoint = %ep.id, "no policy sees the endpoint; no resolution");
+        if state.endpoints.contains_key(&ep.id) {
+            state.set_pending(&view);
+        } else {
+            state.resolution.pending.remove(&ep.identity);
         }
         Ok(())
     }
@@ -598,7 +640,8 @@ impl<K: Kernel> Driver<K> {
                 state.networks.insert(net.id.clone(), net);
             }
         }
-        if state.policies.is_empty() {
+        // Only a selector's `network` reference looks at names.
+        if state.policies.is_empty() || !state.policies.names_networks() {
             return Ok(());
         }
         self.resync(&mut state, None).await
@@ -1235,7 +1278,7 @@ impl<K: Kernel> Driver<K> {
         // rules: resolve with it before its programs see a packet.
         state.endpoints.insert(ep.id.clone(), ep.clone());
         let mut commit = None;
-        let mut result = self.resync(&mut state, Some(&ep.id)).await;
+        let mut result = self.resync_added_or_removed(&mut state, &ep).await;
         if result.is_ok() {
             // An endpoint never carries traffic without its programs: no attach, no endpoint.
             // A pool link has them already: its map entries are written, then it goes up.
@@ -1550,7 +1593,7 @@ impl<K: Kernel> Driver<K> {
         }
         info!(host_veth = %ep.host_veth, "endpoint deleted");
         if !state.policies.is_empty()
-            && let Err(e) = self.resync(&mut state, None).await
+            && let Err(e) = self.resync_added_or_removed(&mut state, &ep).await
         {
             warn!(error = %e, "updating policy after endpoint removal");
         }
@@ -2221,11 +2264,37 @@ mod tests {
         assert!(!d.kernel().attached().contains_key(&names::host_veth(EID)));
     }
 
-    /// A container identity no policy selector can see (old or new) is recorded without a
-    /// full resolution; one a subject or peer selector sees, before or after, resolves. In
-    /// both cases the datapath ends as a full resync leaves it.
+    /// Runs `change`; whether it resolved the policies (applied them to the datapath). The
+    /// datapath must then be what a full resync (re-applying `yaml`) makes of it.
+    async fn resolves<T>(
+        d: &Driver<FakeKernel>,
+        yaml: &str,
+        change: impl Future<Output = T>,
+    ) -> bool {
+        let applies = d.kernel().policy_applies();
+        let _ = change.await;
+        let resolved = d.kernel().policy_applies() > applies;
+        let (attached, policy) = (d.kernel().attached(), d.kernel().policy());
+        let docs = crate::policy::parse_documents(yaml).unwrap();
+        d.apply_policies(docs).await.unwrap();
+        assert_eq!(
+            d.kernel().attached(),
+            attached,
+            "endpoints as a full resync has them"
+        );
+        assert_eq!(
+            d.kernel().policy(),
+            policy,
+            "policy as a full resync has it"
+        );
+        resolved
+    }
+
+    /// Endpoint changes no policy can see (no selector matches the endpoint before or after,
+    /// no CIDR peer covers its addresses) are made without a full resolution; others resolve.
+    /// In both cases the datapath ends as a full resync leaves it.
     #[tokio::test]
-    async fn identities_no_selector_sees_skip_the_resolution() {
+    async fn changes_no_policy_sees_skip_the_resolution() {
         use crate::datapath::layout::{EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED};
         let dir = tempfile::tempdir().unwrap();
         let d = driver(dir.path());
@@ -2233,40 +2302,29 @@ mod tests {
             .await
             .unwrap();
         let eid = |n: u32| format!("{n:06x}{}", "0".repeat(58));
+        let create =
+            |n: u32| d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", 10 + n)));
         for n in 0..3 {
-            d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", 10 + n)))
-                .await
-                .unwrap();
+            create(n).await.unwrap();
         }
-        let yaml = "name: db\nselector: {name: db-*}\ningress:\n  - action: allow\n    from:\n      - selector: {labels: {role: web}}\n      - cidr: 192.0.2.0/24\n";
-        let docs = || crate::policy::parse_documents(yaml).unwrap();
-        d.apply_policies(docs()).await.unwrap();
-        let identify = |n: u32, name: &'static str, labels: &[(&str, &str)]| {
-            let labels = labels
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect();
-            let d = &d;
-            async move {
-                let applies = d.kernel().policy_applies();
-                d.set_container(ContainerIdentity {
-                    endpoint_id: eid(n),
-                    container_id: format!("c{n}"),
-                    name: name.to_owned(),
-                    labels,
-                })
-                .await
-                .unwrap();
-                let resolved = d.kernel().policy_applies() > applies;
-                // What the datapath holds must be what a full resync makes of it.
-                let (attached, policy) = (d.kernel().attached(), d.kernel().policy());
-                d.apply_policies(docs()).await.unwrap();
-                assert_eq!(d.kernel().attached(), attached, "{name}: endpoints");
-                assert_eq!(d.kernel().policy(), policy, "{name}: policy");
-                resolved
-            }
+        let yaml = "name: db\nselector: {name: db-*}\ningress:\n  - action: allow\n    from:\n      - selector: {labels: {role: web}}\n      - cidr: 10.20.0.128/25\n";
+        d.apply_policies(crate::policy::parse_documents(yaml).unwrap())
+            .await
+            .unwrap();
+        let identify = |n: u32, name: &str, labels: &[(&str, &str)]| {
+            let identity = ContainerIdentity {
+                endpoint_id: eid(n),
+                container_id: format!("c{n}"),
+                name: name.to_owned(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            };
+            resolves(&d, yaml, async { d.set_container(identity).await.unwrap() })
         };
         let flags = |n: u32| d.kernel().attached()[&names::host_veth(&eid(n))].flags;
+        let entries = || d.kernel().policy().unwrap().entries.len();
         assert!((0..3).all(|n| flags(n) & EP_IDENTITY_PENDING != 0));
 
         assert!(identify(0, "db-1", &[]).await, "a subject resolves");
@@ -2274,7 +2332,7 @@ mod tests {
             flags(0) & (EP_INGRESS_ENFORCED | EP_IDENTITY_PENDING),
             EP_INGRESS_ENFORCED
         );
-        let rules = d.kernel().policy().unwrap().entries.len();
+        let rules = entries();
 
         assert!(
             !identify(1, "other", &[("role", "db")]).await,
@@ -2286,17 +2344,50 @@ mod tests {
             "known now"
         );
         assert!(!identify(1, "other-2", &[]).await, "renamed, still unseen");
-        assert_eq!(d.kernel().policy().unwrap().entries.len(), rules);
+        assert_eq!(entries(), rules);
 
         assert!(
             identify(2, "web-1", &[("role", "web")]).await,
             "a peer (new) resolves"
         );
-        assert_eq!(d.kernel().policy().unwrap().entries.len(), rules + 1);
+        assert_eq!(entries(), rules + 1);
         assert!(identify(2, "web-1", &[]).await, "a peer (old) resolves");
-        assert_eq!(d.kernel().policy().unwrap().entries.len(), rules);
+        assert_eq!(entries(), rules);
+
+        // Endpoints: 10.20.0.13 is outside the CIDR peer, 10.20.0.140 inside it.
+        assert!(!resolves(&d, yaml, async { create(3).await.unwrap() }).await);
+        assert_eq!(
+            flags(3) & EP_IDENTITY_PENDING,
+            EP_IDENTITY_PENDING,
+            "nameless"
+        );
+        assert!(resolves(&d, yaml, async { create(130).await.unwrap() }).await);
+        assert_eq!(entries(), rules + 1, "a peer through the CIDR");
+        let delete = |n: u32| {
+            let (d, id) = (&d, eid(n));
+            async move { d.delete_endpoint(NID, &id).await.unwrap() }
+        };
+        assert!(!resolves(&d, yaml, delete(3)).await);
+        assert!(resolves(&d, yaml, delete(130)).await);
+        assert_eq!(entries(), rules);
         assert!(identify(0, "web-2", &[]).await, "a subject (old) resolves");
         assert_eq!(flags(0) & EP_INGRESS_ENFORCED, 0);
+        assert!(!resolves(&d, yaml, delete(0)).await, "no longer selected");
+
+        // Network names matter only to selectors with a `network` reference.
+        let rename = |name: &str| {
+            let names = BTreeMap::from([(NID.to_owned(), name.to_owned())]);
+            async { d.set_network_names(names).await.unwrap() }
+        };
+        assert!(!resolves(&d, yaml, rename("appnet")).await);
+        let by_network =
+            format!("{yaml}---\nname: net\nselector: {{network: appnet}}\ningress: []\n");
+        d.apply_policies(crate::policy::parse_documents(&by_network).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(flags(1) & EP_INGRESS_ENFORCED, EP_INGRESS_ENFORCED);
+        assert!(resolves(&d, &by_network, rename("appnet2")).await);
+        assert_eq!(flags(1) & EP_INGRESS_ENFORCED, 0, "appnet2 is not selected");
     }
 
     #[tokio::test]

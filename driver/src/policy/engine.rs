@@ -517,28 +517,67 @@ impl PolicyEngine {
         out
     }
 
-    /// Whether some subject or peer selector of some policy may match `endpoint` (with the
-    /// networks of `networks` and the endpoint's own). When neither an endpoint's old nor
-    /// its new identity may match, the change cannot alter any rule, subject or enforced
-    /// direction: the driver then skips the full resolution. Errs towards `true`: an
-    /// ambiguous network ID prefix among all networks may be unique here.
+    /// The peers of every rule of `entry`.
+    fn peers(entry: &Entry) -> impl Iterator<Item = &CompiledPeer> {
+        [&entry.compiled.ingress, &entry.compiled.egress]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|rule| rule.peers.as_ref())
+            .flatten()
+    }
+
+    /// Every subject and peer selector of every policy.
+    fn selectors(&self) -> impl Iterator<Item = &Selector> {
+        self.policies.values().flat_map(|e| {
+            let peers = Self::peers(e).filter_map(|peer| match peer {
+                CompiledPeer::Selector(s) => Some(&**s),
+                CompiledPeer::Cidr { .. } => None,
+            });
+            std::iter::once(&e.selector).chain(peers)
+        })
+    }
+
+    /// Whether some subject or peer selector of some policy matches `endpoint` (`networks`:
+    /// every network; the index is then the one [`PolicyEngine::resolve`] builds). When
+    /// neither an endpoint's old nor its new identity matches, a change of its name or labels
+    /// alters no rule, subject or enforced direction: the driver then skips the resolution.
     #[must_use]
     pub fn could_select(&self, endpoint: &EndpointView, networks: &[NetworkView]) -> bool {
         let index = NetworkIndex::new(networks, std::slice::from_ref(endpoint));
         // Warnings are the full resolution's business.
-        let sees = |s: &Selector| {
+        self.selectors().any(|s| {
             BoundSelector::bind(s, &index, &mut Vec::new(), &String::new).matches(endpoint)
-        };
-        self.policies.values().any(|e| {
-            sees(&e.selector)
-                || [&e.compiled.ingress, &e.compiled.egress]
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter_map(|rule| rule.peers.as_ref())
-                    .flatten()
-                    .any(|peer| matches!(peer, CompiledPeer::Selector(s) if sees(s)))
         })
+    }
+
+    /// Whether some selector's network condition covers `endpoint`'s network: a nameless
+    /// endpoint there is pending ([`Resolution::pending`], as [`PolicyEngine::resolve`]
+    /// decides it).
+    #[must_use]
+    pub fn covers_network(&self, endpoint: &EndpointView, networks: &[NetworkView]) -> bool {
+        let index = NetworkIndex::new(networks, std::slice::from_ref(endpoint));
+        self.selectors().any(|s| {
+            BoundSelector::bind(s, &index, &mut Vec::new(), &String::new)
+                .network_matches(&endpoint.network_id)
+        })
+    }
+
+    /// Whether some CIDR peer contains one of `addresses` (its `except`s not considered: a
+    /// `true` too many only costs a resolution). An endpoint there is a peer of its rules.
+    #[must_use]
+    pub fn cidr_covers(&self, addresses: &[std::net::IpAddr]) -> bool {
+        !addresses.is_empty()
+            && self.policies.values().flat_map(Self::peers).any(|peer| {
+                matches!(peer, CompiledPeer::Cidr { net, .. }
+                    if addresses.iter().any(|a| net.contains(*a)))
+            })
+    }
+
+    /// Whether some selector names a network: only then can a network's name matter.
+    #[must_use]
+    pub fn names_networks(&self) -> bool {
+        self.selectors().any(|s| s.network.is_some())
     }
 
     /// Resolves the policies against the endpoints that exist now (all networks) and the
