@@ -509,8 +509,12 @@ impl<K: Kernel> Driver<K> {
     }
 
     /// [`Driver::resync`] after the container identity of endpoint `id` changed from
-    /// `previous`, without resolving when no policy selector sees the endpoint under its old
-    /// or its new identity ([`State::unseen_by_policy`]; its addresses did not change).
+    /// `previous`, without resolving when the compiled rules cannot change: no peer selector
+    /// matches the endpoint under its old or its new identity (its addresses, hence the CIDR
+    /// peers it is in, did not change), and the policy subjects in use stay the same (its new
+    /// set of selecting policies is another endpoint's already, and its old one remains
+    /// another endpoint's or was none). Then only its own subject, enforced directions and
+    /// pending flag change, written as one endpoint update.
     async fn resync_identity(
         &self,
         state: &mut State,
@@ -525,11 +529,49 @@ impl<K: Kernel> Driver<K> {
         };
         let old = EndpointView::new(&ep, ep.identity, previous);
         let new = EndpointView::new(&ep, ep.identity, ep.container.as_ref());
-        if !state.unseen_by_policy(&[old, new.clone()], false) {
+        let networks = state.network_views();
+        let (old_set, _) = state.policies.selection(&old, &networks);
+        let (new_set, enforcement) = state.policies.selection(&new, &networks);
+        let old_subject = state.resolution.subject(ep.identity);
+        let new_subject = if new_set.is_empty() {
+            Some(0)
+        } else {
+            state.subjects.get(&new_set)
+        };
+        let subjects_stay = |state: &State| {
+            // The subject this endpoint had must be the one of its old set ...
+            let held = if old_set.is_empty() {
+                0
+            } else {
+                state.subjects.get(&old_set).unwrap_or(u32::MAX)
+            };
+            held == old_subject
+                && (old_set == new_set
+                    // ... and, if it moves, its old one must stay in use by another endpoint.
+                    || old_subject == 0
+                    || state
+                        .resolution
+                        .subject_of
+                        .iter()
+                        .any(|(other, s)| *s == old_subject && *other != ep.identity))
+        };
+        let Some(new_subject) = new_subject.filter(|_| {
+            !state.unsynced
+                && subjects_stay(state)
+                && !state.policies.could_be_peer(&old, &networks)
+                && !state.policies.could_be_peer(&new, &networks)
+        }) else {
             return self.resync(state, None).await;
-        }
-        debug!(endpoint = %id, "no policy selector sees the endpoint; no resolution");
+        };
+        debug!(endpoint = %id, subject = new_subject, "rules unchanged; no resolution");
         let flags = state.datapath_flags(&ep);
+        if new_subject == 0 {
+            state.resolution.subject_of.remove(&ep.identity);
+            state.resolution.enforced.remove(&ep.identity);
+        } else {
+            state.resolution.subject_of.insert(ep.identity, new_subject);
+            state.resolution.enforced.insert(ep.identity, enforcement);
+        }
         state.set_pending(&new);
         if state.datapath_flags(&ep) != flags {
             self.kernel
@@ -2291,8 +2333,9 @@ mod tests {
     }
 
     /// Endpoint changes no policy can see (no selector matches the endpoint before or after,
-    /// no CIDR peer covers its addresses) are made without a full resolution; others resolve.
-    /// In both cases the datapath ends as a full resync leaves it.
+    /// no CIDR peer covers its addresses), and identities that only move the endpoint between
+    /// subjects that stay in use, are made without a full resolution; others resolve. In
+    /// both cases the datapath ends as a full resync leaves it.
     #[tokio::test]
     async fn changes_no_policy_sees_skip_the_resolution() {
         use crate::datapath::layout::{EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED};
@@ -2344,6 +2387,17 @@ mod tests {
             "known now"
         );
         assert!(!identify(1, "other-2", &[]).await, "renamed, still unseen");
+        assert_eq!(entries(), rules);
+        // Joining and leaving a subject that stays in use changes no rule.
+        let subject = |n: u32| d.kernel().attached()[&names::host_veth(&eid(n))].subject;
+        assert!(!identify(1, "db-2", &[]).await, "joins db-1's subject");
+        assert_eq!(flags(1) & EP_INGRESS_ENFORCED, EP_INGRESS_ENFORCED);
+        assert_eq!(subject(1), subject(0));
+        assert!(
+            !identify(1, "other-3", &[]).await,
+            "leaves it; db-1 keeps it"
+        );
+        assert_eq!((flags(1) & EP_INGRESS_ENFORCED, subject(1)), (0, 0));
         assert_eq!(entries(), rules);
 
         assert!(
