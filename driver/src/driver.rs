@@ -125,6 +125,9 @@ struct State {
     resolution: Resolution,
     /// Policy subjects, stable across resolutions (see [`SubjectIds`]).
     subjects: SubjectIds,
+    /// A resync failed after it began: `resolution` may not be what is in the datapath, so
+    /// the next change resyncs in full.
+    unsynced: bool,
     /// Endpoints of other hosts on this host's `mode=vxlan` networks, by endpoint ID.
     remote: BTreeMap<String, crate::cluster::EndpointLocation>,
     /// Endpoints whose links are being made outside the lock (CreateEndpoint), with the
@@ -183,6 +186,32 @@ impl State {
             && self.resolution.enforced.is_empty()
             && self.resolution.pending.is_empty()
             && self.resolution.subject_of.is_empty()
+    }
+
+    /// Whether a change of an endpoint, seen as `views` (before and/or after it), can be
+    /// left out of the policy resolution: no subject or peer selector matches any of them,
+    /// and (when the addresses change, `addressed`) no CIDR peer covers their addresses.
+    /// Then no rule, subject or enforced direction changes, only the endpoint's pending
+    /// flag ([`State::set_pending`]). Identities, addresses and the ipcache are the
+    /// endpoint's own datapath entry, written either way.
+    fn unseen_by_policy(&self, views: &[EndpointView], addressed: bool) -> bool {
+        let networks = self.network_views();
+        let seen = |v: &EndpointView| {
+            self.policies.could_select(v, &networks)
+                || (addressed && self.policies.cidr_covers(&v.addresses))
+        };
+        !self.unsynced && !views.iter().any(seen)
+    }
+
+    /// Sets the pending flag of `view` as a resolution would: nameless on a network some
+    /// selector covers.
+    fn set_pending(&mut self, view: &EndpointView) {
+        let networks = self.network_views();
+        if view.name.is_none() && self.policies.covers_network(view, &networks) {
+            self.resolution.pending.insert(view.identity);
+        } else {
+            self.resolution.pending.remove(&view.identity);
+        }
     }
 
     /// Keeps what the driver reads between resolutions (enforcement, pending, subjects) and
@@ -384,6 +413,7 @@ impl<K: Kernel> Driver<K> {
             policies: PolicyEngine::load(snap.policies)?,
             resolution: Resolution::default(),
             subjects: SubjectIds::default(),
+            unsynced: false,
             remote: BTreeMap::new(),
             creating: BTreeMap::new(),
         };
@@ -446,6 +476,7 @@ impl<K: Kernel> Driver<K> {
             .values()
             .map(|e| (e.id.clone(), state.datapath_flags(e)))
             .collect();
+        state.unsynced = true;
         let mut resolution = state.resolve();
         for w in &resolution.warnings {
             warn!(warning = %w, "policy");
@@ -459,6 +490,7 @@ impl<K: Kernel> Driver<K> {
         self.kernel.apply_policy(&compiled).await?;
         drop(compiled);
         state.keep_resolution(resolution);
+        state.unsynced = false;
         let mut first = None;
         for ep in state.endpoints.values() {
             if Some(ep.id.as_str()) == skip || before.get(&ep.id) == Some(&state.datapath_flags(ep))
@@ -474,6 +506,103 @@ impl<K: Kernel> Driver<K> {
         // policy), and a resync also follows endpoint and identity changes, not only applies.
         crate::memory::release_free_memory();
         first.map_or(Ok(()), |e| Err(e.into()))
+    }
+
+    /// [`Driver::resync`] after the container identity of endpoint `id` changed from
+    /// `previous`, without resolving when the compiled rules cannot change: no peer selector
+    /// matches the endpoint under its old or its new identity (its addresses, hence the CIDR
+    /// peers it is in, did not change), and the policy subjects in use stay the same (its new
+    /// set of selecting policies is another endpoint's already, and its old one remains
+    /// another endpoint's or was none). Then only its own subject, enforced directions and
+    /// pending flag change, written as one endpoint update.
+    async fn resync_identity(
+        &self,
+        state: &mut State,
+        id: &str,
+        previous: Option<&ContainerIdentity>,
+    ) -> Result<(), DriverError> {
+        if state.policy_free() {
+            return Ok(());
+        }
+        let Some(ep) = state.endpoints.get(id).cloned() else {
+            return self.resync(state, None).await;
+        };
+        let old = EndpointView::new(&ep, ep.identity, previous);
+        let new = EndpointView::new(&ep, ep.identity, ep.container.as_ref());
+        let networks = state.network_views();
+        let (old_set, _) = state.policies.selection(&old, &networks);
+        let (new_set, enforcement) = state.policies.selection(&new, &networks);
+        let old_subject = state.resolution.subject(ep.identity);
+        let new_subject = if new_set.is_empty() {
+            Some(0)
+        } else {
+            state.subjects.get(&new_set)
+        };
+        let subjects_stay = |state: &State| {
+            // The subject this endpoint had must be the one of its old set ...
+            let held = if old_set.is_empty() {
+                0
+            } else {
+                state.subjects.get(&old_set).unwrap_or(u32::MAX)
+            };
+            held == old_subject
+                && (old_set == new_set
+                    // ... and, if it moves, its old one must stay in use by another endpoint.
+                    || old_subject == 0
+                    || state
+                        .resolution
+                        .subject_of
+                        .iter()
+                        .any(|(other, s)| *s == old_subject && *other != ep.identity))
+        };
+        let Some(new_subject) = new_subject.filter(|_| {
+            !state.unsynced
+                && subjects_stay(state)
+                && !state.policies.could_be_peer(&old, &networks)
+                && !state.policies.could_be_peer(&new, &networks)
+        }) else {
+            return self.resync(state, None).await;
+        };
+        debug!(endpoint = %id, subject = new_subject, "rules unchanged; no resolution");
+        let flags = state.datapath_flags(&ep);
+        if new_subject == 0 {
+            state.resolution.subject_of.remove(&ep.identity);
+            state.resolution.enforced.remove(&ep.identity);
+        } else {
+            state.resolution.subject_of.insert(ep.identity, new_subject);
+            state.resolution.enforced.insert(ep.identity, enforcement);
+        }
+        state.set_pending(&new);
+        if state.datapath_flags(&ep) != flags {
+            self.kernel
+                .update_endpoint(&state.datapath_view(&ep))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// [`Driver::resync`] after endpoint `ep` was added to or removed from `state.endpoints`
+    /// (the caller writes its own datapath entry), without resolving when no policy sees it
+    /// ([`State::unseen_by_policy`]).
+    async fn resync_added_or_removed(
+        &self,
+        state: &mut State,
+        ep: &Endpoint,
+    ) -> Result<(), DriverError> {
+        if state.policy_free() {
+            return Ok(());
+        }
+        let view = EndpointView::new(ep, ep.identity, ep.container.as_ref());
+        if !state.unseen_by_policy(std::slice::from_ref(&view), true) {
+            return self.resync(state, Some(&ep.id)).await;
+        }
+        debug!(endpoint = %ep.id, "no policy sees the endpoint; no resolution");
+        if state.endpoints.contains_key(&ep.id) {
+            state.set_pending(&view);
+        } else {
+            state.resolution.pending.remove(&ep.identity);
+        }
+        Ok(())
     }
 
     /// Applies policy documents (all or nothing), persists them and updates the datapath.
@@ -553,7 +682,8 @@ impl<K: Kernel> Driver<K> {
                 state.networks.insert(net.id.clone(), net);
             }
         }
-        if state.policies.is_empty() {
+        // Only a selector's `network` reference looks at names.
+        if state.policies.is_empty() || !state.policies.names_networks() {
             return Ok(());
         }
         self.resync(&mut state, None).await
@@ -579,7 +709,9 @@ impl<K: Kernel> Driver<K> {
         let commit = self.store.submit(vec![Change::PutEndpoint(ep.clone())]);
         info!(endpoint = %ep.id, container = ?ep.container.as_ref().map(|c| &c.name), "container identity known");
         self.republish(&state, &ep.id).await;
-        let synced = self.resync(&mut state, None).await;
+        let synced = self
+            .resync_identity(&mut state, &ep.id, previous.as_ref())
+            .await;
         drop(state);
         if let Err(e) = commit.durable().await {
             let mut state = self.state.lock().await;
@@ -1188,7 +1320,7 @@ impl<K: Kernel> Driver<K> {
         // rules: resolve with it before its programs see a packet.
         state.endpoints.insert(ep.id.clone(), ep.clone());
         let mut commit = None;
-        let mut result = self.resync(&mut state, Some(&ep.id)).await;
+        let mut result = self.resync_added_or_removed(&mut state, &ep).await;
         if result.is_ok() {
             // An endpoint never carries traffic without its programs: no attach, no endpoint.
             // A pool link has them already, and so has a pair made inline (both attached
@@ -1523,7 +1655,7 @@ impl<K: Kernel> Driver<K> {
         }
         info!(host_veth = %ep.host_veth, "endpoint deleted");
         if !state.policies.is_empty()
-            && let Err(e) = self.resync(&mut state, None).await
+            && let Err(e) = self.resync_added_or_removed(&mut state, &ep).await
         {
             warn!(error = %e, "updating policy after endpoint removal");
         }
@@ -2203,6 +2335,144 @@ mod tests {
 
         d.delete_endpoint(NID, EID).await.unwrap();
         assert!(!d.kernel().attached().contains_key(&names::host_veth(EID)));
+    }
+
+    /// Runs `change`; whether it resolved the policies (applied them to the datapath). The
+    /// datapath must then be what a full resync (re-applying `yaml`) makes of it.
+    async fn resolves<T>(
+        d: &Driver<FakeKernel>,
+        yaml: &str,
+        change: impl Future<Output = T>,
+    ) -> bool {
+        let applies = d.kernel().policy_applies();
+        let _ = change.await;
+        let resolved = d.kernel().policy_applies() > applies;
+        let (attached, policy) = (d.kernel().attached(), d.kernel().policy());
+        let docs = crate::policy::parse_documents(yaml).unwrap();
+        d.apply_policies(docs).await.unwrap();
+        assert_eq!(
+            d.kernel().attached(),
+            attached,
+            "endpoints as a full resync has them"
+        );
+        assert_eq!(
+            d.kernel().policy(),
+            policy,
+            "policy as a full resync has it"
+        );
+        resolved
+    }
+
+    /// Endpoint changes no policy can see (no selector matches the endpoint before or after,
+    /// no CIDR peer covers its addresses), and identities that only move the endpoint between
+    /// subjects that stay in use, are made without a full resolution; others resolve. In
+    /// both cases the datapath ends as a full resync leaves it.
+    #[tokio::test]
+    async fn changes_no_policy_sees_skip_the_resolution() {
+        use crate::datapath::layout::{EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED};
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        let eid = |n: u32| format!("{n:06x}{}", "0".repeat(58));
+        let create =
+            |n: u32| d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", 10 + n)));
+        for n in 0..3 {
+            create(n).await.unwrap();
+        }
+        let yaml = "name: db\nselector: {name: db-*}\ningress:\n  - action: allow\n    from:\n      - selector: {labels: {role: web}}\n      - cidr: 10.20.0.128/25\n";
+        d.apply_policies(crate::policy::parse_documents(yaml).unwrap())
+            .await
+            .unwrap();
+        let identify = |n: u32, name: &str, labels: &[(&str, &str)]| {
+            let identity = ContainerIdentity {
+                endpoint_id: eid(n),
+                container_id: format!("c{n}"),
+                name: name.to_owned(),
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+            };
+            resolves(&d, yaml, async { d.set_container(identity).await.unwrap() })
+        };
+        let flags = |n: u32| d.kernel().attached()[&names::host_veth(&eid(n))].flags;
+        let entries = || d.kernel().policy().unwrap().entries.len();
+        assert!((0..3).all(|n| flags(n) & EP_IDENTITY_PENDING != 0));
+
+        assert!(identify(0, "db-1", &[]).await, "a subject resolves");
+        assert_eq!(
+            flags(0) & (EP_INGRESS_ENFORCED | EP_IDENTITY_PENDING),
+            EP_INGRESS_ENFORCED
+        );
+        let rules = entries();
+
+        assert!(
+            !identify(1, "other", &[("role", "db")]).await,
+            "nobody sees it"
+        );
+        assert_eq!(
+            flags(1) & (EP_INGRESS_ENFORCED | EP_IDENTITY_PENDING),
+            0,
+            "known now"
+        );
+        assert!(!identify(1, "other-2", &[]).await, "renamed, still unseen");
+        assert_eq!(entries(), rules);
+        // Joining and leaving a subject that stays in use changes no rule.
+        let subject = |n: u32| d.kernel().attached()[&names::host_veth(&eid(n))].subject;
+        assert!(!identify(1, "db-2", &[]).await, "joins db-1's subject");
+        assert_eq!(flags(1) & EP_INGRESS_ENFORCED, EP_INGRESS_ENFORCED);
+        assert_eq!(subject(1), subject(0));
+        assert!(
+            !identify(1, "other-3", &[]).await,
+            "leaves it; db-1 keeps it"
+        );
+        assert_eq!((flags(1) & EP_INGRESS_ENFORCED, subject(1)), (0, 0));
+        assert_eq!(entries(), rules);
+
+        assert!(
+            identify(2, "web-1", &[("role", "web")]).await,
+            "a peer (new) resolves"
+        );
+        assert_eq!(entries(), rules + 1);
+        assert!(identify(2, "web-1", &[]).await, "a peer (old) resolves");
+        assert_eq!(entries(), rules);
+
+        // Endpoints: 10.20.0.13 is outside the CIDR peer, 10.20.0.140 inside it.
+        assert!(!resolves(&d, yaml, async { create(3).await.unwrap() }).await);
+        assert_eq!(
+            flags(3) & EP_IDENTITY_PENDING,
+            EP_IDENTITY_PENDING,
+            "nameless"
+        );
+        assert!(resolves(&d, yaml, async { create(130).await.unwrap() }).await);
+        assert_eq!(entries(), rules + 1, "a peer through the CIDR");
+        let delete = |n: u32| {
+            let (d, id) = (&d, eid(n));
+            async move { d.delete_endpoint(NID, &id).await.unwrap() }
+        };
+        assert!(!resolves(&d, yaml, delete(3)).await);
+        assert!(resolves(&d, yaml, delete(130)).await);
+        assert_eq!(entries(), rules);
+        assert!(identify(0, "web-2", &[]).await, "a subject (old) resolves");
+        assert_eq!(flags(0) & EP_INGRESS_ENFORCED, 0);
+        assert!(!resolves(&d, yaml, delete(0)).await, "no longer selected");
+
+        // Network names matter only to selectors with a `network` reference.
+        let rename = |name: &str| {
+            let names = BTreeMap::from([(NID.to_owned(), name.to_owned())]);
+            async { d.set_network_names(names).await.unwrap() }
+        };
+        assert!(!resolves(&d, yaml, rename("appnet")).await);
+        let by_network =
+            format!("{yaml}---\nname: net\nselector: {{network: appnet}}\ningress: []\n");
+        d.apply_policies(crate::policy::parse_documents(&by_network).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(flags(1) & EP_INGRESS_ENFORCED, EP_INGRESS_ENFORCED);
+        assert!(resolves(&d, &by_network, rename("appnet2")).await);
+        assert_eq!(flags(1) & EP_INGRESS_ENFORCED, 0, "appnet2 is not selected");
     }
 
     #[tokio::test]

@@ -375,6 +375,8 @@ pub mod fake {
         policy: Mutex<Option<CompiledPolicy>>,
         /// `POLICY` entries written and removed so far, as a real kernel's diff would.
         policy_writes: Mutex<(usize, usize)>,
+        /// Calls of [`Kernel::apply_policy`] so far.
+        policy_applies: std::sync::atomic::AtomicUsize,
         nat: Mutex<Option<NatRuleset>>,
         ports: Mutex<BTreeMap<String, Vec<PortBinding>>>,
         taken: Mutex<Vec<(Proto, u16)>>,
@@ -434,6 +436,13 @@ pub mod fake {
         #[must_use]
         pub fn policy(&self) -> Option<CompiledPolicy> {
             self.policy.lock().ok().and_then(|p| p.clone())
+        }
+
+        /// Calls of [`Kernel::apply_policy`] so far (each follows a full resolution).
+        #[must_use]
+        pub fn policy_applies(&self) -> usize {
+            self.policy_applies
+                .load(std::sync::atomic::Ordering::Relaxed)
         }
 
         /// `POLICY` entries written (new or changed) and removed by every apply so far:
@@ -576,6 +585,8 @@ pub mod fake {
 
         async fn apply_policy(&self, compiled: &CompiledPolicy) -> Result<(), KernelError> {
             self.check("apply_policy")?;
+            self.policy_applies
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             if let Ok(mut p) = self.policy.lock() {
                 let old = p.take().unwrap_or_default();
                 let written = compiled

@@ -504,17 +504,114 @@ impl PolicyEngine {
     /// Enforced directions of one endpoint, without resolving everything.
     #[must_use]
     pub fn enforced(&self, endpoint: &EndpointView, networks: &[NetworkView]) -> Enforcement {
+        self.selection(endpoint, networks).1
+    }
+
+    /// The numbers of the policies selecting one endpoint (sorted: the set its subject
+    /// interns, see [`SubjectIds`]) and its enforced directions, without resolving everything.
+    #[must_use]
+    pub fn selection(
+        &self,
+        endpoint: &EndpointView,
+        networks: &[NetworkView],
+    ) -> (Vec<u32>, Enforcement) {
         let index = NetworkIndex::new(networks, std::slice::from_ref(endpoint));
         let mut warnings = Vec::new();
+        let mut set = Vec::new();
         let mut out = Enforcement::default();
         for e in self.policies.values() {
             let sel = BoundSelector::bind(&e.selector, &index, &mut warnings, &|| String::new());
             if sel.matches(endpoint) {
                 out.ingress |= e.compiled.ingress.is_some();
                 out.egress |= e.compiled.egress.is_some();
+                set.push(e.number);
             }
         }
-        out
+        set.sort_unstable();
+        (set, out)
+    }
+
+    /// The peers of every rule of `entry`.
+    fn peers(entry: &Entry) -> impl Iterator<Item = &CompiledPeer> {
+        [&entry.compiled.ingress, &entry.compiled.egress]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|rule| rule.peers.as_ref())
+            .flatten()
+    }
+
+    /// The peer selectors of every rule of `entry`.
+    fn peer_selectors(entry: &Entry) -> impl Iterator<Item = &Selector> {
+        Self::peers(entry).filter_map(|peer| match peer {
+            CompiledPeer::Selector(s) => Some(&**s),
+            CompiledPeer::Cidr { .. } => None,
+        })
+    }
+
+    /// Every subject and peer selector of every policy.
+    fn selectors(&self) -> impl Iterator<Item = &Selector> {
+        self.policies
+            .values()
+            .flat_map(|e| std::iter::once(&e.selector).chain(Self::peer_selectors(e)))
+    }
+
+    /// Whether some subject or peer selector of some policy matches `endpoint` (`networks`:
+    /// every network; the index is then the one [`PolicyEngine::resolve`] builds). When
+    /// neither an endpoint's old nor its new identity matches, a change of its name or labels
+    /// alters no rule, subject or enforced direction: the driver then skips the resolution.
+    #[must_use]
+    pub fn could_select(&self, endpoint: &EndpointView, networks: &[NetworkView]) -> bool {
+        Self::matching(self.selectors(), endpoint, networks)
+    }
+
+    /// [`PolicyEngine::could_select`] for peer selectors only: when neither identity of an
+    /// endpoint matches one, a change of its name or labels alters no rule's peers.
+    #[must_use]
+    pub fn could_be_peer(&self, endpoint: &EndpointView, networks: &[NetworkView]) -> bool {
+        let selectors = self.policies.values().flat_map(Self::peer_selectors);
+        Self::matching(selectors, endpoint, networks)
+    }
+
+    fn matching<'a>(
+        mut selectors: impl Iterator<Item = &'a Selector>,
+        endpoint: &EndpointView,
+        networks: &[NetworkView],
+    ) -> bool {
+        let index = NetworkIndex::new(networks, std::slice::from_ref(endpoint));
+        // Warnings are the full resolution's business.
+        selectors.any(|s| {
+            BoundSelector::bind(s, &index, &mut Vec::new(), &String::new).matches(endpoint)
+        })
+    }
+
+    /// Whether some selector's network condition covers `endpoint`'s network: a nameless
+    /// endpoint there is pending ([`Resolution::pending`], as [`PolicyEngine::resolve`]
+    /// decides it).
+    #[must_use]
+    pub fn covers_network(&self, endpoint: &EndpointView, networks: &[NetworkView]) -> bool {
+        let index = NetworkIndex::new(networks, std::slice::from_ref(endpoint));
+        self.selectors().any(|s| {
+            BoundSelector::bind(s, &index, &mut Vec::new(), &String::new)
+                .network_matches(&endpoint.network_id)
+        })
+    }
+
+    /// Whether some CIDR peer contains one of `addresses` (its `except`s not considered: a
+    /// `true` too many only costs a resolution). An endpoint there is a peer of its rules.
+    #[must_use]
+    pub fn cidr_covers(&self, addresses: &[std::net::IpAddr]) -> bool {
+        !addresses.is_empty()
+            && self.policies.values().flat_map(Self::peers).any(|peer| {
+                matches!(peer, CompiledPeer::Cidr { net, .. }
+                    if addresses.iter().any(|a| net.contains(*a)))
+            })
+    }
+
+    /// Whether some selector names a network: only then can a network's name matter.
+    #[must_use]
+    pub fn names_networks(&self) -> bool {
+        self.selectors().any(|s| s.network.is_some())
     }
 
     /// Resolves the policies against the endpoints that exist now (all networks) and the

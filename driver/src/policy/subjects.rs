@@ -58,6 +58,12 @@ impl SubjectIds {
         id
     }
 
+    /// The subject of the set `set` (sorted), if some endpoint has it.
+    #[must_use]
+    pub fn get(&self, set: &[u32]) -> Option<u32> {
+        self.by_set.get(set).copied()
+    }
+
     /// Forgets every subject not in `used`.
     pub fn retain(&mut self, used: &BTreeSet<u32>) {
         self.by_set.retain(|_, id| used.contains(id));
