@@ -639,9 +639,9 @@ fn cached_next_hops(lab: &Lab, h: usize) -> Vec<(String, String)> {
     );
     let bytes = |v: &Value| -> Vec<u8> {
         v.as_array()
-            .unwrap()
-            .iter()
-            .map(|b| u8::from_str_radix(b.as_str().unwrap().trim_start_matches("0x"), 16).unwrap())
+            .into_iter()
+            .flatten()
+            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
             .collect()
     };
     dump.as_array()
