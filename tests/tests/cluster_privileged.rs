@@ -6,6 +6,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use serde_json::{Value, json};
+use sluice_driver::datapath::LAYOUT_VERSION;
+use sluice_driver::datapath::layout::MAP_NEIGH;
 use sluice_tests::cluster::{Container, Lab, Tls, eventually, hex_id, ping};
 use sluice_tests::netns::require_root;
 
@@ -624,6 +626,42 @@ fn vxlan_packets(lab: &Lab, h: usize) -> (u64, u64) {
     (count("tx"), count("rx"))
 }
 
+/// Host `h`'s cached underlay next hops (`NEIGH`, `sluice_common::Neigh`): (VTEP address,
+/// next hop's MAC) pairs, both as `ip` prints them.
+fn cached_next_hops(lab: &Lab, h: usize) -> Vec<(String, String)> {
+    let map = lab.hosts[h]
+        .bpf
+        .join(format!("maps/v{LAYOUT_VERSION}/{MAP_NEIGH}"));
+    let dump = lab.json_in(
+        h,
+        "bpftool",
+        &["-j", "map", "dump", "pinned", &map.to_string_lossy()],
+    );
+    let bytes = |v: &Value| -> Vec<u8> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| u8::from_str_radix(b.as_str()?.trim_start_matches("0x"), 16).ok())
+            .collect()
+    };
+    dump.as_array()
+        .unwrap_or_else(|| panic!("no {map:?}: {dump}"))
+        .iter()
+        .map(|e| {
+            // Key: `neigh_key` (u64, host order = little endian): the VTEP in the low half.
+            let (k, v) = (bytes(&e["key"]), bytes(&e["value"]));
+            let vtep = format!("{}.{}.{}.{}", k[3], k[2], k[1], k[0]);
+            // Value: checked_ns (8), ifindex (4), dmac (6).
+            let mac = v[12..18]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":");
+            (vtep, mac)
+        })
+        .collect()
+}
+
 /// With the fast path the programs encapsulate and decapsulate VXLAN themselves: a ping
 /// between containers on two hosts crosses neither VXLAN device, in either direction, and
 /// the receiver's ingress policy and counters still apply. What they put on the wire is what
@@ -678,6 +716,18 @@ fn vxlan_fast_path_encapsulates_in_the_program_and_interoperates_with_kernel_vxl
         );
     }
     assert!(allowed(&lab) - counted >= 50, "not counted as db's ingress");
+    // The sender's program keeps the next hop towards host 1 (its underlay MAC) instead of
+    // asking the FIB for every packet.
+    let mac = lab.json_in(1, "ip", &["-j", "link", "show", "eth0"])[0]["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let hops = cached_next_hops(&lab, 0);
+    assert!(
+        hops.contains(&(lab.hosts[1].addr.clone(), mac.clone())),
+        "host 0's NEIGH {hops:?} lacks host 1 ({}, {mac})",
+        lab.hosts[1].addr
+    );
 
     // Ingress policy where the program decapsulates.
     let file = lab.dir.path().join("db.yaml");

@@ -53,12 +53,13 @@ use aya::programs::{
 use aya::{Ebpf, EbpfLoader};
 use ipnetwork::IpNetwork;
 use sluice_common::{
-    CounterKey, CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, EndpointInfo,
+    CounterKey, CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, Decap, EndpointInfo,
     IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_BRIDGED, MAP_CONNTRACK,
     MAP_COUNTERS, MAP_DECAP, MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_LOCAL,
-    MAP_NAMES, MAP_OVERLAY, MAP_POLICY, MAP_SETTINGS, MAP_TUNNELS, MAP_VTEPS, PROG_EGRESS,
-    PROG_INGRESS, PROG_OVERLAY, PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS, PROG_UNDERLAY,
-    PolicyKey, PolicyValue, Settings, Tunnel, VERDICT_ALLOW, VERDICT_DENY, Vtep, decap_key,
+    MAP_NAMES, MAP_NEIGH, MAP_OVERLAY, MAP_POLICY, MAP_SETTINGS, MAP_TUNNELS, MAP_VTEPS, Neigh,
+    PROG_EGRESS, PROG_INGRESS, PROG_OVERLAY, PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS,
+    PROG_UNDERLAY, PolicyKey, PolicyValue, Settings, Tunnel, VERDICT_ALLOW, VERDICT_DENY, Vtep,
+    decap_key,
 };
 use tracing::{debug, info};
 
@@ -74,7 +75,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Default pin directory (on the host's bpffs).
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
 /// Version of the map layouts in `sluice-common`; bump on any layout change.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// `statfs` magic of bpffs (`BPF_FS_MAGIC`, include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
@@ -515,7 +516,8 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
             size(size_of::<IpKey>()),
             size(size_of::<Vtep>()),
         ),
-        MAP_DECAP => (MapType::Hash, 8, 4),
+        MAP_DECAP => (MapType::Hash, 8, size(size_of::<Decap>())),
+        MAP_NEIGH => (MapType::LruHash, 8, size(size_of::<Neigh>())),
         MAP_SETTINGS => (MapType::Array, 4, size(size_of::<Settings>())),
         MAP_EVENT_RATE => (
             MapType::PerCpuArray,
@@ -535,7 +537,7 @@ pub struct Datapath {
     overlay: HashMap<MapData, u32, u32>,
     tunnels: HashMap<MapData, u32, Tunnel>,
     vteps: HashMap<MapData, IpKey, Vtep>,
-    decap: HashMap<MapData, u64, u32>,
+    decap: HashMap<MapData, u64, Decap>,
     fast_path: bool,
     ipcache: LpmTrie<MapData, IpKey, IpInfo>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
@@ -845,7 +847,14 @@ impl Datapath {
             if tunnel.underlay != 0 {
                 let underlay = interface_name(tunnel.underlay)?;
                 self.decap
-                    .insert(decap_key(tunnel.port, tunnel.vni), network, 0)
+                    .insert(
+                        decap_key(tunnel.port, tunnel.vni),
+                        Decap {
+                            network,
+                            local: tunnel.local,
+                        },
+                        0,
+                    )
                     .map_err(map_err(format!("set decap of {network}"), MAP_DECAP))?;
                 self.attach_hooks(tunnel.underlay, Some(&underlay), &UNDERLAY_HOOKS)?;
             }

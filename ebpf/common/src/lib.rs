@@ -63,7 +63,8 @@ pub const MAP_TUNNELS: &str = "TUNNELS";
 /// (network, host's tunnel address). Hash. What the VXLAN device's forwarding database says,
 /// keyed by address for the fast path.
 pub const MAP_VTEPS: &str = "VTEPS";
-/// Map: [`decap_key`] (UDP port, VNI) → the network's number (`u32`). Hash.
+/// Map: [`decap_key`] (UDP port, VNI) → [`Decap`] (the network's number and this host's
+/// tunnel address, so the underlay's program needs one lookup, not two). Hash.
 /// [`PROG_UNDERLAY`] on the underlay strips VXLAN packets of these tunnels itself.
 pub const MAP_DECAP: &str = "DECAP";
 /// Program for the **TCX ingress** hook of the underlay device of `mode=vxlan` networks: a
@@ -107,11 +108,54 @@ pub struct Vtep {
 }
 const _: () = assert!(size_of::<Vtep>() == 8);
 
+/// Value of [`MAP_DECAP`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Decap {
+    /// The network's number (local).
+    pub network: u32,
+    /// This host's tunnel address (IPv4, network order): [`Tunnel::local`].
+    pub local: [u8; 4],
+}
+const _: () = assert!(size_of::<Decap>() == 8);
+
 /// Key of [`MAP_DECAP`].
 #[must_use]
 pub const fn decap_key(port: u16, vni: u32) -> u64 {
     ((port as u64) << 32) | (vni as u64)
 }
+/// Map: [`neigh_key`] (underlay ifindex, VTEP address) → [`Neigh`]. LRU hash, kernel-only: the
+/// sender's program caches the underlay route's next hop (MACs, device) that `bpf_fib_lookup`
+/// returned, so that a packet of a busy tunnel does not pay for a FIB and a neighbour lookup;
+/// an entry older than [`NEIGH_TTL_NS`] is looked up again (a route or neighbour change is
+/// seen within that time).
+pub const MAP_NEIGH: &str = "NEIGH";
+
+/// Value of [`MAP_NEIGH`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct Neigh {
+    /// `bpf_ktime_get_ns()` of the FIB lookup that filled the entry.
+    pub checked_ns: u64,
+    /// Device the route leaves through.
+    pub ifindex: u32,
+    /// Next hop's MAC.
+    pub dmac: [u8; 6],
+    /// The device's MAC.
+    pub smac: [u8; 6],
+}
+const _: () = assert!(size_of::<Neigh>() == 24);
+
+/// Key of [`MAP_NEIGH`].
+#[must_use]
+pub const fn neigh_key(underlay: u32, vtep: [u8; 4]) -> u64 {
+    ((underlay as u64) << 32) | (u32::from_be_bytes(vtep) as u64)
+}
+/// How long a [`MAP_NEIGH`] entry is trusted (100 ms).
+pub const NEIGH_TTL_NS: u64 = 100_000_000;
+/// Default `max_entries` of [`MAP_NEIGH`] (VTEPs, not endpoints).
+pub const DEFAULT_MAX_NEIGH: u32 = 4_096;
+
 /// Default `max_entries` of [`MAP_BRIDGED`].
 pub const DEFAULT_MAX_BRIDGED: u32 = 16_384;
 /// Default `max_entries` of [`MAP_OVERLAY`], [`MAP_TUNNELS`] and [`MAP_DECAP`].
@@ -121,7 +165,7 @@ pub const DEFAULT_MAX_VTEPS: u32 = 65_536;
 // --- end fast path ---
 
 /// Every map the object defines, in a fixed order.
-pub const MAP_NAMES: [&str; 14] = [
+pub const MAP_NAMES: [&str; 15] = [
     MAP_ENDPOINTS,
     MAP_IPCACHE,
     MAP_POLICY,
@@ -136,6 +180,7 @@ pub const MAP_NAMES: [&str; 14] = [
     MAP_TUNNELS,
     MAP_VTEPS,
     MAP_DECAP,
+    MAP_NEIGH,
 ];
 
 /// Program for the **ingress** hook (`clsact`, a `cls_bpf` filter) of an endpoint's host-side
@@ -576,8 +621,8 @@ const _: () = assert!(size_of::<RateState>() == 24);
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        CounterKey, CounterValue, CtKey, CtValue, DropEvent, EndpointInfo, IpInfo, IpKey,
-        PolicyKey, PolicyValue, RateState, Settings, Tunnel, Vtep,
+        CounterKey, CounterValue, CtKey, CtValue, Decap, DropEvent, EndpointInfo, IpInfo, IpKey,
+        Neigh, PolicyKey, PolicyValue, RateState, Settings, Tunnel, Vtep,
     };
 
     // SAFETY: `aya::Pod` requires a `Copy + 'static` type that is valid for every bit pattern
@@ -594,6 +639,10 @@ mod pod {
     unsafe impl aya::Pod for Tunnel {}
     // SAFETY: as above.
     unsafe impl aya::Pod for Vtep {}
+    // SAFETY: as above (u32, [u8; 4]; asserted).
+    unsafe impl aya::Pod for Decap {}
+    // SAFETY: as above (u64, u32, [u8; 6], [u8; 6]; asserted 24 bytes).
+    unsafe impl aya::Pod for Neigh {}
     // SAFETY: as above (u32, u32, u8, u8, [u8; 2]; asserted 12 bytes).
     unsafe impl aya::Pod for PolicyKey {}
     // SAFETY: as above (two u32s; asserted).

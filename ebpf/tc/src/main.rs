@@ -79,14 +79,14 @@ mod programs {
     use sluice_common::{
         CounterKey, CounterValue, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_BYTES,
         DEFAULT_EVENTS_PER_SEC, DEFAULT_MAX_BRIDGED, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_COUNTERS,
-        DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_IPCACHE, DEFAULT_MAX_OVERLAY, DEFAULT_MAX_POLICY,
-        DEFAULT_MAX_VTEPS, DIR_EGRESS, DIR_INGRESS, DropEvent, EP_EGRESS_ENFORCED,
-        EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK, EndpointInfo,
-        FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, IpInfo, IpKey, POLICY_PREFIX_FULL, PROTO_ICMP,
-        PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue, REASON_DEFAULT_DENY,
-        REASON_IDENTITY_PENDING, REASON_ISOLATION, REASON_MALFORMED, REASON_NOT_IP,
-        REASON_POLICY_DENY, REASON_SPOOFED, RateState, Settings, Tunnel, VERDICT_ALLOW,
-        VERDICT_DENY, Vtep, decap_key,
+        DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_IPCACHE, DEFAULT_MAX_NEIGH, DEFAULT_MAX_OVERLAY,
+        DEFAULT_MAX_POLICY, DEFAULT_MAX_VTEPS, DIR_EGRESS, DIR_INGRESS, Decap, DropEvent,
+        EP_EGRESS_ENFORCED, EP_IDENTITY_PENDING, EP_INGRESS_ENFORCED, EP_ISOLATE, EP_SOURCE_CHECK,
+        EndpointInfo, FAMILY_V4, IDENTITY_ANY, IDENTITY_WORLD, IpInfo, IpKey, NEIGH_TTL_NS, Neigh,
+        POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
+        REASON_DEFAULT_DENY, REASON_IDENTITY_PENDING, REASON_ISOLATION, REASON_MALFORMED,
+        REASON_NOT_IP, REASON_POLICY_DENY, REASON_SPOOFED, RateState, Settings, Tunnel,
+        VERDICT_ALLOW, VERDICT_DENY, Vtep, decap_key, neigh_key,
     };
 
     use crate::packet::{ETH_HLEN, Frame, Packet, parse};
@@ -131,9 +131,14 @@ mod programs {
     #[map]
     static VTEPS: HashMap<IpKey, Vtep> = HashMap::with_max_entries(DEFAULT_MAX_VTEPS, 0);
 
-    /// `decap_key(port, VNI)` → network number: the tunnels `sluice_underlay` decapsulates.
+    /// `neigh_key(underlay, VTEP)` → the underlay's next hop, cached for `encapsulate`.
     #[map]
-    static DECAP: HashMap<u64, u32> = HashMap::with_max_entries(DEFAULT_MAX_OVERLAY, 0);
+    static NEIGH: LruHashMap<u64, Neigh> = LruHashMap::with_max_entries(DEFAULT_MAX_NEIGH, 0);
+
+    /// `decap_key(port, VNI)` → network number and local tunnel address: the tunnels
+    /// `sluice_underlay` decapsulates.
+    #[map]
+    static DECAP: HashMap<u64, Decap> = HashMap::with_max_entries(DEFAULT_MAX_OVERLAY, 0);
     // --- end fast path ---
 
     #[map]
@@ -357,24 +362,8 @@ mod programs {
         if ip_len > tunnel.mtu as usize || ip_len > 0xffff {
             return NOT_FAST;
         }
-        // SAFETY: an all-zero `bpf_fib_lookup` is a valid value of this plain C struct.
-        let mut fib: FibLookup = unsafe { core::mem::zeroed() };
-        fib.family = AF_INET;
-        fib.l4_protocol = IPPROTO_UDP;
-        fib.dport = tunnel.port.to_be();
-        fib.ifindex = tunnel.underlay;
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(tunnel.local);
-        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(vtep);
-        // SAFETY: `fib` is a live, correctly sized `bpf_fib_lookup`; `skb` is the context.
-        let rc = unsafe {
-            bpf_fib_lookup(
-                skb.cast(),
-                &mut fib,
-                core::mem::size_of::<FibLookup>() as i32,
-                BPF_FIB_LOOKUP_OUTPUT,
-            )
-        };
-        if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != tunnel.underlay {
+        let mut hop = Neigh::default();
+        if !next_hop(skb, tunnel, vtep, &mut hop) {
             return NOT_FAST;
         }
         let Ok(inner_eth) = ctx.load::<[u8; ETH_HLEN]>(0) else {
@@ -394,8 +383,8 @@ mod programs {
         let id = unsafe { bpf_get_prandom_u32() } as u16;
 
         let mut h = [0u8; ETH_HLEN + VXLAN_ROOM];
-        h[0..6].copy_from_slice(&fib.dmac);
-        h[6..12].copy_from_slice(&fib.smac);
+        h[0..6].copy_from_slice(&hop.dmac);
+        h[6..12].copy_from_slice(&hop.smac);
         h[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
         let ip = ETH_HLEN;
         h[ip] = 0x45;
@@ -435,6 +424,60 @@ mod programs {
         // SAFETY: bpf_redirect only records the target device; the kernel transmits there.
         let action = unsafe { bpf_redirect(tunnel.underlay, 0) };
         i32::try_from(action).unwrap_or(TC_ACT_SHOT)
+    }
+
+    /// The next hop towards `vtep` out of the tunnel's underlay, into `hop`: from `NEIGH` while
+    /// the entry is younger than [`NEIGH_TTL_NS`], else from `bpf_fib_lookup` (a route and a
+    /// resolved neighbour), which refreshes the entry. False when the route does not leave
+    /// through the underlay or the neighbour is not resolved. Not inlined: the lookup's
+    /// struct gets a stack frame of its own.
+    #[inline(never)]
+    fn next_hop(
+        skb: *mut aya_ebpf::bindings::__sk_buff,
+        tunnel: &Tunnel,
+        vtep: [u8; 4],
+        hop: &mut Neigh,
+    ) -> bool {
+        let key = neigh_key(tunnel.underlay, vtep);
+        // SAFETY: bpf_ktime_get_ns has no preconditions.
+        let now = unsafe { bpf_ktime_get_ns() };
+        // SAFETY: a read of this program's own map; the value stays valid for the run (RCU)
+        // and is copied out at once.
+        if let Some(cached) = unsafe { NEIGH.get(&key) }
+            && now.saturating_sub(cached.checked_ns) < NEIGH_TTL_NS
+        {
+            *hop = *cached;
+            return true;
+        }
+        // SAFETY: an all-zero `bpf_fib_lookup` is a valid value of this plain C struct.
+        let mut fib: FibLookup = unsafe { core::mem::zeroed() };
+        fib.family = AF_INET;
+        fib.l4_protocol = IPPROTO_UDP;
+        fib.dport = tunnel.port.to_be();
+        fib.ifindex = tunnel.underlay;
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes(tunnel.local);
+        fib.__bindgen_anon_4.ipv4_dst = u32::from_ne_bytes(vtep);
+        // SAFETY: `fib` is a live, correctly sized `bpf_fib_lookup`; `skb` is the context.
+        let rc = unsafe {
+            bpf_fib_lookup(
+                skb.cast(),
+                &mut fib,
+                core::mem::size_of::<FibLookup>() as i32,
+                BPF_FIB_LOOKUP_OUTPUT,
+            )
+        };
+        if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != tunnel.underlay {
+            return false;
+        }
+        *hop = Neigh {
+            checked_ns: now,
+            ifindex: fib.ifindex,
+            dmac: fib.dmac,
+            smac: fib.smac,
+        };
+        // An LRU map evicts instead of failing; a lost entry only costs the next lookup.
+        let _ignored = NEIGH.insert(&key, &*hop, u64::from(BPF_ANY));
+        true
     }
 
     /// The ones' complement sum of the 20-byte IPv4 header at `h[at..]`: its checksum is the
@@ -570,14 +613,10 @@ mod programs {
         let port = u16::from_be_bytes([h[udp + 2], h[udp + 3]]);
         let vni = u32::from_be_bytes([0, h[vx + 4], h[vx + 5], h[vx + 6]]);
         // SAFETY: reads of this program's own maps; the values stay valid for the run (RCU).
-        let Some(&network) = (unsafe { DECAP.get(&decap_key(port, vni)) }) else {
+        let Some(&Decap { network, local }) = (unsafe { DECAP.get(&decap_key(port, vni)) }) else {
             return NOT_FAST;
         };
-        // SAFETY: as above.
-        let Some(tunnel) = (unsafe { TUNNELS.get(&network) }) else {
-            return NOT_FAST;
-        };
-        if h[ip + 16..ip + 20] != tunnel.local {
+        if h[ip + 16..ip + 20] != local {
             return NOT_FAST;
         }
         let mut pkt = Packet::EMPTY;
