@@ -1088,8 +1088,16 @@ fn traffic_policy_counters_events_and_detach() {
     let t = Topology::build();
     assert!(pings(&t.c1, C2, 1), "no connectivity before the datapath");
 
+    // What a daemon of an older layout left pinned is unpinned at load.
+    let old_layout = bpffs.path().join(format!("maps/v{}", LAYOUT_VERSION - 1));
+    std::fs::create_dir_all(&old_layout).unwrap();
     let rt = current_thread_runtime();
     let mut dp = Datapath::load(&DatapathConfig::pinned(bpffs.path())).unwrap();
+    assert!(
+        !old_layout.exists(),
+        "{} still pinned",
+        old_layout.display()
+    );
     let mut events = rt.block_on(async { dp.drop_events() }).unwrap();
     register(&mut dp, &t);
     dp.attach(t.h1).unwrap();

@@ -61,7 +61,7 @@ use sluice_common::{
     PROG_UNDERLAY, PolicyKey, PolicyValue, Settings, Tunnel, VERDICT_ALLOW, VERDICT_DENY, Vtep,
     decap_key,
 };
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::link::{self, BpfFilter, TcHook, TcSlot};
 
@@ -309,6 +309,29 @@ impl Pins {
     fn link(&self, ifindex: u32, program: &str) -> PathBuf {
         // No dots: bpffs reserves names with a dot (EPERM, kernel/bpf/inode.c bpf_lookup).
         self.links().join(format!("{ifindex}_{program}"))
+    }
+}
+
+/// Unpins the maps of other layout versions (`maps/v<N>`) a daemon of another build left.
+/// Their pins are only references: programs still attached keep their maps until this
+/// daemon's programs replace them, then the kernel frees them. Best effort (logged).
+fn remove_old_layouts(maps: &Path) {
+    let current = format!("v{LAYOUT_VERSION}");
+    let Ok(dirs) = std::fs::read_dir(maps) else {
+        return;
+    };
+    for dir in dirs.flatten() {
+        let name = dir.file_name();
+        let name = name.to_string_lossy();
+        if name == current || !name.starts_with('v') {
+            continue;
+        }
+        match std::fs::remove_dir_all(dir.path()) {
+            Ok(()) => info!(layout = %name, "unpinned the maps of an older layout"),
+            Err(e) => {
+                warn!(layout = %name, error = %e, "could not unpin the maps of another layout")
+            }
+        }
     }
 }
 
@@ -625,6 +648,7 @@ impl Datapath {
             for dir in [p.maps(), p.progs(), p.links()] {
                 mkdir(&dir)?;
             }
+            remove_old_layouts(&p.root.join("maps"));
             for name in MAP_NAMES {
                 loader.map_pin_path(name, p.maps().join(name));
             }
