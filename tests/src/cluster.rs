@@ -642,6 +642,21 @@ impl Lab {
             .unwrap_or_else(|e| panic!("sluice cli: {e}"))
     }
 
+    /// `sluice policy apply` of the YAML `doc` on host `h` (written to the lab's directory).
+    ///
+    /// # Panics
+    /// When the CLI fails.
+    pub fn apply_policy(&self, h: usize, doc: &str) {
+        let file = self.dir.path().join(format!("policy-{h}.yaml"));
+        std::fs::write(&file, doc).unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+        let applied = self.cli(h, &["policy", "apply", "-f", &file.to_string_lossy()]);
+        assert!(
+            applied.status.success(),
+            "sluice policy apply: {}",
+            String::from_utf8_lossy(&applied.stderr)
+        );
+    }
+
     /// JSON of `ip -j` / `bridge -j` run in host `h`.
     #[must_use]
     pub fn json_in(&self, h: usize, program: &str, args: &[&str]) -> Value {

@@ -188,14 +188,7 @@ fn vxlan_across_three_hosts() {
 
     // A policy applied once (on host 0) is enforced on every host: db (host 1) accepts web
     // (host 0) and no longer `other` (host 2).
-    let file = lab.dir.path().join("db.yaml");
-    std::fs::write(&file, POLICY).unwrap();
-    let applied = lab.cli(0, &["policy", "apply", "-f", &file.to_string_lossy()]);
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    lab.apply_policy(0, POLICY);
     assert!(
         eventually(SETTLE, || String::from_utf8_lossy(
             &lab.cli(2, &["policy", "ls"]).stdout
@@ -585,14 +578,7 @@ fn vxlan_overlay_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
     assert!(allowed(&lab) - counted >= 50, "not counted as db's ingress");
 
     // The receiver's ingress policy decides on the fast path.
-    let file = lab.dir.path().join("db.yaml");
-    std::fs::write(&file, POLICY).unwrap();
-    let applied = lab.cli(0, &["policy", "apply", "-f", &file.to_string_lossy()]);
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    lab.apply_policy(0, POLICY);
     assert!(
         eventually(SETTLE, || !ping(&other, &db)),
         "policy not enforced for a remote peer on the fast path"
@@ -730,14 +716,7 @@ fn vxlan_fast_path_encapsulates_in_the_program_and_interoperates_with_kernel_vxl
     );
 
     // Ingress policy where the program decapsulates.
-    let file = lab.dir.path().join("db.yaml");
-    std::fs::write(&file, POLICY).unwrap();
-    let applied = lab.cli(0, &["policy", "apply", "-f", &file.to_string_lossy()]);
-    assert!(
-        applied.status.success(),
-        "{}",
-        String::from_utf8_lossy(&applied.stderr)
-    );
+    lab.apply_policy(0, POLICY);
     assert!(
         eventually(SETTLE, || !ping(&other, &db)),
         "policy not enforced on decapsulation"

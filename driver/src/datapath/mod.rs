@@ -312,6 +312,14 @@ impl Pins {
     }
 }
 
+/// Removes every entry of `map` (best effort: an entry that cannot be removed stays).
+fn clear_map<K: aya::Pod, V: aya::Pod>(map: &mut HashMap<MapData, K, V>) {
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for key in keys {
+        let _ = map.remove(&key);
+    }
+}
+
 /// Unpins the maps of other layout versions (`maps/v<N>`) a daemon of another build left.
 /// Their pins are only references: programs still attached keep their maps until this
 /// daemon's programs replace them, then the kernel frees them. Best effort (logged).
@@ -754,26 +762,11 @@ impl Datapath {
         datapath.set_settings(config.settings)?;
         if !datapath.fast_path {
             // Adopted pins may hold entries of a run with the fast path on.
-            let keys: Vec<IpKey> = datapath.local.keys().filter_map(Result::ok).collect();
-            for key in keys {
-                let _ = datapath.local.remove(&key);
-            }
-            let devices: Vec<u32> = datapath.overlay.keys().filter_map(Result::ok).collect();
-            for device in devices {
-                let _ = datapath.overlay.remove(&device);
-            }
-            let networks: Vec<u32> = datapath.tunnels.keys().filter_map(Result::ok).collect();
-            for network in networks {
-                let _ = datapath.tunnels.remove(&network);
-            }
-            let addresses: Vec<IpKey> = datapath.vteps.keys().filter_map(Result::ok).collect();
-            for address in addresses {
-                let _ = datapath.vteps.remove(&address);
-            }
-            let tunnels: Vec<u64> = datapath.decap.keys().filter_map(Result::ok).collect();
-            for tunnel in tunnels {
-                let _ = datapath.decap.remove(&tunnel);
-            }
+            clear_map(&mut datapath.local);
+            clear_map(&mut datapath.overlay);
+            clear_map(&mut datapath.tunnels);
+            clear_map(&mut datapath.vteps);
+            clear_map(&mut datapath.decap);
         }
         info!(
             fast_path = config.fast_path,
