@@ -500,6 +500,23 @@ fn tx_packets(lab: &Lab, h: usize, veth: &str) -> u64 {
 }
 
 /// `ping -c COUNT` from `from` to `to`, fast.
+/// Applies [`POLICY`] on host 0 and waits until `db` refuses `other` (`refused`: what a
+/// failure means) while still answering `web`.
+fn apply_db_policy(lab: &Lab, web: &Container, db: &Container, other: &Container, refused: &str) {
+    lab.apply_policy(0, POLICY);
+    assert!(eventually(SETTLE, || !ping(other, db)), "{refused}");
+    assert!(ping(web, db), "allowed remote peer blocked");
+}
+
+/// Restarts host `h`'s daemon with `--fast-path=false` and waits until `web` reaches `db`.
+fn restart_without_fast_path(lab: &mut Lab, h: usize, web: &Container, db: &Container) {
+    lab.kill_daemon(h);
+    lab.hosts[h].flags = vec!["--fast-path=false".into()];
+    lab.start_daemon(h)
+        .unwrap_or_else(|e| panic!("host {h} did not start again: {e:#}"));
+    assert!(eventually(SETTLE, || ping(web, db)));
+}
+
 fn ping_burst(from: &Container, to: &Container, count: u32) -> bool {
     let ip = ip_of(to);
     let count = count.to_string();
@@ -578,18 +595,16 @@ fn vxlan_overlay_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
     assert!(allowed(&lab) - counted >= 50, "not counted as db's ingress");
 
     // The receiver's ingress policy decides on the fast path.
-    lab.apply_policy(0, POLICY);
-    assert!(
-        eventually(SETTLE, || !ping(&other, &db)),
-        "policy not enforced for a remote peer on the fast path"
+    apply_db_policy(
+        &lab,
+        &web,
+        &db,
+        &other,
+        "policy not enforced for a remote peer on the fast path",
     );
-    assert!(ping(&web, &db), "allowed remote peer blocked");
 
     // Fast path off on host 1: the same traffic crosses the bridge.
-    lab.kill_daemon(1);
-    lab.hosts[1].flags = vec!["--fast-path=false".into()];
-    lab.start_daemon(1).unwrap();
-    assert!(eventually(SETTLE, || ping(&web, &db)));
+    restart_without_fast_path(&mut lab, 1, &web, &db);
     let tx = tx_packets(&lab, 1, &veth);
     assert!(ping_burst(&web, &db, 50));
     assert!(
@@ -716,19 +731,17 @@ fn vxlan_fast_path_encapsulates_in_the_program_and_interoperates_with_kernel_vxl
     );
 
     // Ingress policy where the program decapsulates.
-    lab.apply_policy(0, POLICY);
-    assert!(
-        eventually(SETTLE, || !ping(&other, &db)),
-        "policy not enforced on decapsulation"
+    apply_db_policy(
+        &lab,
+        &web,
+        &db,
+        &other,
+        "policy not enforced on decapsulation",
     );
-    assert!(ping(&web, &db), "allowed remote peer blocked");
 
     // Host 1 without the fast path: its kernel VXLAN device decodes host 0's packets and
     // encapsulates the replies, which host 0's program decapsulates.
-    lab.kill_daemon(1);
-    lab.hosts[1].flags = vec!["--fast-path=false".into()];
-    lab.start_daemon(1).unwrap();
-    assert!(eventually(SETTLE, || ping(&web, &db)));
+    restart_without_fast_path(&mut lab, 1, &web, &db);
     let before = [vxlan_packets(&lab, 0), vxlan_packets(&lab, 1)];
     assert!(ping_burst(&web, &db, 50));
     let after = [vxlan_packets(&lab, 0), vxlan_packets(&lab, 1)];
