@@ -500,6 +500,34 @@ fn tx_packets(lab: &Lab, h: usize, veth: &str) -> u64 {
 }
 
 /// `ping -c COUNT` from `from` to `to`, fast.
+/// Two hosts (lab `tag`), the same overlay network on both (`options`), `web` and `other`
+/// on host 0 and `db` on host 1; returns once `web` reaches `db`.
+fn web_other_db(tag: &str, options: &Value) -> (Lab, Container, Container, Container) {
+    let mut lab = Lab::new(tag, 2, None).unwrap_or_else(|e| panic!("lab: {e:#}"));
+    for h in 0..2 {
+        lab.start_daemon(h)
+            .unwrap_or_else(|e| panic!("host {h} did not start: {e:#}"));
+    }
+    let nets: Vec<(String, String)> = (0..2)
+        .map(|h| lab.create_network(h, SUBNET, options))
+        .collect();
+    let mut container = |h: usize, name: &str| {
+        lab.container(h, &nets[h].0, &nets[h].1, name, &[("role", name)])
+            .unwrap_or_else(|e| panic!("container {name}: {e:#}"))
+    };
+    let (web, other, db) = (
+        container(0, "web"),
+        container(0, "other"),
+        container(1, "db"),
+    );
+    assert!(
+        eventually(SETTLE, || ping(&web, &db)),
+        "{}",
+        lab.host_log(1)
+    );
+    (lab, web, other, db)
+}
+
 /// Applies [`POLICY`] on host 0 and waits until `db` refuses `other` (`refused`: what a
 /// failure means) while still answering `web`.
 fn apply_db_policy(lab: &Lab, web: &Container, db: &Container, other: &Container, refused: &str) {
@@ -539,27 +567,7 @@ fn vxlan_overlay_fast_path_skips_the_bridge_and_keeps_ingress_policy() {
     if !require_root() {
         return;
     }
-    let mut lab = Lab::new("f", 2, None).unwrap();
-    for h in 0..2 {
-        lab.start_daemon(h).unwrap();
-    }
-    let nets: Vec<(String, String)> = (0..2)
-        .map(|h| lab.create_network(h, SUBNET, &json!({})))
-        .collect();
-    let web = lab
-        .container(0, &nets[0].0, &nets[0].1, "web", &[("role", "web")])
-        .unwrap();
-    let other = lab
-        .container(0, &nets[0].0, &nets[0].1, "other", &[("role", "other")])
-        .unwrap();
-    let db = lab
-        .container(1, &nets[1].0, &nets[1].1, "db", &[("role", "db")])
-        .unwrap();
-    assert!(
-        eventually(SETTLE, || ping(&web, &db)),
-        "{}",
-        lab.host_log(1)
-    );
+    let (mut lab, web, other, db) = web_other_db("f", &json!({}));
     assert!(eventually(SETTLE, || ping(&other, &db)));
 
     // The bridge of host 1 has a static entry for web's MAC on its VXLAN port.
@@ -674,27 +682,8 @@ fn vxlan_fast_path_encapsulates_in_the_program_and_interoperates_with_kernel_vxl
     if !require_root() {
         return;
     }
-    let mut lab = Lab::new("x", 2, None).unwrap();
-    for h in 0..2 {
-        lab.start_daemon(h).unwrap();
-    }
-    let nets: Vec<(String, String)> = (0..2)
-        .map(|h| lab.create_network(h, SUBNET, &json!({"vni": "4242", "vxlan_port": "8472"})))
-        .collect();
-    let web = lab
-        .container(0, &nets[0].0, &nets[0].1, "web", &[("role", "web")])
-        .unwrap();
-    let other = lab
-        .container(0, &nets[0].0, &nets[0].1, "other", &[("role", "other")])
-        .unwrap();
-    let db = lab
-        .container(1, &nets[1].0, &nets[1].1, "db", &[("role", "db")])
-        .unwrap();
-    assert!(
-        eventually(SETTLE, || ping(&web, &db)),
-        "{}",
-        lab.host_log(1)
-    );
+    let (mut lab, web, other, db) =
+        web_other_db("x", &json!({"vni": "4242", "vxlan_port": "8472"}));
     let db_ip = ip_of(&db);
     let allowed = |lab: &Lab| {
         endpoint_status(lab, 1, &db_ip)["ingress"]["allowed"]["packets"]
