@@ -565,12 +565,28 @@ impl PolicyEngine {
         Self::matching(self.selectors(), endpoint, networks)
     }
 
-    /// [`PolicyEngine::could_select`] for peer selectors only: when neither identity of an
-    /// endpoint matches one, a change of its name or labels alters no rule's peers.
+    /// Whether every peer selector matches both `old` and `new` (two views of one endpoint:
+    /// same identity and network, its name or labels changed) or neither. Then the change
+    /// alters no rule's peers: a rule names the endpoint by its identity, which both share.
+    /// (A selector such as `{}` matches an endpoint whatever its name: learning the name of
+    /// each new container then costs no resolution of a large policy.)
     #[must_use]
-    pub fn could_be_peer(&self, endpoint: &EndpointView, networks: &[NetworkView]) -> bool {
-        let selectors = self.policies.values().flat_map(Self::peer_selectors);
-        Self::matching(selectors, endpoint, networks)
+    pub fn same_peer_matches(
+        &self,
+        old: &EndpointView,
+        new: &EndpointView,
+        networks: &[NetworkView],
+    ) -> bool {
+        // Both views are on one network.
+        let index = NetworkIndex::new(networks, std::slice::from_ref(old));
+        // Warnings are the full resolution's business.
+        self.policies
+            .values()
+            .flat_map(Self::peer_selectors)
+            .all(|s| {
+                let bound = BoundSelector::bind(s, &index, &mut Vec::new(), &String::new);
+                bound.matches(old) == bound.matches(new)
+            })
     }
 
     fn matching<'a>(
