@@ -645,10 +645,14 @@ impl<K: Kernel> Driver<K> {
         Ok(())
     }
 
-    /// The applied policy documents, sorted by name.
-    pub async fn policies(&self) -> Vec<PolicyDoc> {
-        let state = self.state.lock().await;
-        state.policies.list().map(|p| p.doc).collect()
+    /// The applied policy documents, sorted by name (from the store: the engine keeps none).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn policies(&self) -> Result<Vec<PolicyDoc>, DriverError> {
+        // Under the lock: an apply writes the store, then adopts the plan.
+        let _state = self.state.lock().await;
+        Ok(self.store.policies()?.into_iter().map(|p| p.doc).collect())
     }
 
     /// Records Docker's names of the networks (ID → name; from the Engine API, as Docker

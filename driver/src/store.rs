@@ -286,6 +286,16 @@ impl Store {
         })
     }
 
+    /// Reads the applied policies, by name (what `sluice policy get/ls` show: the policy
+    /// engine keeps no copy of the documents).
+    ///
+    /// # Errors
+    /// On database errors or undecodable records.
+    pub fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        self.read_all(&txn, POLICIES, "policies")
+    }
+
     fn read_all<T: DeserializeOwned>(
         &self,
         txn: &redb::ReadTransaction,
