@@ -465,7 +465,9 @@ impl PolicyEngine {
     /// The applied policies' names and numbers, by name. (Their documents are in the store:
     /// see [`Entry`].)
     pub fn numbers(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
-        self.policies.iter().map(|(name, e)| (name.as_str(), e.number))
+        self.policies
+            .iter()
+            .map(|(name, e)| (name.as_str(), e.number))
     }
 
     /// The number of policy `name`.

@@ -342,7 +342,10 @@ fn policies_persist_in_the_store() {
     // The documents are read back from the store (the engine keeps none).
     let docs = store.policies().unwrap();
     assert_eq!(docs.len(), reloaded.len());
-    let doc = docs.into_iter().find(|p| p.doc.name == "web-to-db").unwrap();
+    let doc = docs
+        .into_iter()
+        .find(|p| p.doc.name == "web-to-db")
+        .unwrap();
     assert_eq!(doc.doc, example("web-to-db"));
     assert_eq!(Some(doc.number), engine.number("web-to-db"));
     assert_eq!(engine.cidr_identities().collect::<Vec<_>>(), cidrs);
