@@ -348,6 +348,13 @@ fn policies_persist_in_the_store() {
         .unwrap();
     assert_eq!(doc.doc, example("web-to-db"));
     assert_eq!(Some(doc.number), engine.number("web-to-db"));
+    // A reloaded engine still tells an unchanged document (by its digest) from a new one.
+    let plan = engine.plan_apply(vec![example("web-to-db")]).unwrap();
+    assert_eq!(plan.applied()[0].outcome, ApplyOutcome::Unchanged);
+    let mut changed = example("web-to-db");
+    changed.description = Some("changed".into());
+    let plan = engine.plan_apply(vec![changed]).unwrap();
+    assert_eq!(plan.applied()[0].outcome, ApplyOutcome::Updated);
     assert_eq!(engine.cidr_identities().collect::<Vec<_>>(), cidrs);
 }
 
