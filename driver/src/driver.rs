@@ -509,9 +509,10 @@ impl<K: Kernel> Driver<K> {
     }
 
     /// [`Driver::resync`] after the container identity of endpoint `id` changed from
-    /// `previous`, without resolving when the compiled rules cannot change: no peer selector
-    /// matches the endpoint under its old or its new identity (its addresses, hence the CIDR
-    /// peers it is in, did not change), and the policy subjects in use stay the same (its new
+    /// `previous`, without resolving when the compiled rules cannot change: each peer
+    /// selector matches the endpoint under both its old and its new identity or under neither
+    /// (rules name it by its identity number, which stays; its addresses, hence the CIDR
+    /// peers it is in, did not change either), and the policy subjects in use stay the same (its new
     /// set of selecting policies is another endpoint's already, and its old one remains
     /// another endpoint's or was none). Then only its own subject, enforced directions and
     /// pending flag change, written as one endpoint update.
@@ -558,8 +559,7 @@ impl<K: Kernel> Driver<K> {
         let Some(new_subject) = new_subject.filter(|_| {
             !state.unsynced
                 && subjects_stay(state)
-                && !state.policies.could_be_peer(&old, &networks)
-                && !state.policies.could_be_peer(&new, &networks)
+                && state.policies.same_peer_matches(&old, &new, &networks)
         }) else {
             return self.resync(state, None).await;
         };
@@ -645,10 +645,14 @@ impl<K: Kernel> Driver<K> {
         Ok(())
     }
 
-    /// The applied policy documents, sorted by name.
-    pub async fn policies(&self) -> Vec<PolicyDoc> {
-        let state = self.state.lock().await;
-        state.policies.list().map(|p| p.doc).collect()
+    /// The applied policy documents, sorted by name (from the store: the engine keeps none).
+    ///
+    /// # Errors
+    /// Store failures.
+    pub async fn policies(&self) -> Result<Vec<PolicyDoc>, DriverError> {
+        // Under the lock: an apply writes the store, then adopts the plan.
+        let _state = self.state.lock().await;
+        Ok(self.store.policies()?.into_iter().map(|p| p.doc).collect())
     }
 
     /// Records Docker's names of the networks (ID → name; from the Engine API, as Docker
@@ -2364,8 +2368,9 @@ mod tests {
     }
 
     /// Endpoint changes no policy can see (no selector matches the endpoint before or after,
-    /// no CIDR peer covers its addresses), and identities that only move the endpoint between
-    /// subjects that stay in use, are made without a full resolution; others resolve. In
+    /// no CIDR peer covers its addresses), identities that keep the endpoint a peer of the
+    /// same rules, and identities that only move the endpoint between subjects that stay in
+    /// use, are made without a full resolution; others resolve. In
     /// both cases the datapath ends as a full resync leaves it.
     #[tokio::test]
     async fn changes_no_policy_sees_skip_the_resolution() {
@@ -2434,6 +2439,11 @@ mod tests {
         assert!(
             identify(2, "web-1", &[("role", "web")]).await,
             "a peer (new) resolves"
+        );
+        assert_eq!(entries(), rules + 1);
+        assert!(
+            !identify(2, "web-2", &[("role", "web")]).await,
+            "renamed, a peer of the same rules still"
         );
         assert_eq!(entries(), rules + 1);
         assert!(identify(2, "web-1", &[]).await, "a peer (old) resolves");

@@ -8,10 +8,11 @@
 //! transient peak (parsing a 2 MiB document, resolving 100k rules) mapped in every arena
 //! that served it. On other C libraries both calls do nothing.
 
-/// Arenas the daemon lets glibc create: the main one and one more, shared by all threads.
-/// The daemon serialises its real work behind one lock, so more arenas buy no speed, only
-/// retained memory.
-pub const MALLOC_ARENAS: i32 = 2;
+/// Arenas the daemon lets glibc create: only the main one, shared by all threads. The daemon
+/// serialises its real work behind one lock, so more arenas buy no speed, only retained
+/// memory (a second arena held 8 MiB of a 100k-entry policy's peaks that trimming could not
+/// return).
+pub const MALLOC_ARENAS: i32 = 1;
 
 /// Allocations from this size up that the heap cannot serve from free memory get their own
 /// mapping, returned to the kernel when freed. glibc's default (128 KiB) is the same, but it

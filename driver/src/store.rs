@@ -36,7 +36,7 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// redb's page cache. Its default (1 GiB) keeps every page ever read or written resident,
 /// among them those of a 100k-entry policy; the daemon reads the database once at start and
 /// then only writes, so a small cache costs nothing.
-const CACHE_BYTES: usize = 4 << 20;
+const CACHE_BYTES: usize = 1 << 20;
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const NETWORKS: TableDefinition<&str, &[u8]> = TableDefinition::new("networks");
 const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
@@ -284,6 +284,16 @@ impl Store {
             pools: self.read_all(&txn, POOLS, "pools")?,
             policies: self.read_all(&txn, POLICIES, "policies")?,
         })
+    }
+
+    /// Reads the applied policies, by name (what `sluice policy get/ls` show: the policy
+    /// engine keeps no copy of the documents).
+    ///
+    /// # Errors
+    /// On database errors or undecodable records.
+    pub fn policies(&self) -> Result<Vec<StoredPolicy>, StoreError> {
+        let txn = self.db.begin_read().map_err(|e| self.err(e))?;
+        self.read_all(&txn, POLICIES, "policies")
     }
 
     fn read_all<T: DeserializeOwned>(

@@ -201,7 +201,7 @@ impl<K: Kernel> PolicyAdmin for Driver<K> {
     }
 
     async fn list_policies(&self) -> Result<Vec<PolicyDoc>, AdminError> {
-        Ok(self.policies().await)
+        self.policies().await.map_err(driver_error)
     }
 
     async fn remove_policy(&self, name: String) -> Result<(), AdminError> {
@@ -817,7 +817,7 @@ mod tests {
         let (status, body) = call(&h.app, "DELETE", "/v1/policies/lockdown", "").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body["error"], "no policy named \"lockdown\"");
-        assert_eq!(h.admin.policies().await.len(), 1);
+        assert_eq!(h.admin.policies().await.unwrap().len(), 1);
 
         // Persisted: once the first handles are gone, a new admin over the same store sees
         // the same.

@@ -560,7 +560,7 @@ fn policy_survives_a_daemon_restart_with_traffic_checked_while_down() {
         let driver = open_driver(store.path(), &config);
         let report = driver.reconcile().await;
         assert!(report.errors.is_empty(), "reconcile: {:?}", report.errors);
-        assert_eq!(driver.policies().await.len(), 1);
+        assert_eq!(driver.policies().await.unwrap().len(), 1);
         assert!(!pings(&a, &b.addr, 2), "deny lost after the restart");
         assert!(
             pings(&b, &a.addr, 1),

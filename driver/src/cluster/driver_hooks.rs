@@ -355,11 +355,17 @@ impl<K: Kernel> Driver<K> {
     /// again). Invalid documents are logged and skipped as a whole set.
     pub async fn sync_cluster_policies(&self, docs: Vec<PolicyDoc>) {
         let mut state = self.state.lock().await;
-        let current: BTreeMap<String, PolicyDoc> = state
-            .policies
-            .list()
-            .map(|p| (p.doc.name.clone(), p.doc))
-            .collect();
+        // The documents are in the store (the engine keeps none).
+        let current: BTreeMap<String, PolicyDoc> = match self.store.policies() {
+            Ok(stored) => stored
+                .into_iter()
+                .map(|p| (p.doc.name.clone(), p.doc))
+                .collect(),
+            Err(e) => {
+                warn!(error = %e, "reading the local policies");
+                return;
+            }
+        };
         let wanted: BTreeMap<String, PolicyDoc> =
             docs.into_iter().map(|d| (d.name.clone(), d)).collect();
         if current == wanted {

@@ -8,6 +8,7 @@
 //! [`PolicyEngine::remove`] do both around one [`Store::apply`].
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{BuildHasher, Hasher, RandomState};
 
 use ipnetwork::IpNetwork;
 use serde::{Deserialize, Serialize};
@@ -128,29 +129,65 @@ impl Plan {
     }
 }
 
-/// One applied policy (its name is the key in [`PolicyEngine`]'s map). The document is kept
-/// as its JSON text and parsed back only when asked for (`sluice policy get/ls`, the
-/// cluster's sync): a 40k-peer document takes about 6 MB as a [`PolicyDoc`] and 1 MB as
-/// text. Resolution works on `selector` and `compiled` alone.
+/// One applied policy (its name is the key in [`PolicyEngine`]'s map). The document itself
+/// is not kept: the store has it (`sluice policy get/ls` read it there), and a 40k-peer
+/// document is 1 MB even as JSON text. Resolution works on `selector` and `compiled`
+/// alone; `digest` tells an unchanged document on apply.
 #[derive(Debug, Clone)]
 struct Entry {
     number: u32,
-    doc: Box<str>,
+    digest: Digest,
     selector: Selector,
     compiled: CompiledPolicy,
 }
 
 impl Entry {
-    fn new(doc: &PolicyDoc, number: u32, compiled: CompiledPolicy) -> Result<Self, PolicyError> {
-        let text = serde_json::to_string(doc).map_err(|e| {
-            PolicyError::Invalid(vec![format!("policy {:?}: cannot encode: {e}", doc.name)])
-        })?;
+    fn new(
+        doc: &PolicyDoc,
+        number: u32,
+        compiled: CompiledPolicy,
+        keys: &DigestKeys,
+    ) -> Result<Self, PolicyError> {
         Ok(Self {
             number,
-            doc: text.into_boxed_str(),
+            digest: keys.digest(doc)?,
             selector: doc.selector.clone(),
             compiled,
         })
+    }
+}
+
+/// 128 bits of keyed SipHash over a document's JSON encoding (what the store keeps).
+type Digest = (u64, u64);
+
+/// The two random SipHash keys of one engine's [`Digest`]s: documents that differ have the
+/// same digest with probability 2^-128, whatever their text (nobody can know the keys).
+#[derive(Debug, Clone, Default)]
+struct DigestKeys(RandomState, RandomState);
+
+impl DigestKeys {
+    fn digest(&self, doc: &PolicyDoc) -> Result<Digest, PolicyError> {
+        let mut w = DigestWriter(self.0.build_hasher(), self.1.build_hasher());
+        // Streamed: no copy of the text.
+        serde_json::to_writer(&mut w, doc).map_err(|e| {
+            PolicyError::Invalid(vec![format!("policy {:?}: cannot encode: {e}", doc.name)])
+        })?;
+        Ok((w.0.finish(), w.1.finish()))
+    }
+}
+
+/// Feeds what is written to two hashers.
+struct DigestWriter<H>(H, H);
+
+impl<H: Hasher> std::io::Write for DigestWriter<H> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf);
+        self.1.write(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -190,6 +227,7 @@ pub struct PolicyEngine {
     policies: BTreeMap<String, Entry>,
     /// Union of the policies' CIDR identities.
     cidrs: CidrTable,
+    digest_keys: DigestKeys,
 }
 
 impl PolicyEngine {
@@ -239,7 +277,7 @@ impl PolicyEngine {
                     )),
                 }
             }
-            let entry = Entry::new(&s.doc, s.number, compiled)?;
+            let entry = Entry::new(&s.doc, s.number, compiled, &engine.digest_keys)?;
             engine.policies.insert(name, entry);
         }
         let mut seen = BTreeMap::new();
@@ -299,8 +337,8 @@ impl PolicyEngine {
         for (doc, c) in compiled {
             let existing = self.policies.get(&doc.name);
             let number = existing.map_or(0, |e| e.number);
-            let entry = Entry::new(&doc, number, c)?;
-            if existing.is_some_and(|e| e.doc == entry.doc) {
+            let entry = Entry::new(&doc, number, c, &self.digest_keys)?;
+            if existing.is_some_and(|e| e.digest == entry.digest) {
                 applied.push(Applied {
                     name: doc.name,
                     outcome: ApplyOutcome::Unchanged,
@@ -424,41 +462,30 @@ impl PolicyEngine {
         Ok(())
     }
 
-    /// The applied policies, by name (each document decoded from its text: see [`Entry`]).
-    pub fn list(&self) -> impl Iterator<Item = StoredPolicy> + '_ {
+    /// The applied policies' names and numbers, by name. (Their documents are in the store:
+    /// see [`Entry`].)
+    pub fn numbers(&self) -> impl Iterator<Item = (&str, u32)> + '_ {
         self.policies
             .iter()
-            .filter_map(|(name, e)| self.stored(name, e))
+            .map(|(name, e)| (name.as_str(), e.number))
     }
 
-    /// One policy.
+    /// The number of policy `name`.
     #[must_use]
-    pub fn get(&self, name: &str) -> Option<StoredPolicy> {
-        self.policies
-            .get_key_value(name)
-            .and_then(|(name, e)| self.stored(name, e))
+    pub fn number(&self, name: &str) -> Option<u32> {
+        self.policies.get(name).map(|e| e.number)
     }
 
-    /// The store's form of a policy: the document decoded, its CIDRs' identities.
-    fn stored(&self, name: &str, e: &Entry) -> Option<StoredPolicy> {
-        let doc: PolicyDoc = match serde_json::from_str(&e.doc) {
-            Ok(doc) => doc,
-            Err(err) => {
-                // Cannot happen: the text was encoded from a `PolicyDoc`.
-                tracing::error!(policy = %name, error = %err, "applied policy does not decode");
-                return None;
-            }
-        };
-        let cidr_identities = e
-            .compiled
-            .cidr_pieces()
-            .filter_map(|net| self.cidrs.get(&net).map(|id| (net, *id)))
-            .collect();
-        Some(StoredPolicy {
-            doc,
-            number: e.number,
-            cidr_identities,
-        })
+    /// The identities of the CIDRs policy `name` mentions (as the store keeps them).
+    #[must_use]
+    pub fn cidr_identities_of(&self, name: &str) -> Option<BTreeMap<IpNetwork, u32>> {
+        let e = self.policies.get(name)?;
+        Some(
+            e.compiled
+                .cidr_pieces()
+                .filter_map(|net| self.cidrs.get(&net).map(|id| (net, *id)))
+                .collect(),
+        )
     }
 
     /// Number of policies.
@@ -565,12 +592,28 @@ impl PolicyEngine {
         Self::matching(self.selectors(), endpoint, networks)
     }
 
-    /// [`PolicyEngine::could_select`] for peer selectors only: when neither identity of an
-    /// endpoint matches one, a change of its name or labels alters no rule's peers.
+    /// Whether every peer selector matches both `old` and `new` (two views of one endpoint:
+    /// same identity and network, its name or labels changed) or neither. Then the change
+    /// alters no rule's peers: a rule names the endpoint by its identity, which both share.
+    /// (A selector such as `{}` matches an endpoint whatever its name: learning the name of
+    /// each new container then costs no resolution of a large policy.)
     #[must_use]
-    pub fn could_be_peer(&self, endpoint: &EndpointView, networks: &[NetworkView]) -> bool {
-        let selectors = self.policies.values().flat_map(Self::peer_selectors);
-        Self::matching(selectors, endpoint, networks)
+    pub fn same_peer_matches(
+        &self,
+        old: &EndpointView,
+        new: &EndpointView,
+        networks: &[NetworkView],
+    ) -> bool {
+        // Both views are on one network.
+        let index = NetworkIndex::new(networks, std::slice::from_ref(old));
+        // Warnings are the full resolution's business.
+        self.policies
+            .values()
+            .flat_map(Self::peer_selectors)
+            .all(|s| {
+                let bound = BoundSelector::bind(s, &index, &mut Vec::new(), &String::new);
+                bound.matches(old) == bound.matches(new)
+            })
     }
 
     fn matching<'a>(

@@ -183,7 +183,11 @@ fn a_bad_file_changes_nothing() {
     let mut engine = PolicyEngine::new();
     let plan = engine.plan_apply(vec![example("web-to-db")]).unwrap();
     engine.commit(plan);
-    let before = engine.list().collect::<Vec<_>>();
+    let state = |e: &PolicyEngine| {
+        let numbers: Vec<(String, u32)> = e.numbers().map(|(n, x)| (n.to_owned(), x)).collect();
+        (numbers, e.cidr_identities().collect::<Vec<_>>())
+    };
+    let before = state(&engine);
     // The first document is fine, the second is not: neither applies; every error is told.
     let err = apply_error(
         &engine,
@@ -195,7 +199,7 @@ fn a_bad_file_changes_nothing() {
         "policy \"other\": ingress[0].ports[0]: port 0 is out of range 1-65535 (line 8)\n\
          policy \"other\": ingress[0].ports[1]: port 99999 is out of range 1-65535 (line 8)"
     );
-    assert_eq!(engine.list().collect::<Vec<_>>(), before);
+    assert_eq!(state(&engine), before);
 }
 
 #[test]
@@ -207,8 +211,8 @@ fn apply_replaces_by_name_and_keeps_rule_ids() {
     assert_eq!(plan.changes().len(), 2);
     let applied = engine.commit(plan);
     assert!(applied.iter().all(|x| x.outcome == ApplyOutcome::Created));
-    let number_a = engine.get("a").unwrap().number;
-    let number_b = engine.get("b").unwrap().number;
+    let number_a = engine.number("a").unwrap();
+    let number_b = engine.number("b").unwrap();
     assert_ne!(number_a, number_b);
 
     // Same document again: unchanged, nothing to write.
@@ -225,7 +229,7 @@ fn apply_replaces_by_name_and_keeps_rule_ids() {
     let plan = engine.plan_apply(a2).unwrap();
     assert_eq!(plan.applied()[0].outcome, ApplyOutcome::Updated);
     engine.commit(plan);
-    assert_eq!(engine.get("a").unwrap().number, number_a);
+    assert_eq!(engine.number("a").unwrap(), number_a);
     let id = rule_id(number_a, Direction::Ingress, 1);
     assert_eq!(engine.rule_ref(id).unwrap().to_string(), "a ingress[1]");
     assert_eq!(
@@ -249,7 +253,7 @@ fn apply_replaces_by_name_and_keeps_rule_ids() {
     let c = parse_documents("name: c\nselector: {}\n").unwrap();
     let plan = engine.plan_apply(c).unwrap();
     engine.commit(plan);
-    assert!(engine.get("c").unwrap().number > number_a);
+    assert!(engine.number("c").unwrap() > number_a);
 }
 
 #[test]
@@ -283,7 +287,7 @@ fn cidr_identities_are_shared_and_stable_while_referenced() {
         "name: a\nselector: {}\negress: [{action: deny, to: [{cidr: 172.16.0.0/12}]}]\n",
     );
     assert_eq!(ids(&engine)["10.0.0.0/8"], first);
-    assert_eq!(engine.get("a").unwrap().cidr_identities.len(), 1);
+    assert_eq!(engine.cidr_identities_of("a").unwrap().len(), 1);
     let third = ids(&engine)["172.16.0.0/12"];
     assert!(third > second);
     // Nobody mentions 10/8 any more: freed; mentioned again, it gets a new identity (not
@@ -302,8 +306,8 @@ fn cidr_identities_are_shared_and_stable_while_referenced() {
         "name: e\nselector: {}\negress: [{action: deny, to: [{cidr: 198.51.100.0/24}]}]\n---\nname: f\nselector: {}\ningress: [{action: deny, from: [{cidr: 198.51.100.0/24}]}]\n",
     );
     assert_eq!(
-        engine.get("e").unwrap().cidr_identities,
-        engine.get("f").unwrap().cidr_identities
+        engine.cidr_identities_of("e").unwrap(),
+        engine.cidr_identities_of("f").unwrap()
     );
 }
 
@@ -322,20 +326,35 @@ fn policies_persist_in_the_store() {
             Err(PolicyError::NotFound(_))
         ));
         let numbers: Vec<(String, u32)> = engine
-            .list()
-            .map(|p| (p.doc.name.clone(), p.number))
+            .numbers()
+            .map(|(name, number)| (name.to_owned(), number))
             .collect();
         (numbers, engine.cidr_identities().collect::<Vec<_>>())
     };
     let store = Store::open(dir.path()).unwrap();
     let engine = PolicyEngine::load(store.load().unwrap().policies).unwrap();
     let reloaded: Vec<(String, u32)> = engine
-        .list()
-        .map(|p| (p.doc.name.clone(), p.number))
+        .numbers()
+        .map(|(name, number)| (name.to_owned(), number))
         .collect();
     assert_eq!(reloaded, numbers);
-    assert!(engine.get("no-metadata").is_none());
-    assert_eq!(engine.get("web-to-db").unwrap().doc, example("web-to-db"));
+    assert!(engine.number("no-metadata").is_none());
+    // The documents are read back from the store (the engine keeps none).
+    let docs = store.policies().unwrap();
+    assert_eq!(docs.len(), reloaded.len());
+    let doc = docs
+        .into_iter()
+        .find(|p| p.doc.name == "web-to-db")
+        .unwrap();
+    assert_eq!(doc.doc, example("web-to-db"));
+    assert_eq!(Some(doc.number), engine.number("web-to-db"));
+    // A reloaded engine still tells an unchanged document (by its digest) from a new one.
+    let plan = engine.plan_apply(vec![example("web-to-db")]).unwrap();
+    assert_eq!(plan.applied()[0].outcome, ApplyOutcome::Unchanged);
+    let mut changed = example("web-to-db");
+    changed.description = Some("changed".into());
+    let plan = engine.plan_apply(vec![changed]).unwrap();
+    assert_eq!(plan.applied()[0].outcome, ApplyOutcome::Updated);
     assert_eq!(engine.cidr_identities().collect::<Vec<_>>(), cidrs);
 }
 
@@ -345,8 +364,12 @@ fn stored_cidr_identities_are_parsed_prefixes_kept_as_text_in_the_store() {
     let yaml = "name: a\nselector: {}\negress: [{action: deny, to: [{cidr: 10.0.0.0/8}, {cidr: 10.1.0.0/16}, {cidr: 10.1.2.3}, {cidr: 2001:db8::/32}, {cidr: 2001:db8:1::/48}]}]\n";
     let mut engine = PolicyEngine::new();
     let plan = engine.plan_apply(parse_documents(yaml).unwrap()).unwrap();
+    let stored = stored_of(&plan).remove(0);
     engine.commit(plan);
-    let stored = engine.get("a").unwrap();
+    assert_eq!(
+        engine.cidr_identities_of("a"),
+        Some(stored.cidr_identities.clone())
+    );
     let nets: Vec<String> = stored
         .cidr_identities
         .keys()
@@ -398,8 +421,8 @@ fn inconsistent_stored_policies_are_refused() {
             .unwrap(),
         )
         .unwrap();
+    let good = stored_of(&plan);
     engine.commit(plan);
-    let good: Vec<StoredPolicy> = engine.list().collect();
     PolicyEngine::load(good.clone()).unwrap();
 
     let mut same_number = good.clone();
@@ -509,7 +532,7 @@ fn ip(s: &str) -> IpAddr {
 #[test]
 fn the_first_example_means_what_the_docs_say() {
     let engine = engine_with(vec![example("web-to-db")]);
-    let n = engine.get("web-to-db").unwrap().number;
+    let n = engine.number("web-to-db").unwrap();
     let res = engine.resolve(&endpoints(), &networks());
     assert!(res.warnings.is_empty(), "{:?}", res.warnings);
     assert!(res.pending.is_empty());
@@ -606,7 +629,7 @@ ingress:
     );
     let engine = engine_with(docs);
     let deny_id = rule_id(
-        engine.get("no-web-on-5432").unwrap().number,
+        engine.number("no-web-on-5432").unwrap(),
         Direction::Ingress,
         0,
     );
@@ -838,7 +861,7 @@ ingress:
         )
         .unwrap(),
     );
-    let n = engine.get("g").unwrap().number;
+    let n = engine.number("g").unwrap();
     let res = engine.resolve(&endpoints(), &networks());
     let range = Some(PortRange {
         first: 80,
@@ -994,4 +1017,15 @@ fn memory_of_a_100k_entry_policy() {
     next.commit(next.plan_remove("bench-1").unwrap());
     drop(next);
     assert_eq!(engine.len(), 3);
+}
+
+/// The policies a plan writes to the store.
+fn stored_of(plan: &super::engine::Plan) -> Vec<StoredPolicy> {
+    plan.changes()
+        .iter()
+        .filter_map(|c| match c {
+            crate::store::Change::PutPolicy(p) => Some(p.clone()),
+            _ => None,
+        })
+        .collect()
 }
