@@ -1549,7 +1549,21 @@ impl<K: Kernel> Driver<K> {
         let commit = self.store.submit(vec![Change::PutEndpoint(ep.clone())]);
         state.endpoints.insert(ep.id.clone(), ep.clone());
         drop(state);
-        if let Err(e) = commit.durable().await {
+        if net.macvlan.is_none() {
+            // A veth endpoint's sandbox key is written in the next group commit (a few ms;
+            // it is ordered before any later write of the endpoint, ProgramExternalConnectivity's
+            // included) but not awaited: the endpoint itself is durable since CreateEndpoint,
+            // and a crash in between loses only the key, which reconcile needs for nothing
+            // while the host veth exists (and without it, re-makes a pair of a container that
+            // went away, which DeleteEndpoint removes). A macvlan link is inside the
+            // container: reconcile must know that, so its Join waits.
+            let endpoint = ep.id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = commit.durable().await {
+                    warn!(%endpoint, error = %e, "storing the sandbox key failed; it is lost at the next restart");
+                }
+            });
+        } else if let Err(e) = commit.durable().await {
             let mut state = self.state.lock().await;
             if let Some(cur) = state.endpoints.get_mut(endpoint_id)
                 && cur.sandbox_key.as_deref() == Some(sandbox_key)
