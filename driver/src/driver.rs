@@ -2192,6 +2192,24 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn join_sandbox_key_reaches_the_store_without_being_awaited() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24"))
+            .await
+            .unwrap();
+        d.join(NID, EID, "/var/run/docker/netns/abc").await.unwrap();
+        // Closing the store writes what was queued: the restarted daemon knows the sandbox.
+        drop(d);
+        let d = driver(dir.path());
+        let ep = d.endpoints().await.into_iter().next().unwrap();
+        assert_eq!(ep.sandbox_key.as_deref(), Some("/var/run/docker/netns/abc"));
+    }
+
+    #[tokio::test]
     async fn lifecycle_builds_and_removes_links() {
         let dir = tempfile::tempdir().unwrap();
         let d = driver(dir.path());
