@@ -345,6 +345,12 @@ struct LinkPool {
     /// CreateEndpoints that asked for a pool link (found or not): refilling waits until
     /// this stops moving ([`REFILL_QUIET`]).
     asked: std::sync::atomic::AtomicU64,
+    /// Cap of the adaptive size ([`Driver::with_link_pool_max`]); at most `size`: fixed.
+    max: usize,
+    /// Spare links kept per network now: `size`, grown towards the last burst up to `max`.
+    target: std::sync::atomic::AtomicUsize,
+    /// `asked` when the pool was last adapted ([`Driver::adapt_link_pool`]).
+    adapted_at: std::sync::atomic::AtomicU64,
 }
 
 /// How long no CreateEndpoint must have asked for a pool link before the pool is refilled.
@@ -363,6 +369,11 @@ impl LinkPool {
 
     fn asked(&self) -> u64 {
         self.asked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn target(&self) -> usize {
+        self.size
+            .max(self.target.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn len(&self, network_id: &str) -> usize {
@@ -755,6 +766,36 @@ impl<K: Kernel> Driver<K> {
         self
     }
 
+    /// Lets the pool grow: after a burst of CreateEndpoints larger than the pool, it is
+    /// refilled to the burst's size, up to `max` spare links per network
+    /// ([`Driver::adapt_link_pool`]). `max` at most the pool's size: fixed size (the default).
+    #[must_use]
+    pub fn with_link_pool_max(mut self, max: usize) -> Self {
+        self.pool.max = max;
+        self
+    }
+
+    /// Grows the pool's size towards the number of CreateEndpoints that asked for a pool
+    /// link since the last call (the last burst, as [`Driver::run_link_pool`] calls this once
+    /// they pause), capped by [`Driver::with_link_pool_max`]. Never shrinks it. Returns the
+    /// size now.
+    pub fn adapt_link_pool(&self) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        let asked = self.pool.asked();
+        let burst = asked.saturating_sub(self.pool.adapted_at.swap(asked, Relaxed));
+        let burst = usize::try_from(burst).unwrap_or(usize::MAX);
+        if self.pool.size > 0 && burst > self.pool.target() && self.pool.max > self.pool.size {
+            let grown = burst.min(self.pool.max);
+            self.pool.target.fetch_max(grown, Relaxed);
+            info!(
+                burst,
+                size = grown,
+                "link pool grown towards the last burst"
+            );
+        }
+        self.pool.target()
+    }
+
     /// Spare links in the pool of `network_id` now.
     #[must_use]
     pub fn link_pool_len(&self, network_id: &str) -> usize {
@@ -781,7 +822,7 @@ impl<K: Kernel> Driver<K> {
                 state
                     .networks
                     .values()
-                    .filter(|n| n.macvlan.is_none() && self.pool.len(&n.id) < self.pool.size)
+                    .filter(|n| n.macvlan.is_none() && self.pool.len(&n.id) < self.pool.target())
                     .map(|n| (n.id.clone(), n.bridge.clone(), n.mtu))
                     .next()
             };
@@ -837,6 +878,7 @@ impl<K: Kernel> Driver<K> {
                     break;
                 }
             }
+            self.adapt_link_pool();
         }
     }
 
@@ -2916,6 +2958,52 @@ mod tests {
         assert!(d.kernel().links().is_empty());
         assert_eq!(d.link_pool_len(NID), 0);
         assert_eq!(d.refill_link_pools().await, 0, "no network, no spare links");
+    }
+
+    #[tokio::test]
+    async fn link_pool_grows_towards_the_last_burst_up_to_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path()).with_link_pool(1).with_link_pool_max(3);
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        assert_eq!(d.refill_link_pools().await, 1);
+        assert_eq!(d.adapt_link_pool(), 1, "no burst yet");
+        // A burst of 2: the pool grows to 2.
+        for n in 1..=2u8 {
+            d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", n + 1)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(d.adapt_link_pool(), 2);
+        assert_eq!(d.refill_link_pools().await, 2);
+        assert_eq!(d.link_pool_len(NID), 2);
+        // A burst of 4: capped at 3; a smaller burst later does not shrink it.
+        for n in 3..=6u8 {
+            d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", n + 1)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(d.adapt_link_pool(), 3);
+        assert_eq!(d.refill_link_pools().await, 3);
+        d.create_endpoint(ep_request(NID, &eid(7), "10.20.0.8/24"))
+            .await
+            .unwrap();
+        assert_eq!(d.adapt_link_pool(), 3);
+
+        // Without a cap above the size, the size is fixed.
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path()).with_link_pool(1);
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        for n in 1..=3u8 {
+            d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", n + 1)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(d.adapt_link_pool(), 1);
+        assert_eq!(d.refill_link_pools().await, 1);
     }
 
     #[tokio::test]
