@@ -68,6 +68,15 @@ pub fn bridge_mac(name: &str) -> [u8; 6] {
     [0x02, b[3], b[4], b[5], b[6], b[7]]
 }
 
+/// The link group of the spare links of the pool of the bridge with ifindex `bridge_index`
+/// (their container ends): unique per bridge in a namespace, so one `ip link del group G`
+/// removes one network's spares and nothing else. `0x5100_0000` keeps clear of small,
+/// hand-made group numbers.
+#[must_use]
+pub fn pool_group(bridge_index: u32) -> u32 {
+    0x5100_0000 | (bridge_index & 0x00ff_ffff)
+}
+
 /// Merges the results of teardown steps that all ran: `Ok` if none failed, the error itself
 /// if one did, [`KernelError::Many`] otherwise.
 fn collect(results: impl IntoIterator<Item = Result<(), KernelError>>) -> Result<(), KernelError> {
@@ -573,7 +582,7 @@ impl Kernel for LinuxKernel {
             )
         })?;
         self.nl
-            .create_veth_down(host, peer, spec.mtu, bridge_index)
+            .create_pool_veth(host, peer, spec.mtu, bridge_index, pool_group(bridge_index))
             .await?;
         let made = async {
             self.nl.set_alias_by_name(host, &self.owner).await?;
@@ -582,7 +591,7 @@ impl Kernel for LinuxKernel {
         };
         match made.await {
             Ok(ifindex) => {
-                debug!(%host, %peer, %bridge, ifindex, "pool link ready (down, programs attached)");
+                debug!(%host, %peer, %bridge, ifindex, "pool link ready (up on the bridge, peer down, programs attached)");
                 Ok(PoolLink {
                     host: host.clone(),
                     peer: peer.clone(),
@@ -604,33 +613,17 @@ impl Kernel for LinuxKernel {
     }
 
     async fn claim_pool_link(&self, link: &PoolLink, spec: &VethSpec) -> Result<(), KernelError> {
-        let op = format!("claim pool link {} as {}", link.host, spec.host);
-        let claimed = async {
-            let peer_index = self.require_index(&link.peer, &op).await?;
-            // The host end goes up now, unregistered: its container end is not in a
-            // container before Join, so nothing flows before the entries are written.
-            self.nl
-                .rename_link(link.ifindex, &spec.host, None, true)
-                .await?;
-            self.nl
-                .rename_link(peer_index, &spec.peer, Some(spec.peer_mac), false)
-                .await
-        };
-        if let Err(e) = claimed.await {
+        // The host end is up on the bridge already and keeps its name; only the container
+        // end changes: out of the pool group (a bulk delete must not take it along) and to
+        // the MAC Docker was told.
+        if let Err(e) = self.nl.claim_pool_peer(&link.peer, spec.peer_mac).await {
             warn!(error = %e, pool = %link.host, "claiming a pool link failed; removing it");
-            // Whichever name the host end has now, its pins go by ifindex.
-            for host in [&link.host, &spec.host] {
-                let gone = PoolLink {
-                    host: host.clone(),
-                    ..link.clone()
-                };
-                if let Err(undo) = self.delete_pool_link(&gone).await {
-                    warn!(error = %undo, link = %host, "removing a pool link failed");
-                }
+            if let Err(undo) = self.delete_pool_link(link).await {
+                warn!(error = %undo, link = %link.host, "removing a pool link failed");
             }
             return Err(e);
         }
-        debug!(pool = %link.host, host = %spec.host, peer = %spec.peer, "pool link claimed");
+        debug!(host = %link.host, peer = %link.peer, "pool link claimed");
         Ok(())
     }
 
@@ -663,6 +656,55 @@ impl Kernel for LinuxKernel {
             }
         });
         collect([detached, deleted])
+    }
+
+    async fn delete_pool_links(
+        &self,
+        bridges: &[String],
+        links: &[PoolLink],
+    ) -> Result<(), KernelError> {
+        let mut results = Vec::new();
+        // Programs first (tc filter deletes and unpins: no RCU grace period each).
+        if self.datapath.is_some() {
+            for link in links {
+                let ifindex = match link.ifindex {
+                    0 => self
+                        .nl
+                        .link_index(&link.host)
+                        .await
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0),
+                    i => i,
+                };
+                if ifindex != 0 {
+                    results.push(
+                        self.with_dp(&format!("detach pool link {}", link.host), |dp| {
+                            dp.detach(ifindex)
+                        }),
+                    );
+                }
+            }
+        }
+        for bridge in bridges {
+            match self.nl.link_index(bridge).await {
+                Ok(Some(index)) => {
+                    let group = pool_group(index);
+                    match self.nl.delete_group(group).await {
+                        Ok(true) => info!(%bridge, "ip link del group {group} (spare links)"),
+                        Ok(false) => {}
+                        Err(e) => results.push(Err(e)),
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        // Whatever the groups did not hold (a bridge gone, a link of another group).
+        for link in links {
+            results.push(self.nl.delete_link(&link.host).await.map(drop));
+        }
+        collect(results)
     }
 
     async fn apply_policy(&self, compiled: &CompiledPolicy) -> Result<(), KernelError> {

@@ -342,7 +342,22 @@ struct LinkPool {
     wanted: tokio::sync::Notify,
     /// Pool links made by this process, part of their names.
     made: std::sync::atomic::AtomicU64,
+    /// CreateEndpoints that asked for a pool link (found or not): refilling waits until
+    /// this stops moving ([`REFILL_QUIET`]).
+    asked: std::sync::atomic::AtomicU64,
+    /// Cap of the adaptive size ([`Driver::with_link_pool_max`]); at most `size`: fixed.
+    max: usize,
+    /// Spare links kept per network now: `size`, grown towards the last burst up to `max`.
+    target: std::sync::atomic::AtomicUsize,
+    /// `asked` when the pool was last adapted ([`Driver::adapt_link_pool`]).
+    adapted_at: std::sync::atomic::AtomicU64,
 }
+
+/// How long no CreateEndpoint must have asked for a pool link before the pool is refilled.
+/// Making a spare link costs the same rtnl time as making an endpoint's pair inline, and
+/// rtnl is global: refilling during a burst only slows the burst down (the pool is sized
+/// to the burst instead, `--link-pool`).
+pub const REFILL_QUIET: std::time::Duration = std::time::Duration::from_millis(50);
 
 impl LinkPool {
     fn with_links<T>(&self, f: impl FnOnce(&mut BTreeMap<String, Vec<PoolLink>>) -> T) -> T {
@@ -350,6 +365,15 @@ impl LinkPool {
             Ok(mut l) => f(&mut l),
             Err(poisoned) => f(&mut poisoned.into_inner()),
         }
+    }
+
+    fn asked(&self) -> u64 {
+        self.asked.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn target(&self) -> usize {
+        self.size
+            .max(self.target.load(std::sync::atomic::Ordering::Relaxed))
     }
 
     fn len(&self, network_id: &str) -> usize {
@@ -746,6 +770,36 @@ impl<K: Kernel> Driver<K> {
         self
     }
 
+    /// Lets the pool grow: after a burst of CreateEndpoints larger than the pool, it is
+    /// refilled to the burst's size, up to `max` spare links per network
+    /// ([`Driver::adapt_link_pool`]). `max` at most the pool's size: fixed size (the default).
+    #[must_use]
+    pub fn with_link_pool_max(mut self, max: usize) -> Self {
+        self.pool.max = max;
+        self
+    }
+
+    /// Grows the pool's size towards the number of CreateEndpoints that asked for a pool
+    /// link since the last call (the last burst, as [`Driver::run_link_pool`] calls this once
+    /// they pause), capped by [`Driver::with_link_pool_max`]. Never shrinks it. Returns the
+    /// size now.
+    pub fn adapt_link_pool(&self) -> usize {
+        use std::sync::atomic::Ordering::Relaxed;
+        let asked = self.pool.asked();
+        let burst = asked.saturating_sub(self.pool.adapted_at.swap(asked, Relaxed));
+        let burst = usize::try_from(burst).unwrap_or(usize::MAX);
+        if self.pool.size > 0 && burst > self.pool.target() && self.pool.max > self.pool.size {
+            let grown = burst.min(self.pool.max);
+            self.pool.target.fetch_max(grown, Relaxed);
+            info!(
+                burst,
+                size = grown,
+                "link pool grown towards the last burst"
+            );
+        }
+        self.pool.target()
+    }
+
     /// Spare links in the pool of `network_id` now.
     #[must_use]
     pub fn link_pool_len(&self, network_id: &str) -> usize {
@@ -753,20 +807,26 @@ impl<K: Kernel> Driver<K> {
     }
 
     /// Fills the pool of every bridge-backed network up to its size, one link at a time
-    /// (each costs two TCX attaches; one at a time leaves rtnl to the request path). Stops
-    /// at the first failure (retried at the next wake-up). Returns the links made.
+    /// (one at a time leaves rtnl to the request path). Stops at the first failure (retried
+    /// at the next wake-up), and as soon as a CreateEndpoint asks for a pool link (resumed
+    /// by [`Driver::run_link_pool`] once they pause). Returns the links made.
     pub async fn refill_link_pools(&self) -> usize {
         let mut made = 0;
         if self.pool.size == 0 {
             return made;
         }
+        let asked = self.pool.asked();
         loop {
+            if self.pool.asked() != asked {
+                debug!(made, "link pool refill paused: endpoints are being created");
+                break;
+            }
             let wanted = {
                 let state = self.state.lock().await;
                 state
                     .networks
                     .values()
-                    .filter(|n| n.macvlan.is_none() && self.pool.len(&n.id) < self.pool.size)
+                    .filter(|n| n.macvlan.is_none() && self.pool.len(&n.id) < self.pool.target())
                     .map(|n| (n.id.clone(), n.bridge.clone(), n.mtu))
                     .next()
             };
@@ -806,7 +866,8 @@ impl<K: Kernel> Driver<K> {
     }
 
     /// The refill task: fills the pools, then again whenever a link is taken or a network
-    /// created. Runs until dropped (spawn it after [`Driver::reconcile`]).
+    /// created, once no CreateEndpoint has asked for a link for [`REFILL_QUIET`]. Runs until
+    /// dropped (spawn it after [`Driver::reconcile`]).
     pub async fn run_link_pool(&self) {
         if self.pool.size == 0 {
             return;
@@ -814,6 +875,14 @@ impl<K: Kernel> Driver<K> {
         loop {
             self.refill_link_pools().await;
             self.pool.wanted.notified().await;
+            loop {
+                let asked = self.pool.asked();
+                tokio::time::sleep(REFILL_QUIET).await;
+                if self.pool.asked() == asked {
+                    break;
+                }
+            }
+            self.adapt_link_pool();
         }
     }
 
@@ -822,6 +891,9 @@ impl<K: Kernel> Driver<K> {
         if self.pool.size == 0 {
             return None;
         }
+        self.pool
+            .asked
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let link = self
             .pool
             .with_links(|l| l.get_mut(network_id).and_then(Vec::pop));
@@ -832,24 +904,43 @@ impl<K: Kernel> Driver<K> {
     /// Removes every spare link (daemon shutdown: nothing is left behind if the daemon does
     /// not come back); carries on past errors and returns them.
     pub async fn drain_link_pools(&self) -> Vec<KernelError> {
-        let networks: Vec<String> = self.pool.with_links(|l| l.keys().cloned().collect());
+        let networks: Vec<(String, String)> = {
+            let state = self.state.lock().await;
+            self.pool.with_links(|l| {
+                l.keys()
+                    .map(|id| {
+                        let bridge = state.networks.get(id).map(|n| n.bridge.clone());
+                        (id.clone(), bridge.unwrap_or_default())
+                    })
+                    .collect()
+            })
+        };
         let mut errors = Vec::new();
-        for network_id in networks {
-            self.drain_link_pool(&network_id, &mut errors).await;
+        for (network_id, bridge) in networks {
+            self.drain_link_pool(&network_id, &bridge, &mut errors)
+                .await;
         }
         errors
     }
 
-    /// Removes the spare links of `network_id` (network delete); carries on past errors.
-    async fn drain_link_pool(&self, network_id: &str, errors: &mut Vec<KernelError>) {
+    /// Removes the spare links of `network_id`, whose bridge is `bridge` (network delete),
+    /// in bulk ([`Kernel::delete_pool_links`]); carries on past errors.
+    async fn drain_link_pool(&self, network_id: &str, bridge: &str, errors: &mut Vec<KernelError>) {
         let links = self
             .pool
             .with_links(|l| l.remove(network_id))
             .unwrap_or_default();
-        for link in links {
-            if let Err(e) = self.kernel.delete_pool_link(&link).await {
-                errors.push(e);
-            }
+        if links.is_empty() {
+            return;
+        }
+        let bridges: Vec<String> = [bridge.to_owned()]
+            .into_iter()
+            .filter(|b| !b.is_empty())
+            .collect();
+        let n = links.len();
+        match self.kernel.delete_pool_links(&bridges, &links).await {
+            Ok(()) => debug!(network = %network_id, links = n, "link pool drained"),
+            Err(e) => errors.push(e),
         }
     }
 
@@ -989,20 +1080,38 @@ impl<K: Kernel> Driver<K> {
         if let Err(e) = self.kernel.apply_nat(&state.nat_ruleset()).await {
             report.errors.push(format!("nft: {e}"));
         }
+        // Spare links of an earlier run (claimed ones belong to an endpoint record, and a
+        // claim that never reached the store left one unowned too): their pinned programs go
+        // with them, all in one request per bridge.
+        let spares: Vec<PoolLink> = existing
+            .iter()
+            .filter(|name| names::is_pool_host(name) && !owned.contains(*name))
+            .map(|name| PoolLink {
+                host: name.clone(),
+                peer: String::new(),
+                ifindex: 0,
+            })
+            .collect();
+        if !spares.is_empty() {
+            let bridges: Vec<String> = state
+                .networks
+                .values()
+                .filter(|n| n.macvlan.is_none())
+                .map(|n| n.bridge.clone())
+                .collect();
+            match self.kernel.delete_pool_links(&bridges, &spares).await {
+                Ok(()) => report
+                    .removed_links
+                    .extend(spares.iter().map(|l| l.host.clone())),
+                Err(e) => report.errors.push(format!("removing spare links: {e}")),
+            }
+        }
         for name in existing {
-            if owned.contains(&name) {
+            if owned.contains(&name) || names::is_pool_host(&name) {
                 continue;
             }
             let result = if name.starts_with(names::BRIDGE_PREFIX) {
                 self.kernel.delete_bridge(&name).await
-            } else if names::is_pool_host(&name) {
-                // A spare link of an earlier run: its pinned programs go with it.
-                let link = PoolLink {
-                    host: name.clone(),
-                    peer: String::new(),
-                    ifindex: 0,
-                };
-                self.kernel.delete_pool_link(&link).await
             } else {
                 self.kernel.delete_link(&name).await
             };
@@ -1229,7 +1338,8 @@ impl<K: Kernel> Driver<K> {
             }
             self.forget_remotes_of(&mut state, &net).await;
         }
-        self.drain_link_pool(network_id, &mut errors).await;
+        self.drain_link_pool(network_id, &net.bridge, &mut errors)
+            .await;
         changes.push(Change::DeleteNetwork(net.id.clone()));
         self.store.apply(&changes)?;
         for ep in &leftovers {
@@ -1409,17 +1519,31 @@ impl<K: Kernel> Driver<K> {
                     .await?
             }
             None => {
-                let spec = veth_spec(net, ep);
                 if let Some(link) = self.take_pool_link(&net.id) {
-                    match self.kernel.claim_pool_link(&link, &spec).await {
+                    // The endpoint takes the pool link's names (recorded with it, so
+                    // reconcile, delete and status find it): a rename would cost two rtnl
+                    // requests on the request path.
+                    let derived = (
+                        std::mem::replace(&mut ep.host_veth, link.host.clone()),
+                        std::mem::replace(&mut ep.peer_veth, link.peer.clone()),
+                    );
+                    match self
+                        .kernel
+                        .claim_pool_link(&link, &veth_spec(net, ep))
+                        .await
+                    {
                         Ok(()) => {
                             ep.ifindex = link.ifindex;
                             return Ok(Made::Pooled);
                         }
                         // The kernel removed that link; the endpoint is made inline.
-                        Err(e) => warn!(pool = %link.host, error = %e, "link pool: claim failed"),
+                        Err(e) => {
+                            warn!(pool = %link.host, error = %e, "link pool: claim failed");
+                            (ep.host_veth, ep.peer_veth) = derived;
+                        }
                     }
                 }
+                let spec = veth_spec(net, ep);
                 self.kernel.ensure_veth(&spec).await?;
                 match self.kernel.attach_programs(&spec.host).await {
                     Ok(Some(ifindex)) => {
@@ -1471,7 +1595,21 @@ impl<K: Kernel> Driver<K> {
         let commit = self.store.submit(vec![Change::PutEndpoint(ep.clone())]);
         state.endpoints.insert(ep.id.clone(), ep.clone());
         drop(state);
-        if let Err(e) = commit.durable().await {
+        if net.macvlan.is_none() {
+            // A veth endpoint's sandbox key is written in the next group commit (a few ms;
+            // it is ordered before any later write of the endpoint, ProgramExternalConnectivity's
+            // included) but not awaited: the endpoint itself is durable since CreateEndpoint,
+            // and a crash in between loses only the key, which reconcile needs for nothing
+            // while the host veth exists (and without it, re-makes a pair of a container that
+            // went away, which DeleteEndpoint removes). A macvlan link is inside the
+            // container: reconcile must know that, so its Join waits.
+            let endpoint = ep.id.clone();
+            tokio::spawn(async move {
+                if let Err(e) = commit.durable().await {
+                    warn!(%endpoint, error = %e, "storing the sandbox key failed; it is lost at the next restart");
+                }
+            });
+        } else if let Err(e) = commit.durable().await {
             let mut state = self.state.lock().await;
             if let Some(cur) = state.endpoints.get_mut(endpoint_id)
                 && cur.sandbox_key.as_deref() == Some(sandbox_key)
@@ -2097,6 +2235,24 @@ mod tests {
             mac: None,
             options: BTreeMap::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn join_sandbox_key_reaches_the_store_without_being_awaited() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path());
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        d.create_endpoint(ep_request(NID, EID, "10.20.0.5/24"))
+            .await
+            .unwrap();
+        d.join(NID, EID, "/var/run/docker/netns/abc").await.unwrap();
+        // Closing the store writes what was queued: the restarted daemon knows the sandbox.
+        drop(d);
+        let d = driver(dir.path());
+        let ep = d.endpoints().await.into_iter().next().unwrap();
+        assert_eq!(ep.sandbox_key.as_deref(), Some("/var/run/docker/netns/abc"));
     }
 
     #[tokio::test]
@@ -2734,44 +2890,71 @@ mod tests {
         assert!(d.kernel().attached().is_empty());
         assert_eq!(d.refill_link_pools().await, 0, "full");
 
+        let spares: Vec<String> = d.kernel().pooled().into_keys().collect();
         for n in 1..=3u8 {
             d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", n + 1)))
                 .await
                 .unwrap();
         }
-        // Two came from the pool (renamed, activated without a new attach), one inline.
+        // Two came from the pool (activated without a new attach, under the pool link's
+        // names, recorded in the endpoint), one inline under the names derived from its ID.
         let activated = d.kernel().activated();
         assert_eq!(activated.len(), 2);
+        let mut from_pool = activated.clone();
+        from_pool.sort();
+        let mut expected = spares.clone();
+        expected.sort();
+        assert_eq!(
+            from_pool, expected,
+            "the spare links were claimed, not renamed"
+        );
         let attached = d.kernel().attached();
         assert_eq!(attached.len(), 3);
-        for n in 1..=3u8 {
-            let host = names::host_veth(&eid(n));
-            assert!(attached.contains_key(&host), "{host} registered");
-            assert!(d.kernel().links().contains_key(&names::peer_veth(&eid(n))));
+        let endpoints = d.endpoints().await;
+        for ep in &endpoints {
+            assert!(
+                attached.contains_key(&ep.host_veth),
+                "{} registered",
+                ep.host_veth
+            );
+            assert!(d.kernel().links().contains_key(&ep.peer_veth));
         }
-        let inline: Vec<String> = (1..=3u8)
-            .map(|n| names::host_veth(&eid(n)))
-            .filter(|h| !activated.contains(h))
+        let inline: Vec<&Endpoint> = endpoints
+            .iter()
+            .filter(|e| !activated.contains(&e.host_veth))
             .collect();
         assert_eq!(inline.len(), 1, "the third endpoint was made inline");
-        // A pool endpoint keeps the container MAC Docker sees.
-        let ep = d
-            .endpoints()
-            .await
-            .into_iter()
+        assert_eq!(inline[0].host_veth, names::host_veth(&inline[0].id));
+        // A pool endpoint keeps the container MAC Docker sees, and Join names its peer.
+        let ep = endpoints
+            .iter()
             .find(|e| e.host_veth == activated[0])
             .unwrap();
+        assert!(names::is_pool_host(&ep.host_veth));
         assert!(matches!(
             d.kernel().links().get(&ep.host_veth),
             Some(FakeLink::VethHost(v)) if v.peer_mac == ep.mac && v.peer == ep.peer_veth
         ));
-        assert!(pool_links(&d).is_empty());
+        let join = d
+            .join(NID, &ep.id, "/var/run/docker/netns/x")
+            .await
+            .unwrap();
+        assert_eq!(join.src_name, ep.peer_veth);
+        assert!(d.kernel().pooled().is_empty());
         assert_eq!(d.refill_link_pools().await, 2, "refilled");
         assert_eq!(d.link_pool_len(NID), 2);
-        // Shutdown removes the spare links; the next refill makes them again.
+        // Shutdown removes the spare links in one bulk call (not the claimed ones); the next
+        // refill makes them again.
         assert!(d.drain_link_pools().await.is_empty());
-        assert!(pool_links(&d).is_empty());
+        assert_eq!(d.kernel().pool_deletes(), vec![2]);
         assert!(d.kernel().pooled().is_empty());
+        for ep in &endpoints {
+            assert!(
+                d.kernel().links().contains_key(&ep.host_veth),
+                "{} kept",
+                ep.host_veth
+            );
+        }
         assert_eq!(d.refill_link_pools().await, 2);
 
         // Network delete takes the spare links (and their programs) along.
@@ -2779,11 +2962,58 @@ mod tests {
             d.delete_endpoint(NID, &eid(n)).await.unwrap();
         }
         d.delete_network(NID).await.unwrap();
+        assert_eq!(d.kernel().pool_deletes(), vec![2, 2], "one bulk delete");
         assert!(pool_links(&d).is_empty());
         assert!(d.kernel().pooled().is_empty());
         assert!(d.kernel().links().is_empty());
         assert_eq!(d.link_pool_len(NID), 0);
         assert_eq!(d.refill_link_pools().await, 0, "no network, no spare links");
+    }
+
+    #[tokio::test]
+    async fn link_pool_grows_towards_the_last_burst_up_to_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path()).with_link_pool(1).with_link_pool_max(3);
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        assert_eq!(d.refill_link_pools().await, 1);
+        assert_eq!(d.adapt_link_pool(), 1, "no burst yet");
+        // A burst of 2: the pool grows to 2.
+        for n in 1..=2u8 {
+            d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", n + 1)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(d.adapt_link_pool(), 2);
+        assert_eq!(d.refill_link_pools().await, 2);
+        assert_eq!(d.link_pool_len(NID), 2);
+        // A burst of 4: capped at 3; a smaller burst later does not shrink it.
+        for n in 3..=6u8 {
+            d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", n + 1)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(d.adapt_link_pool(), 3);
+        assert_eq!(d.refill_link_pools().await, 3);
+        d.create_endpoint(ep_request(NID, &eid(7), "10.20.0.8/24"))
+            .await
+            .unwrap();
+        assert_eq!(d.adapt_link_pool(), 3);
+
+        // Without a cap above the size, the size is fixed.
+        let dir = tempfile::tempdir().unwrap();
+        let d = driver(dir.path()).with_link_pool(1);
+        d.create_network(net_request(NID, "10.20.0.0/24"))
+            .await
+            .unwrap();
+        for n in 1..=3u8 {
+            d.create_endpoint(ep_request(NID, &eid(n), &format!("10.20.0.{}/24", n + 1)))
+                .await
+                .unwrap();
+        }
+        assert_eq!(d.adapt_link_pool(), 1);
+        assert_eq!(d.refill_link_pools().await, 1);
     }
 
     #[tokio::test]

@@ -41,10 +41,11 @@ pub struct VethSpec {
 }
 
 /// A spare veth pair of a network's warm link pool ([`Kernel::make_pool_link`]): host end on
-/// the bridge but down, programs attached, no endpoint entry, so it passes nothing.
+/// the bridge and up, programs attached, no endpoint entry, container end down (so no
+/// carrier) and in the pool's link group. An endpoint that claims it keeps its names.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PoolLink {
-    /// Host end (on the bridge, down).
+    /// Host end (on the bridge).
     pub host: String,
     /// Container end.
     pub peer: String,
@@ -190,10 +191,13 @@ pub trait Kernel: Send + Sync + 'static {
         ep: &EndpointDatapath,
     ) -> impl Future<Output = Result<(), KernelError>> + Send;
 
-    /// Warm link pool: creates a veth pair with its host end on `spec.bridge` but **down**,
-    /// the MTU set and the endpoint programs attached (and pinned) without an endpoint
-    /// entry: it passes nothing until [`Kernel::activate_endpoint`]. This is where the
-    /// attach's RCU waits are paid, off the request path. Rolls back on failure.
+    /// Warm link pool: creates a veth pair with its host end on `spec.bridge` and up, the MTU
+    /// set, the container end down in the bridge's pool link group (see
+    /// [`Kernel::delete_pool_links`]) and the endpoint programs attached (and pinned)
+    /// without an endpoint entry: it passes nothing until [`Kernel::activate_endpoint`] (and
+    /// has no carrier before its container end is up in a container). Everything a claim
+    /// would otherwise pay in rtnl time is paid here, off the request path. Rolls back on
+    /// failure.
     fn make_pool_link(
         &self,
         spec: &PoolLinkSpec,
@@ -202,10 +206,10 @@ pub trait Kernel: Send + Sync + 'static {
         async move { Err(unsupported(&op)) }
     }
 
-    /// Warm link pool: turns pool link `link` into the endpoint pair `spec` (renames both
-    /// ends, sets the container end's MAC, brings the host end up: unregistered, but its
-    /// container end is in no container before Join). On failure the link is removed
-    /// (programs and pins too).
+    /// Warm link pool: turns pool link `link` into the endpoint pair `spec`, whose names are
+    /// the link's own (no rename: an endpoint records its pool names): takes the container
+    /// end out of the pool group and gives it `spec.peer_mac`, one rtnl request. On failure
+    /// the link is removed (programs and pins too).
     fn claim_pool_link(
         &self,
         link: &PoolLink,
@@ -232,6 +236,32 @@ pub trait Kernel: Send + Sync + 'static {
         link: &PoolLink,
     ) -> impl Future<Output = Result<(), KernelError>> + Send {
         self.delete_link(&link.host)
+    }
+
+    /// Removes unclaimed pool links in bulk (network delete, shutdown, restart): the
+    /// programs and pins of `links`, then every spare link in the pool group of each of
+    /// `bridges` in one request per bridge (the kernel unregisters a group together: one RCU
+    /// grace period, not one per link), then whichever of `links` is left. Idempotent;
+    /// carries on past errors. By default one [`Kernel::delete_pool_link`] per link.
+    fn delete_pool_links(
+        &self,
+        bridges: &[String],
+        links: &[PoolLink],
+    ) -> impl Future<Output = Result<(), KernelError>> + Send {
+        let _ = bridges;
+        async move {
+            let mut errors = Vec::new();
+            for link in links {
+                if let Err(e) = self.delete_pool_link(link).await {
+                    errors.push(e);
+                }
+            }
+            match errors.len() {
+                0 => Ok(()),
+                1 => Err(errors.remove(0)),
+                _ => Err(KernelError::Many(errors)),
+            }
+        }
     }
 
     /// Makes the policy map exactly `compiled`.
@@ -385,6 +415,8 @@ pub mod fake {
         pooled: Mutex<BTreeMap<String, PoolLink>>,
         /// Host ends brought up by [`Kernel::activate_endpoint`].
         activated: Mutex<Vec<String>>,
+        /// Calls of [`Kernel::delete_pool_links`]: how many links each removed.
+        pool_deletes: Mutex<Vec<usize>>,
     }
 
     impl FakeKernel {
@@ -424,6 +456,15 @@ pub mod fake {
         #[must_use]
         pub fn pooled(&self) -> BTreeMap<String, PoolLink> {
             self.pooled.lock().map(|p| p.clone()).unwrap_or_default()
+        }
+
+        /// Calls of [`Kernel::delete_pool_links`] so far: the links each was given.
+        #[must_use]
+        pub fn pool_deletes(&self) -> Vec<usize> {
+            self.pool_deletes
+                .lock()
+                .map(|p| p.clone())
+                .unwrap_or_default()
         }
 
         /// Host ends of endpoints made from pool links, in activation order.
@@ -829,6 +870,24 @@ pub mod fake {
                 p.remove(&link.host);
             }
             self.delete_link(&link.host).await
+        }
+
+        async fn delete_pool_links(
+            &self,
+            _bridges: &[String],
+            links: &[PoolLink],
+        ) -> Result<(), KernelError> {
+            self.check("delete_pool_links")?;
+            if let Ok(mut d) = self.pool_deletes.lock() {
+                d.push(links.len());
+            }
+            for link in links {
+                if let Ok(mut p) = self.pooled.lock() {
+                    p.remove(&link.host);
+                }
+                self.delete_link(&link.host).await?;
+            }
+            Ok(())
         }
     }
 }

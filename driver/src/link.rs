@@ -301,23 +301,27 @@ impl Netlink {
         peer_mac: [u8; 6],
         bridge_index: u32,
     ) -> Result<(), KernelError> {
-        self.create_veth_on(host, peer, mtu, Some(peer_mac), bridge_index, true)
+        self.create_veth_on(host, peer, mtu, Some(peer_mac), bridge_index, None)
             .await
     }
 
-    /// Like [`Netlink::create_veth_ready`] but the host end stays **down** and the container
-    /// end keeps the kernel's MAC (a warm pool link, see [`crate::kernel::PoolLink`]).
+    /// Like [`Netlink::create_veth_ready`] (host end on the bridge and up) but the container
+    /// end keeps the kernel's MAC and is put in link group `peer_group`: a warm pool link
+    /// ([`crate::kernel::PoolLink`]), deleted with the rest of its group by
+    /// [`Netlink::delete_group`] (`ip link add HOST [mtu M] master #BR up type veth peer name
+    /// PEER [mtu M] group G`).
     ///
     /// # Errors
     /// [`KernelError::Netlink`], e.g. `EEXIST`.
-    pub async fn create_veth_down(
+    pub async fn create_pool_veth(
         &self,
         host: &str,
         peer: &str,
         mtu: Option<u32>,
         bridge_index: u32,
+        peer_group: u32,
     ) -> Result<(), KernelError> {
-        self.create_veth_on(host, peer, mtu, None, bridge_index, false)
+        self.create_veth_on(host, peer, mtu, None, bridge_index, Some(peer_group))
             .await
     }
 
@@ -328,16 +332,16 @@ impl Netlink {
         mtu: Option<u32>,
         peer_mac: Option<[u8; 6]>,
         bridge_index: u32,
-        up: bool,
+        peer_group: Option<u32>,
     ) -> Result<(), KernelError> {
         let mut peer_msg = LinkUnspec::new_with_name(peer);
         if let Some(mac) = peer_mac {
             peer_msg = peer_msg.address(mac.to_vec());
         }
-        let mut builder = LinkVeth::new(host, peer).controller(bridge_index);
-        if up {
-            builder = builder.up();
+        if let Some(group) = peer_group {
+            peer_msg = peer_msg.link_group(group);
         }
+        let mut builder = LinkVeth::new(host, peer).controller(bridge_index).up();
         if let Some(mtu) = mtu {
             peer_msg = peer_msg.mtu(mtu);
             builder = builder.mtu(mtu);
@@ -354,48 +358,57 @@ impl Netlink {
                 "create veth {host} peer {peer} with master #{bridge_index}"
             )))?;
         debug!(
-            "ip link add {host}{m} master #{bridge_index}{} type veth peer name {peer}{m}{}",
-            if up { " up" } else { "" },
+            "ip link add {host}{m} master #{bridge_index} up type veth peer name {peer}{m}{}{}",
             peer_mac
                 .map(|mac| format!(" address {}", format_mac(&mac)))
+                .unwrap_or_default(),
+            peer_group
+                .map(|g| format!(" group {g}"))
                 .unwrap_or_default(),
             m = mtu.map(|m| format!(" mtu {m}")).unwrap_or_default()
         );
         Ok(())
     }
 
-    /// Renames a (down) link and optionally sets its MAC, in one request
-    /// (`ip link set dev IDX name NEW address MAC`; a rename needs the index: by name the
-    /// kernel would look the new name up).
+    /// Takes a pool link's container end out of its pool group and gives it its endpoint's
+    /// MAC, in one request (`ip link set dev PEER group default address MAC`).
     ///
     /// # Errors
-    /// [`KernelError::Netlink`], e.g. `ENODEV`, or `EEXIST` when `new` is taken.
-    pub async fn rename_link(
-        &self,
-        index: u32,
-        new: &str,
-        mac: Option<[u8; 6]>,
-        up: bool,
-    ) -> Result<(), KernelError> {
-        let mut message = LinkUnspec::new_with_index(index).name(new);
-        if let Some(mac) = mac {
-            message = message.address(mac.to_vec());
-        }
-        if up {
-            // The kernel renames before it changes flags: a down link can be renamed and
-            // brought up in one request.
-            message = message.up();
-        }
+    /// [`KernelError::Netlink`], e.g. `ENODEV`.
+    pub async fn claim_pool_peer(&self, peer: &str, mac: [u8; 6]) -> Result<(), KernelError> {
         self.set_link(
             format!(
-                "ip link set dev #{index} name {new}{}{}",
-                mac.map(|m| format!(" address {}", format_mac(&m)))
-                    .unwrap_or_default(),
-                if up { " up" } else { "" }
+                "ip link set dev {peer} group default address {}",
+                format_mac(&mac)
             ),
-            message,
+            LinkUnspec::new_with_name(peer)
+                .link_group(0)
+                .address(mac.to_vec()),
         )
         .await
+    }
+
+    /// Deletes every link in link group `group` in one request (`ip link del group G`): the
+    /// kernel unregisters them together, with one RCU grace period for all instead of one
+    /// per link. Returns `false` if the group was empty.
+    ///
+    /// # Errors
+    /// [`KernelError::Netlink`] for failures other than "no such device".
+    pub async fn delete_group(&self, group: u32) -> Result<bool, KernelError> {
+        match self
+            .handle
+            .link()
+            .del_with_message(LinkUnspec::new_with_index(0).link_group(group).build())
+            .execute()
+            .await
+        {
+            Ok(()) => {
+                debug!("ip link del group {group}");
+                Ok(true)
+            }
+            Err(e) if rtnetlink_errno(&e) == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(nl_error(format!("delete link group {group}"))(e)),
+        }
     }
 
     /// Sets a link's alias by name (`ip link set dev NAME alias ALIAS`).

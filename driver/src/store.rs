@@ -392,7 +392,13 @@ fn commit_loop(db: &Database, path: &Path, jobs: &mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let result = write_changes(db, path, batch.iter().flat_map(|j| &j.changes));
+        tracing::debug!(
+            calls = batch.len(),
+            ms = started.elapsed().as_secs_f64() * 1e3,
+            "store: group commit"
+        );
         match result {
             Ok(()) => {
                 for job in batch {

@@ -105,11 +105,16 @@ pub struct DaemonArgs {
         value_parser = clap::builder::BoolishValueParser::new()
     )]
     pub fast_path: bool,
-    /// Warm link pool: spare veth pairs kept per bridge-backed network, on the bridge but
-    /// down, programs attached, so CreateEndpoint pays no TCX attach (docs/options.md).
-    /// 0 turns it off.
+    /// Warm link pool: spare veth pairs kept per bridge-backed network, on the bridge,
+    /// programs attached, so CreateEndpoint pays no netlink but one request; size it to the
+    /// expected burst of container starts (docs/options.md). 0 turns it off.
     #[arg(long, env = "SLUICE_LINK_POOL", default_value_t = 8)]
     pub link_pool: usize,
+    /// Adaptive warm link pool: after a burst of container starts larger than the pool, it
+    /// is refilled to the burst's size, up to this many spare pairs per network
+    /// (docs/options.md). 0 (or at most --link-pool): fixed size.
+    #[arg(long, env = "SLUICE_LINK_POOL_MAX", default_value_t = 0)]
+    pub link_pool_max: usize,
 }
 
 /// Runs the daemon until a signal arrives.
@@ -161,7 +166,8 @@ pub async fn run(args: DaemonArgs) -> anyhow::Result<()> {
     });
     let mut driver = Driver::open(kernel, store, ipam)?
         .identify_from_options(args.docker_host == crate::cluster::NO_DOCKER_HOST)
-        .with_link_pool(args.link_pool);
+        .with_link_pool(args.link_pool)
+        .with_link_pool_max(args.link_pool_max);
     let cluster =
         crate::cluster::connect(&args.cluster, args.cluster_address, &args.state_dir).await?;
     if let Some(c) = &cluster {

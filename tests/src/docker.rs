@@ -967,6 +967,13 @@ pub fn sl_links_for(id: &str) -> Vec<String> {
         .collect()
 }
 
+/// Which of the links `names` exist on the host now.
+#[must_use]
+pub fn present_links(names: &[String]) -> Vec<String> {
+    let host = host_links();
+    names.iter().filter(|n| host.contains(n)).cloned().collect()
+}
+
 /// IPv4/IPv6 addresses (`addr/prefix`) the host has on link `name`.
 #[must_use]
 pub fn host_addresses(name: &str) -> Vec<String> {
@@ -1174,6 +1181,52 @@ impl Env {
             ),
             Err(e) => panic!("cannot run sluice: {e}"),
         }
+    }
+
+    /// The host links of endpoint `endpoint_id` now: its host veth as sluice records it (an
+    /// endpoint made from the warm link pool keeps the pool link's `slvp…` name) and any
+    /// link named after its ID.
+    ///
+    /// # Panics
+    /// When the CLI cannot be started.
+    #[must_use]
+    pub fn endpoint_links(&self, endpoint_id: &str) -> Vec<String> {
+        let mut links = sl_links_for(endpoint_id);
+        let out = self.sluice_cli(&["endpoints", "--json"]);
+        let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let host = listed
+            .get("endpoints")
+            .and_then(serde_json::Value::as_array)
+            .or_else(|| listed.as_array())
+            .into_iter()
+            .flatten()
+            .find(|e| e["id"].as_str() == Some(endpoint_id))
+            .and_then(|e| e["host_veth"].as_str())
+            .map(str::to_owned);
+        if let Some(host) = host
+            && !links.contains(&host)
+            && host_links().contains(&host)
+        {
+            links.push(host);
+        }
+        links
+    }
+
+    /// The host links of `container`'s endpoint on `net` ([`Env::endpoint_links`]), which
+    /// must have at least one (so that a later "all gone" cannot pass vacuously).
+    ///
+    /// # Panics
+    /// When it has none.
+    #[must_use]
+    pub fn container_links(&self, container: &str, net: &str) -> Vec<String> {
+        let endpoint = self.endpoint_id(container, net);
+        let links = self.endpoint_links(&endpoint);
+        assert!(
+            !links.is_empty(),
+            "endpoint {endpoint} of {container} on {net} has no host link\n{}",
+            self.logs_tail()
+        );
+        links
     }
 
     /// Runs the sluice CLI, which must succeed; returns its trimmed stdout.

@@ -3,7 +3,7 @@
 use std::fs;
 use std::time::Duration;
 
-use sluice_tests::docker::{self, assert_subnet_free, sl_links_for, wait_until};
+use sluice_tests::docker::{self, assert_subnet_free, present_links, sl_links_for, wait_until};
 
 const PROJECT: &str = "sleproj";
 
@@ -68,10 +68,11 @@ fn compose_up_connects_services_and_down_removes_the_network() {
     env.assert_ping(&client, "web");
     env.assert_ping(&web, "client");
 
-    let endpoints = [
-        env.endpoint_id(&web, &network),
-        env.endpoint_id(&client, &network),
-    ];
+    let links = [
+        env.container_links(&web, &network),
+        env.container_links(&client, &network),
+    ]
+    .concat();
     env.compose_ok(&dir, ["-p", PROJECT, "down"]);
     let listed = env.docker_ok(["network", "ls", "--format", "{{.Name}}"]);
     assert!(
@@ -79,15 +80,12 @@ fn compose_up_connects_services_and_down_removes_the_network() {
         "{network} is still listed after docker-compose down: {listed}"
     );
     let gone = wait_until(Duration::from_secs(10), || {
-        sl_links_for(&network_id).is_empty() && endpoints.iter().all(|e| sl_links_for(e).is_empty())
+        sl_links_for(&network_id).is_empty() && present_links(&links).is_empty()
     });
     assert!(
         gone,
         "links remain after docker-compose down: {:?} {:?}",
         sl_links_for(&network_id),
-        endpoints
-            .iter()
-            .flat_map(|e| sl_links_for(e))
-            .collect::<Vec<_>>()
+        present_links(&links)
     );
 }

@@ -8,21 +8,21 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use sluice_tests::docker::{self, Env, assert_subnet_free, sl_links_for, wait_until};
+use sluice_tests::docker::{
+    self, Env, assert_subnet_free, present_links, sl_links_for, wait_until,
+};
 
-/// Asserts that no host link belongs to the network or to any of the endpoints.
-fn assert_no_links(env: &Env, network_id: &str, endpoints: &[String]) {
+/// Asserts that no host link belongs to the network and none of the endpoints' links
+/// (`Env::container_links`) is left.
+fn assert_no_links(env: &Env, network_id: &str, links: &[String]) {
     let ok = wait_until(Duration::from_secs(10), || {
-        sl_links_for(network_id).is_empty() && endpoints.iter().all(|e| sl_links_for(e).is_empty())
+        sl_links_for(network_id).is_empty() && present_links(links).is_empty()
     });
     assert!(
         ok,
         "links remain after docker network rm: network {:?}, endpoints {:?}\n{}",
         sl_links_for(network_id),
-        endpoints
-            .iter()
-            .flat_map(|e| sl_links_for(e))
-            .collect::<Vec<_>>(),
+        present_links(links),
         env.logs_tail()
     );
 }
@@ -41,7 +41,11 @@ fn sluice_restart_keeps_containers_connected_and_state_intact() {
     let r1 = env.container_ip("r1", net);
     let r2 = env.container_ip("r2", net);
     env.assert_ping("r1", &r2);
-    let mut endpoints = vec![env.endpoint_id("r1", net), env.endpoint_id("r2", net)];
+    let mut endpoints = [
+        env.container_links("r1", net),
+        env.container_links("r2", net),
+    ]
+    .concat();
 
     // kill -9: nothing is cleaned up, state must survive as it was.
     env.kill_sluice(Signal::SIGKILL);
@@ -62,7 +66,7 @@ fn sluice_restart_keeps_containers_connected_and_state_intact() {
     );
     env.assert_ping("r3", &r1);
     env.assert_ping("r3", "r2");
-    endpoints.push(env.endpoint_id("r3", net));
+    endpoints.extend(env.container_links("r3", net));
 
     // A graceful stop: exit status 0, socket removed; then the same checks once more.
     let status = env.kill_sluice(Signal::SIGTERM);
@@ -82,7 +86,7 @@ fn sluice_restart_keeps_containers_connected_and_state_intact() {
     let all: HashSet<&String> = [&r1, &r2, &r3, &r4].into_iter().collect();
     assert_eq!(all.len(), 4, "duplicate addresses: {r1} {r2} {r3} {r4}");
     env.assert_ping("r4", "r1");
-    endpoints.push(env.endpoint_id("r4", net));
+    endpoints.extend(env.container_links("r4", net));
 
     // Removing everything works and leaves nothing behind.
     env.docker_ok(["rm", "-f", "r1", "r2", "r3", "r4"]);
@@ -104,7 +108,11 @@ fn dockerd_restart_brings_restart_always_containers_back_connected() {
     env.run_container(net, "d1", &["--restart", "always"]);
     env.run_container(net, "d2", &["--restart", "always"]);
     env.assert_ping("d1", "d2");
-    let mut endpoints = vec![env.endpoint_id("d1", net), env.endpoint_id("d2", net)];
+    let mut endpoints = [
+        env.container_links("d1", net),
+        env.container_links("d2", net),
+    ]
+    .concat();
 
     env.restart_dockerd();
 
@@ -126,8 +134,8 @@ fn dockerd_restart_brings_restart_always_containers_back_connected() {
     );
     env.assert_ping("d1", &d2);
     env.assert_ping("d2", "d1");
-    endpoints.push(env.endpoint_id("d1", net));
-    endpoints.push(env.endpoint_id("d2", net));
+    endpoints.extend(env.container_links("d1", net));
+    endpoints.extend(env.container_links("d2", net));
 
     // A new container joins the network (which dockerd never re-created) and reaches them.
     env.run_container(net, "d3", &[]);
@@ -135,7 +143,7 @@ fn dockerd_restart_brings_restart_always_containers_back_connected() {
     assert!(d3 != d1 && d3 != d2, "d3 got {d3}, already used by d1/d2");
     env.assert_ping("d3", "d1");
     env.assert_ping("d3", &d2);
-    endpoints.push(env.endpoint_id("d3", net));
+    endpoints.extend(env.container_links("d3", net));
 
     env.docker_ok(["rm", "-f", "d1", "d2", "d3"]);
     env.docker_ok(["network", "rm", net]);

@@ -116,12 +116,20 @@ async fn create_container(driver: &TestDriver, net_id: &str, ep_id: &str, addr: 
         })
         .await
         .unwrap();
+    // The names the endpoint records (a pool link's, or derived from the ID), as Docker
+    // learns the container end's from Join.
+    let ep = driver
+        .endpoints()
+        .await
+        .into_iter()
+        .find(|e| e.id == ep_id)
+        .unwrap();
     let ns = PeerNs::spawn().unwrap();
     ns.run("sysctl", &["-qw", "net.ipv6.conf.all.disable_ipv6=1"])
         .unwrap();
     ns.run("sysctl", &["-qw", "net.ipv6.conf.default.disable_ipv6=1"])
         .unwrap();
-    let peer = names::peer_veth(ep_id);
+    let peer = ep.peer_veth;
     run(
         "ip",
         &["link", "set", &peer, "netns", &ns.pid().to_string()],
@@ -138,7 +146,7 @@ async fn create_container(driver: &TestDriver, net_id: &str, ep_id: &str, addr: 
     Container {
         ns,
         endpoint_id: ep_id.to_owned(),
-        host_veth: names::host_veth(ep_id),
+        host_veth: ep.host_veth,
         addr: addr.split('/').next().unwrap().to_owned(),
     }
 }
@@ -708,32 +716,45 @@ fn a_policy_over_many_endpoints_costs_its_rules_once_in_the_map() {
     });
 }
 
-/// The spare links of the warm link pool in this namespace: (name, ifindex, up, master).
+/// The spare links of the warm link pool in this namespace: (host end, ifindex, up, master).
+/// A spare's container end is in its pool's link group; a claimed one's is not.
 fn spare_links() -> Vec<(String, u32, bool, String)> {
-    ip_json(&["link", "show"])
-        .as_array()
-        .unwrap()
+    let links = ip_json(&["link", "show"]);
+    let links = links.as_array().unwrap();
+    links
         .iter()
         .filter(|l| {
             l["ifname"]
                 .as_str()
                 .unwrap()
-                .starts_with(names::POOL_HOST_PREFIX)
+                .starts_with(names::POOL_PEER_PREFIX)
+                && l["group"].as_str() != Some("default")
         })
-        .map(|l| {
-            let up = l["flags"]
+        .map(|peer| {
+            let host = links
+                .iter()
+                .find(|l| l["ifname"] == peer["link"])
+                .unwrap_or_else(|| panic!("no host end for {peer}"));
+            let up = host["flags"]
                 .as_array()
                 .unwrap()
                 .iter()
                 .any(|f| f.as_str() == Some("UP"));
             (
-                l["ifname"].as_str().unwrap().to_owned(),
-                u32::try_from(l["ifindex"].as_u64().unwrap()).unwrap(),
+                host["ifname"].as_str().unwrap().to_owned(),
+                u32::try_from(host["ifindex"].as_u64().unwrap()).unwrap(),
                 up,
-                l["master"].as_str().unwrap_or_default().to_owned(),
+                host["master"].as_str().unwrap_or_default().to_owned(),
             )
         })
         .collect()
+}
+
+/// The ifindex of link `name` in this namespace.
+fn link_index(name: &str) -> u64 {
+    ip_json(&["link", "show", "dev", name])[0]["ifindex"]
+        .as_u64()
+        .unwrap()
 }
 
 /// Pinned TCX links left under `bpffs` (one file per program and interface).
@@ -746,10 +767,12 @@ fn pinned_links(bpffs: &Bpffs) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// The warm link pool (`Driver::with_link_pool`): spare pairs sit on the bridge down, with
-/// the programs attached (tc filters) but no endpoint entry; endpoints made from them carry
-/// traffic and enforce a deny; a restart removes the spare links of the last run, and
-/// deleting everything leaves no link and no pin. (Subnet 10.81.1.0/24.)
+/// The warm link pool (`Driver::with_link_pool`): spare pairs sit on the bridge, host end up,
+/// with the programs attached (tc filters) but no endpoint entry and their container ends in
+/// the pool's link group; endpoints claim them under their pool names, carry traffic and
+/// enforce a deny; shutdown and a restart remove the spare links (of the last run) but keep
+/// the claimed ones, and deleting everything leaves no link and no pin.
+/// (Subnet 10.81.1.0/24.)
 #[test]
 fn link_pool_endpoints_enforce_policy_and_nothing_leaks() {
     in_netns(|| async {
@@ -763,7 +786,7 @@ fn link_pool_endpoints_enforce_policy_and_nothing_leaks() {
         let spares = spare_links();
         assert_eq!(spares.len(), 2, "{spares:?}");
         for (name, ifindex, up, master) in &spares {
-            assert!(!up, "spare link {name} is up");
+            assert!(up, "spare link {name} is down");
             assert_eq!(*master, names::bridge(&net_id), "{name} not on the bridge");
             let (attached, registered) = driver
                 .kernel()
@@ -779,9 +802,10 @@ fn link_pool_endpoints_enforce_policy_and_nothing_leaks() {
 
         let a = create_container(&driver, &net_id, &id("a8"), "10.81.1.2/24").await;
         let b = create_container(&driver, &net_id, &id("b8"), "10.81.1.3/24").await;
-        // Both came from the pool: the spare links now carry the endpoints' names.
+        // Both came from the pool and kept its names; their container ends left its group.
         assert!(spare_links().is_empty());
         for c in [&a, &b] {
+            assert!(names::is_pool_host(&c.host_veth), "{}", c.host_veth);
             let link = &ip_json(&["link", "show", "dev", &c.host_veth])[0];
             let ifindex = u32::try_from(link["ifindex"].as_u64().unwrap()).unwrap();
             assert!(
@@ -804,7 +828,14 @@ fn link_pool_endpoints_enforce_policy_and_nothing_leaks() {
         );
         assert!(pings(&b, &a.addr, 1), "allowed direction broken");
 
-        // Spare links of this run are removed by the next one (programs and pins too).
+        // Shutdown removes the spare links (in one request), not the claimed ones.
+        let claimed: Vec<u64> = [&a, &b].iter().map(|c| link_index(&c.host_veth)).collect();
+        assert_eq!(driver.refill_link_pools().await, 2);
+        assert!(driver.drain_link_pools().await.is_empty());
+        assert!(spare_links().is_empty(), "spare links survived the drain");
+        assert!(pings(&b, &a.addr, 1), "claimed links broken by the drain");
+        // Spare links of this run are removed by the next one (programs and pins too); the
+        // claimed ones, recorded under their pool names, are kept.
         assert_eq!(driver.refill_link_pools().await, 2);
         let left: Vec<u32> = spare_links().iter().map(|s| s.1).collect();
         assert_eq!(left.len(), 2);
@@ -813,6 +844,11 @@ fn link_pool_endpoints_enforce_policy_and_nothing_leaks() {
         let report = driver.reconcile().await;
         assert!(report.errors.is_empty(), "reconcile: {:?}", report.errors);
         assert!(spare_links().is_empty(), "spare links survived a restart");
+        let kept: Vec<u64> = [&a, &b].iter().map(|c| link_index(&c.host_veth)).collect();
+        assert_eq!(
+            kept, claimed,
+            "claimed pool links did not survive the restart"
+        );
         let pins = pinned_links(&bpffs);
         for ifindex in left {
             assert!(

@@ -326,13 +326,16 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
     // One endpoint has a container name (the policy's subject); the others stay nameless.
     let engine = engine::FakeEngine::start(&run_dir.join("docker-cp.sock"))?;
     let docker_host = format!("unix://{}", engine.socket.display());
+    // The default pool, named explicitly so that SLUICE_LINK_POOL in the environment does
+    // not change what the row says.
+    let default_pool = report::DEFAULT_LINK_POOL.to_string();
     let daemon = Arc::new(api::Daemon::start(
         sluice,
         &h,
         "sbn-cp",
         run_dir,
         &docker_host,
-        &[],
+        &["--link-pool", &default_pool],
     )?);
     let net = format!("{:0<64}", "c0ffee");
     engine.add(
@@ -342,21 +345,87 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
         &format!("{:06x}{:0<58}", 0, ""),
     );
     daemon.create_network(&net, "10.96.0.0/20", "10.96.0.1/20")?;
-    // The burst starts once the daemon's warm link pool (`--link-pool`, SLUICE_LINK_POOL)
-    // is full, as it is on a daemon that has been up a moment.
-    let spares = wait_link_pool(&h);
-    println!("bench: control plane: {spares} spare links in the pool before the burst");
-    let per = c.endpoints.div_ceil(c.callers);
-    let lat = Arc::new(Mutex::new(Vec::new()));
-    let errors = Arc::new(Mutex::new(Vec::new()));
+    c.spares = wait_link_pool(&h);
+    let (lat, errors) = burst(&daemon, &net, c.endpoints, c.callers);
+    (c.create_join_ms, c.errors) = (lat, errors);
+    (c.create_join_p50_ms, c.create_join_p99_ms) = report::p50_p99(&c.create_join_ms);
     println!(
-        "bench: control plane: {} endpoints by {} concurrent callers",
-        c.endpoints, c.callers
+        "bench: control plane: default --link-pool {}: CreateEndpoint+Join p50 {:.2} ms, p99 {:.2} ms",
+        report::DEFAULT_LINK_POOL,
+        c.create_join_p50_ms.unwrap_or(f64::NAN),
+        c.create_join_p99_ms.unwrap_or(f64::NAN)
     );
-    let (endpoints, callers) = (c.endpoints, c.callers);
+    #[expect(clippy::cast_precision_loss, reason = "KiB count far below 2^52")]
+    let before = daemon.rss_kib()? as f64 / 1024.0;
+    println!(
+        "bench: control plane: RSS before the policy {before:.1} MiB ({})",
+        daemon.rss_breakdown()?
+    );
+    let t = Instant::now();
+    for doc in topo::policy_docs(c.policy_entries, "{name: cp-server}") {
+        daemon.apply_policy(&doc)?;
+    }
+    c.policy_apply_s = Some(t.elapsed().as_secs_f64());
+    std::thread::sleep(Duration::from_secs(1));
+    #[expect(clippy::cast_precision_loss, reason = "KiB count far below 2^52")]
+    let mib = daemon.rss_kib()? as f64 / 1024.0;
+    c.rss_mib = Some(mib);
+    println!(
+        "bench: control plane: policy of {} entries applied in {:.1} s; RSS {mib:.1} MiB ({})",
+        c.policy_entries,
+        c.policy_apply_s.unwrap_or(f64::NAN),
+        daemon.rss_breakdown()?
+    );
+    if let Ok(d) = Arc::try_unwrap(daemon) {
+        lab.daemons.push(d);
+    }
+    // The same burst on a daemon whose pool is sized to it (its own namespace and state).
+    let mut sized = report::SizedPool {
+        link_pool: c.endpoints,
+        ..report::SizedPool::default()
+    };
+    let h2 = lab.netns("cp-h2")?;
+    let pool_arg = c.endpoints.to_string();
+    let daemon = api::Daemon::start(
+        sluice,
+        &h2,
+        "sbn-cp2",
+        run_dir,
+        &docker_host,
+        &["--link-pool", &pool_arg],
+    )?;
+    daemon.create_network(&net, "10.96.0.0/20", "10.96.0.1/20")?;
+    sized.spares = wait_link_pool(&h2);
+    (sized.create_join_ms, sized.errors) = burst(&daemon, &net, c.endpoints, c.callers);
+    (sized.create_join_p50_ms, sized.create_join_p99_ms) = report::p50_p99(&sized.create_join_ms);
+    println!(
+        "bench: control plane: --link-pool {}: CreateEndpoint+Join p50 {:.2} ms, p99 {:.2} ms",
+        sized.link_pool,
+        sized.create_join_p50_ms.unwrap_or(f64::NAN),
+        sized.create_join_p99_ms.unwrap_or(f64::NAN)
+    );
+    c.sized_pool = Some(sized);
+    lab.daemons.push(daemon);
+    Ok(())
+}
+
+/// Waits for the warm link pool (`--link-pool`, SLUICE_LINK_POOL) to fill, as it is on a
+/// daemon that has been up a moment, then makes `endpoints` endpoints on `net`: `callers`
+/// threads in closed loop, each CreateEndpoint then Join. Returns the latency of each pair
+/// (ms) and the failures.
+fn burst(
+    daemon: &api::Daemon,
+    net: &str,
+    endpoints: usize,
+    callers: usize,
+) -> (Vec<f64>, Vec<String>) {
+    let per = endpoints.div_ceil(callers);
+    let lat = Mutex::new(Vec::new());
+    let errors = Mutex::new(Vec::new());
+    println!("bench: control plane: {endpoints} endpoints by {callers} concurrent callers");
     std::thread::scope(|s| {
         for caller in 0..callers {
-            let (daemon, lat, errors, net) = (&daemon, &lat, &errors, &net);
+            let (lat, errors) = (&lat, &errors);
             s.spawn(move || {
                 for j in 0..per {
                     let n = caller * per + j;
@@ -385,46 +454,13 @@ fn control_inner(sluice: &Path, run_dir: &Path, c: &mut Control) -> Result<()> {
             });
         }
     });
-    c.create_join_ms = lat.lock().map(|l| l.clone()).unwrap_or_default();
-    let (p50, p99) = report::p50_p99(&c.create_join_ms);
-    c.create_join_p50_ms = p50;
-    c.create_join_p99_ms = p99;
-    if let Ok(e) = errors.lock()
-        && let Some(first) = e.first()
-    {
-        c.errors
-            .push(format!("{} calls failed, first: {first}", e.len()));
-    }
-    println!(
-        "bench: control plane: CreateEndpoint+Join p50 {:.2} ms, p99 {:.2} ms",
-        p50.unwrap_or(f64::NAN),
-        p99.unwrap_or(f64::NAN)
-    );
-    #[expect(clippy::cast_precision_loss, reason = "KiB count far below 2^52")]
-    let before = daemon.rss_kib()? as f64 / 1024.0;
-    println!(
-        "bench: control plane: RSS before the policy {before:.1} MiB ({})",
-        daemon.rss_breakdown()?
-    );
-    let t = Instant::now();
-    for doc in topo::policy_docs(c.policy_entries, "{name: cp-server}") {
-        daemon.apply_policy(&doc)?;
-    }
-    c.policy_apply_s = Some(t.elapsed().as_secs_f64());
-    std::thread::sleep(Duration::from_secs(1));
-    #[expect(clippy::cast_precision_loss, reason = "KiB count far below 2^52")]
-    let mib = daemon.rss_kib()? as f64 / 1024.0;
-    c.rss_mib = Some(mib);
-    println!(
-        "bench: control plane: policy of {} entries applied in {:.1} s; RSS {mib:.1} MiB ({})",
-        c.policy_entries,
-        c.policy_apply_s.unwrap_or(f64::NAN),
-        daemon.rss_breakdown()?
-    );
-    if let Ok(d) = Arc::try_unwrap(daemon) {
-        lab.daemons.push(d);
-    }
-    Ok(())
+    let lat = lat.into_inner().unwrap_or_default();
+    let errors = errors.into_inner().unwrap_or_default();
+    let errors = match errors.first() {
+        Some(first) => vec![format!("{} calls failed, first: {first}", errors.len())],
+        None => Vec::new(),
+    };
+    (lat, errors)
 }
 
 /// Waits (at most 60 s) until the spare links (`slvp…`) in namespace `ns` stop growing for
