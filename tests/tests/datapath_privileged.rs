@@ -551,9 +551,22 @@ fn run_conntrack_lets_replies_through_both_ways() {
     assert_eq!(lab.receives(lab.a, &v6_rep), TC_ACT_OK);
 
     // Removing the endpoint forgets its flows.
+    let slot = lab.dp.endpoint(lab.a).unwrap().unwrap().slot;
     lab.dp.remove_endpoint(lab.a).unwrap();
     assert!(lab.dp.conntrack_entries(lab.a).unwrap().is_empty());
     assert_eq!(lab.dp.read_counters(lab.a).unwrap(), Default::default());
+    // The next endpoint gets its counter slot, counting from zero.
+    lab.dp
+        .set_endpoint(lab.a, EndpointInfo::new(A_ID, NET1, 0))
+        .unwrap();
+    assert_eq!(lab.dp.endpoint(lab.a).unwrap().unwrap().slot, slot);
+    assert_eq!(lab.dp.read_counters(lab.a).unwrap(), Default::default());
+    assert_eq!(lab.sends(lab.a, &v4_req), TC_ACT_OK);
+    let c = lab.dp.read_counters(lab.a).unwrap();
+    assert_eq!(
+        (c.egress.allowed.packets, c.ingress.allowed.packets),
+        (1, 0)
+    );
 }
 
 #[test]
@@ -1262,9 +1275,13 @@ fn traffic_pinned_state_survives_a_daemon_restart() {
     // A new daemon adopts the maps (the endpoint and its flags are still there) and swaps its
     // programs into the existing links.
     let mut dp = Datapath::load(&config).unwrap();
+    let adopted = dp.endpoint(t.h2).unwrap().unwrap();
     assert_eq!(
-        dp.endpoint(t.h2).unwrap().unwrap(),
-        endpoint_info(B_ID, EP_INGRESS_ENFORCED)
+        adopted,
+        EndpointInfo {
+            slot: adopted.slot,
+            ..endpoint_info(B_ID, EP_INGRESS_ENFORCED)
+        }
     );
     let denied_before = dp.read_counters(t.h2).unwrap().ingress.denied.packets;
     assert!(denied_before >= 2);

@@ -426,7 +426,13 @@ fn bench(args: &bench::BenchArgs) -> Result<ExitCode> {
                 .args(["build", "--release", "-p", "sluice-plugin"])
                 .env("SLUICE_EBPF_REQUIRED", "1"),
         )?;
-        sluice = Some(target_dir(&root)?.join("release").join("sluice"));
+        // `SLUICE_BENCH_BIN`: another build of the daemon (a before/after pair in one minute).
+        sluice = Some(
+            match std::env::var_os("SLUICE_BENCH_BIN").filter(|b| !b.is_empty()) {
+                Some(bin) => PathBuf::from(bin),
+                None => target_dir(&root)?.join("release").join("sluice"),
+            },
+        );
     }
     let code = bench::bench(args, &root, sluice)?;
     Ok(if ok { code } else { ExitCode::FAILURE })

@@ -44,7 +44,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use aya::maps::lpm_trie::Key;
-use aya::maps::{Array, HashMap, LpmTrie, Map, MapData, MapType, PerCpuHashMap, RingBuf};
+use aya::maps::{
+    Array, HashMap, LpmTrie, Map, MapData, MapType, PerCpuArray, PerCpuValues, RingBuf,
+};
 use aya::programs::links::{FdLink, LinkError, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, SchedClassifierLinkId, TcAttachOptions};
 use aya::programs::{
@@ -53,13 +55,13 @@ use aya::programs::{
 use aya::{Ebpf, EbpfLoader};
 use ipnetwork::IpNetwork;
 use sluice_common::{
-    CounterKey, CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, Decap, EndpointInfo,
+    CounterValue, CtKey, CtValue, DIR_EGRESS, DIR_INGRESS, Decap, EndpointInfo,
     IDENTITY_FIRST_CIDR, IDENTITY_LAST_CIDR, IpInfo, IpKey, MAP_BRIDGED, MAP_CONNTRACK,
     MAP_COUNTERS, MAP_DECAP, MAP_ENDPOINTS, MAP_EVENT_RATE, MAP_EVENTS, MAP_IPCACHE, MAP_LOCAL,
     MAP_NAMES, MAP_NEIGH, MAP_OVERLAY, MAP_POLICY, MAP_SETTINGS, MAP_TUNNELS, MAP_VTEPS, Neigh,
     PROG_EGRESS, PROG_INGRESS, PROG_OVERLAY, PROG_SANDBOX_EGRESS, PROG_SANDBOX_INGRESS,
     PROG_UNDERLAY, PolicyKey, PolicyValue, Settings, Tunnel, VERDICT_ALLOW, VERDICT_DENY, Vtep,
-    decap_key,
+    counter_index, decap_key,
 };
 use tracing::{debug, info, warn};
 
@@ -75,7 +77,7 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 /// Default pin directory (on the host's bpffs).
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/sluice";
 /// Version of the map layouts in `sluice-common`; bump on any layout change.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 /// `statfs` magic of bpffs (`BPF_FS_MAGIC`, include/uapi/linux/magic.h).
 const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 
@@ -532,11 +534,7 @@ fn expected_layout(name: &str) -> Option<(MapType, u32, u32)> {
             size(size_of::<CtKey>()),
             size(size_of::<CtValue>()),
         ),
-        MAP_COUNTERS => (
-            MapType::PerCpuHash,
-            size(size_of::<CounterKey>()),
-            size(size_of::<CounterValue>()),
-        ),
+        MAP_COUNTERS => (MapType::PerCpuArray, 4, size(size_of::<CounterValue>())),
         MAP_EVENTS => (MapType::RingBuf, 0, 0),
         MAP_LOCAL => (MapType::Hash, size(size_of::<IpKey>()), 4),
         MAP_BRIDGED => (MapType::LruHash, size(size_of::<CtKey>()), 8),
@@ -573,7 +571,9 @@ pub struct Datapath {
     ipcache: LpmTrie<MapData, IpKey, IpInfo>,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
     conntrack: HashMap<MapData, CtKey, CtValue>,
-    counters: PerCpuHashMap<MapData, CounterKey, CounterValue>,
+    counters: PerCpuArray<MapData, CounterValue>,
+    /// Each registered endpoint's slot in `COUNTERS` (mirrors `ENDPOINTS`' `slot` fields).
+    slots: CounterSlots,
     settings: Array<MapData, Settings>,
     events: Option<RingBuf<MapData>>,
     pins: Option<Pins>,
@@ -613,6 +613,62 @@ fn mirror_of<K: Ord, V>(entries: impl IntoIterator<Item = (K, V)>) -> Mirror<K, 
     m.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     m.shrink_to_fit();
     m
+}
+
+/// Which `COUNTERS` slot each endpoint holds ([`EndpointInfo::slot`]), and which are free:
+/// the programs index a per-CPU array by slot instead of looking a per-CPU hash up.
+#[derive(Debug)]
+struct CounterSlots {
+    /// Slots `COUNTERS` has room for (four counters each).
+    capacity: u32,
+    of: StdHashMap<u32, u32>,
+    /// Released slots, reused first.
+    free: Vec<u32>,
+    /// Slots `next..capacity` were never handed out.
+    next: u32,
+}
+
+impl CounterSlots {
+    /// `held`: (ifindex, slot) of the endpoints already registered (adopted pins).
+    fn new(capacity: u32, held: impl IntoIterator<Item = (u32, u32)>) -> Self {
+        let of: StdHashMap<u32, u32> = held
+            .into_iter()
+            .filter(|&(_, slot)| slot < capacity)
+            .collect();
+        let next = of.values().max().map_or(0, |m| m + 1);
+        let taken: std::collections::HashSet<u32> = of.values().copied().collect();
+        let free = (0..next).rev().filter(|s| !taken.contains(s)).collect();
+        Self {
+            capacity,
+            of,
+            free,
+            next,
+        }
+    }
+
+    fn of(&self, ifindex: u32) -> Option<u32> {
+        self.of.get(&ifindex).copied()
+    }
+
+    /// A free slot for `ifindex`; `None` when all are taken.
+    fn take(&mut self, ifindex: u32) -> Option<u32> {
+        let slot = match self.free.pop() {
+            Some(slot) => slot,
+            None if self.next < self.capacity => {
+                self.next += 1;
+                self.next - 1
+            }
+            None => return None,
+        };
+        self.of.insert(ifindex, slot);
+        Some(slot)
+    }
+
+    fn release(&mut self, ifindex: u32) {
+        if let Some(slot) = self.of.remove(&ifindex) {
+            self.free.push(slot);
+        }
+    }
 }
 
 fn take_map(ebpf: &mut Ebpf, name: &'static str) -> Result<Map> {
@@ -711,8 +767,9 @@ impl Datapath {
             }
         }
 
-        let endpoints = HashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)
-            .map_err(map_err("open", MAP_ENDPOINTS))?;
+        let endpoints: HashMap<MapData, u32, EndpointInfo> =
+            HashMap::try_from(take_map(&mut ebpf, MAP_ENDPOINTS)?)
+                .map_err(map_err("open", MAP_ENDPOINTS))?;
         let local = HashMap::try_from(take_map(&mut ebpf, MAP_LOCAL)?)
             .map_err(map_err("open", MAP_LOCAL))?;
         let bridged = HashMap::try_from(take_map(&mut ebpf, MAP_BRIDGED)?)
@@ -731,8 +788,16 @@ impl Datapath {
             .map_err(map_err("open", MAP_POLICY))?;
         let conntrack = HashMap::try_from(take_map(&mut ebpf, MAP_CONNTRACK)?)
             .map_err(map_err("open", MAP_CONNTRACK))?;
-        let counters = PerCpuHashMap::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, MAP_COUNTERS)?)
             .map_err(map_err("open", MAP_COUNTERS))?;
+        // Adopted pins: the slots their endpoints hold stay theirs.
+        let slots = CounterSlots::new(
+            counters.len() / 4,
+            endpoints
+                .iter()
+                .filter_map(std::result::Result::ok)
+                .map(|(ifindex, info)| (ifindex, info.slot)),
+        );
         let settings = Array::try_from(take_map(&mut ebpf, MAP_SETTINGS)?)
             .map_err(map_err("open", MAP_SETTINGS))?;
         let events = RingBuf::try_from(take_map(&mut ebpf, MAP_EVENTS)?)
@@ -752,6 +817,7 @@ impl Datapath {
             policy,
             conntrack,
             counters,
+            slots,
             settings,
             events: Some(events),
             pins,
@@ -1259,9 +1325,17 @@ impl Datapath {
     }
 
     fn set_endpoint_with(&mut self, ifindex: u32, info: EndpointInfo, fast: bool) -> Result<()> {
-        self.endpoints
-            .insert(ifindex, info, 0)
-            .map_err(map_err(format!("set endpoint {ifindex}"), MAP_ENDPOINTS))?;
+        let (slot, new) = match self.slots.of(ifindex) {
+            Some(slot) => (slot, false),
+            None => (self.new_slot(ifindex)?, true),
+        };
+        let info = EndpointInfo { slot, ..info };
+        if let Err(e) = self.endpoints.insert(ifindex, info, 0) {
+            if new {
+                self.slots.release(ifindex);
+            }
+            return Err(map_err(format!("set endpoint {ifindex}"), MAP_ENDPOINTS)(e));
+        }
         for key in local_keys(&info) {
             if fast {
                 self.local
@@ -1269,6 +1343,51 @@ impl Datapath {
                     .map_err(map_err(format!("set fast path to {ifindex}"), MAP_LOCAL))?;
             } else {
                 self.remove_local(key, ifindex)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A free `COUNTERS` slot for `ifindex`, its counters zeroed (a previous holder's, or
+    /// an older run's, must not show up as this endpoint's).
+    fn new_slot(&mut self, ifindex: u32) -> Result<u32> {
+        let capacity = self.slots.capacity;
+        let slot = self.slots.take(ifindex).ok_or_else(|| DatapathError::Map {
+            op: format!("counters of endpoint {ifindex}: all {capacity} slots taken"),
+            map: MAP_COUNTERS,
+            source: aya::maps::MapError::OutOfBounds {
+                index: capacity * 4,
+                max_entries: capacity * 4,
+            },
+        })?;
+        let result = self.zero_counters(slot);
+        if let Err(e) = result {
+            self.slots.release(ifindex);
+            return Err(e);
+        }
+        Ok(slot)
+    }
+
+    /// Zeroes the four counters of `slot` on every CPU.
+    fn zero_counters(&mut self, slot: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(_, e)| e);
+        for dir in [DIR_INGRESS, DIR_EGRESS] {
+            for verdict in [VERDICT_ALLOW, VERDICT_DENY] {
+                let zeroed = cpus
+                    .as_ref()
+                    .map_err(|e| io::Error::new(e.kind(), e.to_string()))
+                    .and_then(|&n| PerCpuValues::try_from(vec![CounterValue::default(); n]))
+                    .map_err(|io_error| DatapathError::Map {
+                        op: "zero counters".into(),
+                        map: MAP_COUNTERS,
+                        source: aya::maps::MapError::SyscallError(aya::sys::SyscallError {
+                            call: "nr_cpus",
+                            io_error,
+                        }),
+                    })?;
+                self.counters
+                    .set(counter_index(slot, dir, verdict), zeroed, 0)
+                    .map_err(map_err("zero counters", MAP_COUNTERS))?;
             }
         }
         Ok(())
@@ -1336,18 +1455,8 @@ impl Datapath {
             Err(e) if is_not_found(&e) => {}
             Err(e) => return Err(map_err(format!("remove endpoint {ifindex}"), MAP_ENDPOINTS)(e)),
         }
-        for dir in [DIR_INGRESS, DIR_EGRESS] {
-            for verdict in [VERDICT_ALLOW, VERDICT_DENY] {
-                match self
-                    .counters
-                    .remove(&CounterKey::new(ifindex, dir, verdict))
-                {
-                    Ok(()) => {}
-                    Err(e) if is_not_found(&e) => {}
-                    Err(e) => return Err(map_err("remove counters", MAP_COUNTERS)(e)),
-                }
-            }
-        }
+        // The slot's counters are zeroed when it is handed out again.
+        self.slots.release(ifindex);
         self.flush_conntrack(Some(ifindex))?;
         let bridged: Vec<CtKey> = self
             .bridged
@@ -1605,11 +1714,12 @@ impl Datapath {
     /// # Errors
     /// If the map read fails.
     pub fn read_counters(&self, ifindex: u32) -> Result<EndpointCounters> {
+        let slot = self.slots.of(ifindex);
         let read = |dir: u8, verdict: u8| -> Result<CounterValue> {
-            match self
-                .counters
-                .get(&CounterKey::new(ifindex, dir, verdict), 0)
-            {
+            let Some(slot) = slot else {
+                return Ok(CounterValue::default());
+            };
+            match self.counters.get(&counter_index(slot, dir, verdict), 0) {
                 Ok(per_cpu) => {
                     Ok(per_cpu
                         .iter()
@@ -1789,4 +1899,24 @@ fn interface_name(ifindex: u32) -> Result<String> {
         .find(|i| i.index() == ifindex)
         .map(|i| i.name().to_string_lossy().into_owned())
         .ok_or(DatapathError::NoSuchInterface(ifindex))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CounterSlots;
+
+    #[test]
+    fn counter_slots_are_unique_reused_and_bounded() {
+        // Adopted: ifindex 7 holds slot 2, 9 holds 0; slot 1 is free.
+        let mut slots = CounterSlots::new(4, [(7, 2), (9, 0)]);
+        assert_eq!(slots.of(7), Some(2));
+        assert_eq!(slots.take(10), Some(1));
+        assert_eq!(slots.take(11), Some(3));
+        assert_eq!(slots.take(12), None, "capacity 4");
+        slots.release(7);
+        slots.release(7);
+        assert_eq!(slots.of(7), None);
+        assert_eq!(slots.take(12), Some(2));
+        assert_eq!(slots.take(13), None);
+    }
 }

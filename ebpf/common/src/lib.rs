@@ -24,7 +24,8 @@ pub const MAP_IPCACHE: &str = "IPCACHE";
 pub const MAP_POLICY: &str = "POLICY";
 /// Map: [`CtKey`] → [`CtValue`]. LRU hash.
 pub const MAP_CONNTRACK: &str = "CONNTRACK";
-/// Map: [`CounterKey`] → [`CounterValue`]. Per-CPU hash.
+/// Map: [`counter_index`] (the endpoint's [`EndpointInfo::slot`], direction, verdict) →
+/// [`CounterValue`]. Per-CPU array: the programs bump a counter without a hash lookup.
 pub const MAP_COUNTERS: &str = "COUNTERS";
 /// Map: ring buffer of [`DropEvent`]s.
 pub const MAP_EVENTS: &str = "EVENTS";
@@ -311,8 +312,11 @@ pub struct EndpointInfo {
     /// same set of policies selects share one subject, so `POLICY` holds rules × distinct
     /// rule sets, not rules × endpoints. [`SUBJECT_NONE`] when no policy selects it.
     pub subject: u32,
+    /// The endpoint's slot in [`MAP_COUNTERS`] (see [`counter_index`]), unique among the
+    /// registered endpoints; the loader assigns it, whatever the caller passes.
+    pub slot: u32,
 }
-const _: () = assert!(size_of::<EndpointInfo>() == 36);
+const _: () = assert!(size_of::<EndpointInfo>() == 40);
 
 /// [`EndpointInfo::subject`] of an endpoint no policy selects (no `POLICY` entry has it).
 pub const SUBJECT_NONE: u32 = 0;
@@ -329,6 +333,7 @@ impl EndpointInfo {
             ipv4: [0; 4],
             ipv6: [0; 16],
             subject: identity,
+            slot: 0,
         }
     }
 
@@ -505,32 +510,11 @@ const _: () = assert!(size_of::<CtValue>() == 16);
 // ---------------------------------------------------------------------------------------------
 // COUNTERS
 
-/// Key of [`MAP_COUNTERS`].
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
-pub struct CounterKey {
-    /// Host-side veth of the endpoint.
-    pub ifindex: u32,
-    /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
-    pub direction: u8,
-    /// [`VERDICT_ALLOW`] or [`VERDICT_DENY`].
-    pub verdict: u8,
-    /// Zero.
-    pub _pad: [u8; 2],
-}
-const _: () = assert!(size_of::<CounterKey>() == 8);
-
-impl CounterKey {
-    /// A key with zeroed padding.
-    #[must_use]
-    pub const fn new(ifindex: u32, direction: u8, verdict: u8) -> Self {
-        Self {
-            ifindex,
-            direction,
-            verdict,
-            _pad: [0; 2],
-        }
-    }
+/// Index in [`MAP_COUNTERS`] of the counter of the endpoint in slot `slot`
+/// ([`EndpointInfo::slot`]) for direction `direction` and verdict `verdict`: four per slot.
+#[must_use]
+pub const fn counter_index(slot: u32, direction: u8, verdict: u8) -> u32 {
+    slot * 4 + ((direction as u32 & 1) << 1) + (verdict as u32 & 1)
 }
 
 /// Value of [`MAP_COUNTERS`] (per CPU; the loader sums them).
@@ -621,15 +605,15 @@ const _: () = assert!(size_of::<RateState>() == 24);
 #[cfg(feature = "user")]
 mod pod {
     use super::{
-        CounterKey, CounterValue, CtKey, CtValue, Decap, DropEvent, EndpointInfo, IpInfo, IpKey,
-        Neigh, PolicyKey, PolicyValue, RateState, Settings, Tunnel, Vtep,
+        CounterValue, CtKey, CtValue, Decap, DropEvent, EndpointInfo, IpInfo, IpKey, Neigh,
+        PolicyKey, PolicyValue, RateState, Settings, Tunnel, Vtep,
     };
 
     // SAFETY: `aya::Pod` requires a `Copy + 'static` type that is valid for every bit pattern
     // and has no uninitialised bytes. Each type below is `#[repr(C)]`, holds only integers
     // and integer arrays (valid for any bits), and has a compile-time assertion in this crate
     // that its size equals the sum of its fields, so it has no implicit padding. Here:
-    // EndpointInfo = three u32s + [u8; 4] + [u8; 16] + u32 = 36 bytes.
+    // EndpointInfo = three u32s + [u8; 4] + [u8; 16] + two u32s = 40 bytes.
     unsafe impl aya::Pod for EndpointInfo {}
     // SAFETY: as above (16 bytes of u8s; asserted).
     unsafe impl aya::Pod for IpKey {}
@@ -651,8 +635,6 @@ mod pod {
     unsafe impl aya::Pod for CtKey {}
     // SAFETY: as above (u64 + u8 + [u8; 7]; asserted).
     unsafe impl aya::Pod for CtValue {}
-    // SAFETY: as above (u32 + u8 + u8 + [u8; 2]; asserted).
-    unsafe impl aya::Pod for CounterKey {}
     // SAFETY: as above (two u64s; asserted).
     unsafe impl aya::Pod for CounterValue {}
     // SAFETY: as above (64 bytes, explicit `_pad`; asserted).
@@ -690,10 +672,28 @@ mod tests {
         assert_eq!(offset_of!(EndpointInfo, ipv4), 12);
         assert_eq!(offset_of!(EndpointInfo, ipv6), 16);
         assert_eq!(offset_of!(EndpointInfo, subject), 32);
+        assert_eq!(offset_of!(EndpointInfo, slot), 36);
         let e =
             EndpointInfo::new(300, 1, EP_SOURCE_CHECK).with_addresses(Some([10, 0, 0, 1]), None);
         assert_eq!(e.ipv4, [10, 0, 0, 1]);
         assert_eq!(e.ipv6, [0; 16]);
+    }
+
+    #[test]
+    fn each_slot_has_four_counters_of_its_own() {
+        let mut seen = std::collections::BTreeSet::new();
+        for slot in [0, 1, DEFAULT_MAX_ENDPOINTS - 1] {
+            for dir in [DIR_INGRESS, DIR_EGRESS] {
+                for verdict in [VERDICT_ALLOW, VERDICT_DENY] {
+                    let i = counter_index(slot, dir, verdict);
+                    assert!(
+                        i / 4 == slot && i < DEFAULT_MAX_COUNTERS,
+                        "{slot} {dir} {verdict}"
+                    );
+                    assert!(seen.insert(i));
+                }
+            }
+        }
     }
 
     #[test]

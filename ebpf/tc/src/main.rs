@@ -39,8 +39,9 @@
 //!    `bpf_redirect_peer`ed into the receiver's namespace. Received through the bridge from
 //!    such an endpoint: the flow goes into `BRIDGED`.
 //!
-//! Every verdict bumps `COUNTERS[ifindex, dir, verdict]` (per-CPU hash); every drop emits a
-//! `DropEvent` to `EVENTS` if the per-CPU token bucket (`EVENT_RATE`, `SETTINGS`) allows.
+//! Every verdict bumps `COUNTERS[counter_index(endpoint's slot, dir, verdict)]` (per-CPU
+//! array); every drop emits a `DropEvent` to `EVENTS` if the per-CPU token bucket
+//! (`EVENT_RATE`, `SETTINGS`) allows.
 //! So a packet costs at most: `ENDPOINTS` (hash), `IPCACHE` (LPM), `CONNTRACK` (LRU hash),
 //! two `POLICY` lookups (LPM), one `CONNTRACK` insert and one `COUNTERS` update, plus
 //! `SETTINGS`, `EVENT_RATE` and a ring-buffer reserve on drops, whatever the number of rules:
@@ -63,21 +64,19 @@ mod packet;
 mod programs {
     use aya_ebpf::bindings::{
         BPF_ANY, BPF_CSUM_LEVEL_QUERY, BPF_F_ADJ_ROOM_ENCAP_L2_ETH, BPF_F_ADJ_ROOM_ENCAP_L3_IPV4,
-        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, BPF_NOEXIST,
-        TC_ACT_OK, TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibLookup,
+        BPF_F_ADJ_ROOM_ENCAP_L4_UDP, BPF_FIB_LKUP_RET_SUCCESS, BPF_FIB_LOOKUP_OUTPUT, TC_ACT_OK,
+        TC_ACT_SHOT, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC, bpf_fib_lookup as FibLookup,
     };
     use aya_ebpf::helpers::{
         bpf_csum_level, bpf_fib_lookup, bpf_get_hash_recalc, bpf_get_prandom_u32, bpf_ktime_get_ns,
-        bpf_redirect, bpf_redirect_peer,
+        bpf_redirect, bpf_redirect_peer, bpf_skb_load_bytes, bpf_skb_store_bytes,
     };
     use aya_ebpf::macros::{classifier, map};
     use aya_ebpf::maps::lpm_trie::Key;
-    use aya_ebpf::maps::{
-        Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, PerCpuHashMap, RingBuf,
-    };
+    use aya_ebpf::maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, RingBuf};
     use aya_ebpf::programs::TcContext;
     use sluice_common::{
-        CounterKey, CounterValue, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_BYTES,
+        CounterValue, CtKey, CtValue, DEFAULT_EVENTS_BURST, DEFAULT_EVENTS_BYTES,
         DEFAULT_EVENTS_PER_SEC, DEFAULT_MAX_BRIDGED, DEFAULT_MAX_CONNTRACK, DEFAULT_MAX_COUNTERS,
         DEFAULT_MAX_ENDPOINTS, DEFAULT_MAX_IPCACHE, DEFAULT_MAX_NEIGH, DEFAULT_MAX_OVERLAY,
         DEFAULT_MAX_POLICY, DEFAULT_MAX_VTEPS, DIR_EGRESS, DIR_INGRESS, Decap, DropEvent,
@@ -86,8 +85,10 @@ mod programs {
         POLICY_PREFIX_FULL, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PolicyKey, PolicyValue,
         REASON_DEFAULT_DENY, REASON_IDENTITY_PENDING, REASON_ISOLATION, REASON_MALFORMED,
         REASON_NOT_IP, REASON_POLICY_DENY, REASON_SPOOFED, RateState, Settings, Tunnel,
-        VERDICT_ALLOW, VERDICT_DENY, Vtep, decap_key, neigh_key,
+        VERDICT_ALLOW, VERDICT_DENY, Vtep, counter_index, decap_key, neigh_key,
     };
+
+    use core::mem::MaybeUninit;
 
     use crate::packet::{ETH_HLEN, Frame, Packet, parse};
 
@@ -107,8 +108,8 @@ mod programs {
         LruHashMap::with_max_entries(DEFAULT_MAX_CONNTRACK, 0);
 
     #[map]
-    static COUNTERS: PerCpuHashMap<CounterKey, CounterValue> =
-        PerCpuHashMap::with_max_entries(DEFAULT_MAX_COUNTERS, 0);
+    static COUNTERS: PerCpuArray<CounterValue> =
+        PerCpuArray::with_max_entries(DEFAULT_MAX_COUNTERS, 0);
 
     /// Endpoint address on this host → its host veth's ifindex (the fast path; empty = off).
     #[map]
@@ -228,38 +229,44 @@ mod programs {
             return Ok(TC_ACT_OK);
         };
         let len = u64::from(ctx.len());
-        let mut pkt = Packet::EMPTY;
-        let (verdict, parsed) = match parse(ctx.skb.skb, 0, &mut pkt) {
-            Ok(Frame::Ip) => (decide(ep, ifindex, dir, &pkt), true),
-            Ok(Frame::Neighbour) => (Ok(()), false),
-            Ok(Frame::NotIp) => {
+        let mut slot = MaybeUninit::<Packet>::uninit();
+        let frame = parse(ctx.skb.skb, 0, &mut slot);
+        let pkt = match frame {
+            // SAFETY: `parse` returns `Frame::Ip` only after writing the packet.
+            Ok(Frame::Ip) => Some(unsafe { slot.assume_init_ref() }),
+            _ => None,
+        };
+        let verdict = match (frame, pkt) {
+            (Ok(Frame::Ip), Some(pkt)) => decide(ep, ifindex, dir, pkt),
+            (Ok(Frame::Neighbour), _) => Ok(()),
+            (Ok(Frame::NotIp), _) => {
                 let strict = enforced_flag(dir) | EP_IDENTITY_PENDING;
                 if ep.flags & strict == 0 {
-                    (Ok(()), false)
+                    Ok(())
                 } else {
-                    (Err(drop(REASON_NOT_IP)), false)
+                    Err(drop(REASON_NOT_IP))
                 }
             }
-            Err(_) => (Err(drop(REASON_MALFORMED)), false),
+            (Ok(Frame::Ip), None) | (Err(_), _) => Err(drop(REASON_MALFORMED)),
         };
         match verdict {
             Ok(()) => {
-                count(ifindex, dir, VERDICT_ALLOW, len);
-                if veth && parsed {
+                count(ep, dir, VERDICT_ALLOW, len);
+                if veth && let Some(pkt) = pkt {
                     if dir == DIR_EGRESS {
-                        let action = fast_path(ctx.skb.skb, ep, ifindex, &pkt);
+                        let action = fast_path(ctx.skb.skb, ep, ifindex, pkt);
                         if action != NOT_FAST {
                             return Ok(action);
                         }
                     } else {
-                        note_bridged(ep, ifindex, &pkt);
+                        note_bridged(ep, ifindex, pkt);
                     }
                 }
                 Ok(TC_ACT_OK)
             }
             Err(why) => {
-                count(ifindex, dir, VERDICT_DENY, len);
-                emit_drop(ifindex, dir, &why, parsed.then_some(&pkt));
+                count(ep, dir, VERDICT_DENY, len);
+                emit_drop(ifindex, dir, &why, pkt);
                 Err(TC_ACT_SHOT)
             }
         }
@@ -295,7 +302,7 @@ mod programs {
         if BRIDGED.get_ptr(&ct_key(ifindex, DIR_EGRESS, pkt)).is_some() {
             return NOT_FAST;
         }
-        deliver(skb, peer_ifindex, peer, pkt, 0)
+        deliver(skb, peer_ifindex, peer, pkt, None)
     }
 
     /// `mode=vxlan`: a packet to an endpoint of the same network on another host (`VTEPS`)
@@ -313,11 +320,7 @@ mod programs {
         if vtep.network != network {
             return NOT_FAST;
         }
-        let ctx = TcContext::new(skb);
-        let Ok(first) = ctx.load::<u8>(0) else {
-            return NOT_FAST;
-        };
-        if first & 1 != 0 {
+        if !pkt.unicast {
             return NOT_FAST;
         }
         if tunnel.underlay != 0 && vtep.ipv4 != [0; 4] && pkt.family == FAMILY_V4 {
@@ -342,13 +345,45 @@ mod programs {
     const SPORT_MIN: u64 = 32_768;
     const SPORT_MAX: u64 = 60_999;
 
+    /// The headers [`encapsulate`] writes in front of the inner frame ([`OUTER_WRITTEN`]
+    /// bytes), built in place field by field: this toolchain turns a zero-filled buffer into
+    /// a call to an out-of-line, byte-at-a-time `memset`, and a struct literal of this size
+    /// into a spill of every byte (issue 6: both showed in the VXLAN profile).
+    #[repr(C)]
+    struct Outer {
+        dmac: [u8; 6],
+        smac: [u8; 6],
+        ethertype: [u8; 2],
+        ver_tos: [u8; 2],
+        ip_len: [u8; 2],
+        id: [u8; 2],
+        frag: [u8; 2],
+        ttl_proto: [u8; 2],
+        ip_csum: [u8; 2],
+        saddr: [u8; 4],
+        daddr: [u8; 4],
+        sport: [u8; 2],
+        dport: [u8; 2],
+        udp_len: [u8; 2],
+        udp_csum: [u8; 2],
+        vxlan_flags: [u8; 4],
+        vni: [u8; 4],
+        /// The inner Ethernet header, loaded in place, and the inner IPv4 header's version
+        /// and TOS bytes (read for the outer TOS, not written back).
+        inner: [u8; ETH_HLEN + 2],
+    }
+    /// Bytes of [`Outer`] written to the packet: all but the inner IPv4 header's two.
+    const OUTER_WRITTEN: usize = ETH_HLEN + VXLAN_ROOM;
+    const _: () = assert!(core::mem::size_of::<Outer>() == OUTER_WRITTEN + 2);
+
     /// Encapsulates an IPv4 frame as the network's VXLAN device would (same VNI, port,
     /// TTL 64, no DF, ECN copied, source port from the flow hash in the kernel's default
     /// range), except for the UDP checksum: 0, as RFC 7348 recommends and every receiver
-    /// accepts (the kernel device computes one by default) and redirects it to the underlay's egress. [`NOT_FAST`] with
-    /// the packet untouched when the route to the VTEP does not leave through the underlay,
-    /// its neighbour is not resolved yet, the packet is GSO or would exceed the underlay's
-    /// MTU: the VXLAN device handles those (and resolves the neighbour).
+    /// accepts (the kernel device computes one by default) and redirects it to the underlay's
+    /// egress. [`NOT_FAST`] with the packet untouched when the route to the VTEP does not
+    /// leave through the underlay, its neighbour is not resolved yet, the packet is GSO or
+    /// would exceed the underlay's MTU: the VXLAN device handles those (and resolves the
+    /// neighbour).
     #[inline(never)]
     fn encapsulate(skb: *mut aya_ebpf::bindings::__sk_buff, tunnel: &Tunnel, vtep: [u8; 4]) -> i32 {
         let ctx = TcContext::new(skb);
@@ -362,19 +397,9 @@ mod programs {
         if ip_len > tunnel.mtu as usize || ip_len > 0xffff {
             return NOT_FAST;
         }
-        let mut hop = Neigh::default();
-        if !next_hop(skb, tunnel, vtep, &mut hop) {
-            return NOT_FAST;
-        }
-        let Ok(inner_eth) = ctx.load::<[u8; ETH_HLEN]>(0) else {
+        let Some(hop) = next_hop(skb, tunnel, vtep) else {
             return NOT_FAST;
         };
-        let Ok(inner_tos) = ctx.load::<u8>(ETH_HLEN + 1) else {
-            return NOT_FAST;
-        };
-        // ECN as `INET_ECN_encapsulate`: copied, but CE becomes ECT(0).
-        let ecn = inner_tos & 3;
-        let tos = if ecn == 3 { 2 } else { ecn };
         // SAFETY: no preconditions; the hash is the skb's flow hash.
         let mut hash = unsafe { bpf_get_hash_recalc(skb) };
         hash ^= hash << 16;
@@ -382,29 +407,60 @@ mod programs {
         // SAFETY: no preconditions.
         let id = unsafe { bpf_get_prandom_u32() } as u16;
 
-        let mut h = [0u8; ETH_HLEN + VXLAN_ROOM];
-        h[0..6].copy_from_slice(&hop.dmac);
-        h[6..12].copy_from_slice(&hop.smac);
-        h[12..14].copy_from_slice(&ETH_P_IP.to_be_bytes());
-        let ip = ETH_HLEN;
-        h[ip] = 0x45;
-        h[ip + 1] = tos;
-        h[ip + 2..ip + 4].copy_from_slice(&(ip_len as u16).to_be_bytes());
-        h[ip + 4..ip + 6].copy_from_slice(&id.to_be_bytes());
-        h[ip + 8] = 64;
-        h[ip + 9] = IPPROTO_UDP;
-        h[ip + 12..ip + 16].copy_from_slice(&tunnel.local);
-        h[ip + 16..ip + 20].copy_from_slice(&vtep);
-        let csum = !ipv4_sum(&h, ip);
-        h[ip + 10..ip + 12].copy_from_slice(&csum.to_be_bytes());
-        let udp = ip + 20;
-        h[udp..udp + 2].copy_from_slice(&(sport as u16).to_be_bytes());
-        h[udp + 2..udp + 4].copy_from_slice(&tunnel.port.to_be_bytes());
-        h[udp + 4..udp + 6].copy_from_slice(&((ip_len - 20) as u16).to_be_bytes());
-        let vx = udp + 8;
-        h[vx..vx + 4].copy_from_slice(&VXLAN_FLAGS);
-        h[vx + 4..vx + 8].copy_from_slice(&(tunnel.vni << 8).to_be_bytes());
-        h[vx + 8..vx + 8 + ETH_HLEN].copy_from_slice(&inner_eth);
+        let mut outer = MaybeUninit::<Outer>::uninit();
+        let h = outer.as_mut_ptr();
+        // SAFETY: `h` points at this frame's `outer`, `inner` is in it; the helper writes at
+        // most the given length there, and fails on a frame shorter than that.
+        let loaded = unsafe {
+            bpf_skb_load_bytes(
+                skb.cast(),
+                0,
+                core::ptr::addr_of_mut!((*h).inner).cast(),
+                (ETH_HLEN + 2) as u32,
+            )
+        };
+        if loaded != 0 {
+            return NOT_FAST;
+        }
+        // SAFETY: just loaded.
+        let inner_tos = unsafe { (*h).inner[ETH_HLEN + 1] };
+        // ECN as `INET_ECN_encapsulate`: copied, but CE becomes ECT(0).
+        let ecn = inner_tos & 3;
+        let tos = if ecn == 3 { 2 } else { ecn };
+        let ver_tos = 0x4500 | u16::from(tos);
+        let ttl_proto = 64 << 8 | u16::from(IPPROTO_UDP);
+        let local = tunnel.local;
+        let csum = !fold(
+            u32::from(ver_tos)
+                + ip_len as u32
+                + u32::from(id)
+                + u32::from(ttl_proto)
+                + u32::from(u16::from_be_bytes([local[0], local[1]]))
+                + u32::from(u16::from_be_bytes([local[2], local[3]]))
+                + u32::from(u16::from_be_bytes([vtep[0], vtep[1]]))
+                + u32::from(u16::from_be_bytes([vtep[2], vtep[3]])),
+        );
+        // SAFETY: plain writes of byte arrays into this frame's `outer`: with `inner` above,
+        // every field is written before the store reads them.
+        unsafe {
+            (*h).dmac = hop.dmac;
+            (*h).smac = hop.smac;
+            (*h).ethertype = ETH_P_IP.to_be_bytes();
+            (*h).ver_tos = ver_tos.to_be_bytes();
+            (*h).ip_len = (ip_len as u16).to_be_bytes();
+            (*h).id = id.to_be_bytes();
+            (*h).frag = [0; 2];
+            (*h).ttl_proto = ttl_proto.to_be_bytes();
+            (*h).ip_csum = csum.to_be_bytes();
+            (*h).saddr = local;
+            (*h).daddr = vtep;
+            (*h).sport = (sport as u16).to_be_bytes();
+            (*h).dport = tunnel.port.to_be_bytes();
+            (*h).udp_len = ((ip_len - 20) as u16).to_be_bytes();
+            (*h).udp_csum = [0; 2];
+            (*h).vxlan_flags = VXLAN_FLAGS;
+            (*h).vni = (tunnel.vni << 8).to_be_bytes();
+        }
 
         let flags = u64::from(
             BPF_F_ADJ_ROOM_ENCAP_L3_IPV4
@@ -418,7 +474,10 @@ mod programs {
             return NOT_FAST;
         }
         // The frame has grown: from here on a failure cannot give it back to the device.
-        if ctx.store(0, &h, 0).is_err() {
+        // SAFETY: `h` points at `outer`, whose first OUTER_WRITTEN bytes are written.
+        let stored =
+            unsafe { bpf_skb_store_bytes(skb.cast(), 0, h.cast(), OUTER_WRITTEN as u32, 0) };
+        if stored != 0 {
             return TC_ACT_SHOT;
         }
         // SAFETY: bpf_redirect only records the target device; the kernel transmits there.
@@ -426,9 +485,9 @@ mod programs {
         i32::try_from(action).unwrap_or(TC_ACT_SHOT)
     }
 
-    /// The next hop towards `vtep` out of the tunnel's underlay, into `hop`: from `NEIGH` while
+    /// The next hop towards `vtep` out of the tunnel's underlay: from `NEIGH` while
     /// the entry is younger than [`NEIGH_TTL_NS`], else from `bpf_fib_lookup` (a route and a
-    /// resolved neighbour), which refreshes the entry. False when the route does not leave
+    /// resolved neighbour), which refreshes the entry. `None` when the route does not leave
     /// through the underlay or the neighbour is not resolved. Not inlined: the lookup's
     /// struct gets a stack frame of its own.
     #[inline(never)]
@@ -436,8 +495,7 @@ mod programs {
         skb: *mut aya_ebpf::bindings::__sk_buff,
         tunnel: &Tunnel,
         vtep: [u8; 4],
-        hop: &mut Neigh,
-    ) -> bool {
+    ) -> Option<Neigh> {
         let key = neigh_key(tunnel.underlay, vtep);
         // SAFETY: bpf_ktime_get_ns has no preconditions.
         let now = unsafe { bpf_ktime_get_ns() };
@@ -446,8 +504,7 @@ mod programs {
         if let Some(cached) = unsafe { NEIGH.get(&key) }
             && now.saturating_sub(cached.checked_ns) < NEIGH_TTL_NS
         {
-            *hop = *cached;
-            return true;
+            return Some(*cached);
         }
         // SAFETY: an all-zero `bpf_fib_lookup` is a valid value of this plain C struct.
         let mut fib: FibLookup = unsafe { core::mem::zeroed() };
@@ -467,17 +524,25 @@ mod programs {
             )
         };
         if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) || fib.ifindex != tunnel.underlay {
-            return false;
+            return None;
         }
-        *hop = Neigh {
+        let hop = Neigh {
             checked_ns: now,
             ifindex: fib.ifindex,
             dmac: fib.dmac,
             smac: fib.smac,
         };
         // An LRU map evicts instead of failing; a lost entry only costs the next lookup.
-        let _ignored = NEIGH.insert(&key, &*hop, u64::from(BPF_ANY));
-        true
+        let _ignored = NEIGH.insert(&key, &hop, u64::from(BPF_ANY));
+        Some(hop)
+    }
+
+    /// A 32-bit sum of 16-bit words folded into their ones' complement sum.
+    #[inline(always)]
+    const fn fold(mut sum: u32) -> u16 {
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff) + (sum >> 16);
+        sum as u16
     }
 
     /// The ones' complement sum of the 20-byte IPv4 header at `h[at..]`: its checksum is the
@@ -490,9 +555,7 @@ mod programs {
             sum += u32::from(u16::from_be_bytes([h[at + i], h[at + i + 1]]));
             i += 2;
         }
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum = (sum & 0xffff) + (sum >> 16);
-        sum as u16
+        fold(sum)
     }
 
     /// On a host veth's egress hook (the bridge delivered it): a packet from a local endpoint
@@ -541,14 +604,19 @@ mod programs {
 
     #[inline(never)]
     fn from_overlay(skb: *mut aya_ebpf::bindings::__sk_buff, network: u32) -> i32 {
-        let mut pkt = Packet::EMPTY;
-        if !matches!(parse(skb, 0, &mut pkt), Ok(Frame::Ip)) || !fast_eligible(&pkt) {
+        let mut pkt = MaybeUninit::<Packet>::uninit();
+        let Ok(Frame::Ip) = parse(skb, 0, &mut pkt) else {
+            return NOT_FAST;
+        };
+        // SAFETY: `parse` returns `Frame::Ip` only after writing the packet.
+        let pkt = unsafe { pkt.assume_init_ref() };
+        if !fast_eligible(pkt) {
             return NOT_FAST;
         }
         let Some((peer_ifindex, peer)) = local_endpoint(&pkt.dst, network) else {
             return NOT_FAST;
         };
-        deliver(skb, peer_ifindex, peer, &pkt, 0)
+        deliver(skb, peer_ifindex, peer, pkt, None)
     }
 
     /// Attach to the TCX **ingress** hook of the underlay (the device holding the tunnel
@@ -580,9 +648,17 @@ mod programs {
         if pkt_type != PACKET_HOST || gso_size != 0 {
             return NOT_FAST;
         }
-        let Ok(h) = ctx.load::<[u8; OUTER_LEN]>(0) else {
+        // Read in place (direct packet access), not copied out with bpf_skb_load_bytes: the
+        // outer headers of a packet the underlay received are in its linear part; when they
+        // are not, the kernel's VXLAN device takes the packet.
+        let (data, data_end) = (ctx.data(), ctx.data_end());
+        if data + OUTER_LEN + ETH_HLEN > data_end {
             return NOT_FAST;
-        };
+        }
+        // SAFETY: `data..data + OUTER_LEN + ETH_HLEN` lies within the packet's linear data
+        // (checked against `data_end` just above, which the verifier checks too); nothing
+        // changes the packet while `h` is in use (`deliver` adjusts it, after its last use).
+        let h = unsafe { &*(data as *const [u8; OUTER_LEN + ETH_HLEN]) };
         let ip = ETH_HLEN;
         let udp = ip + 20;
         let vx = udp + 8;
@@ -597,7 +673,7 @@ mod programs {
                 != ctx.len() as usize
             || h[vx..vx + 4] != VXLAN_FLAGS
             || h[vx + 7] != 0
-            || ipv4_sum(&h, ip) != 0xffff
+            || ipv4_sum(h, ip) != 0xffff
         {
             return NOT_FAST;
         }
@@ -619,11 +695,13 @@ mod programs {
         if h[ip + 16..ip + 20] != local {
             return NOT_FAST;
         }
-        let mut pkt = Packet::EMPTY;
-        if !matches!(parse(skb, OUTER_LEN, &mut pkt), Ok(Frame::Ip))
-            || pkt.family != FAMILY_V4
-            || !fast_eligible(&pkt)
-        {
+        let mut pkt = MaybeUninit::<Packet>::uninit();
+        let Ok(Frame::Ip) = parse(skb, OUTER_LEN, &mut pkt) else {
+            return NOT_FAST;
+        };
+        // SAFETY: `parse` returns `Frame::Ip` only after writing the packet.
+        let pkt = unsafe { pkt.assume_init_ref() };
+        if pkt.family != FAMILY_V4 || !fast_eligible(pkt) {
             return NOT_FAST;
         }
         // From a known remote: the inner source is a remote endpoint of this network behind
@@ -639,22 +717,21 @@ mod programs {
         let Some((peer_ifindex, peer)) = local_endpoint(&pkt.dst, network) else {
             return NOT_FAST;
         };
-        deliver(skb, peer_ifindex, peer, &pkt, OUTER_LEN)
+        // Copied out: the packet pointers do not survive `decapsulate`'s adjust_room.
+        let inner_eth: [u8; ETH_HLEN] = core::array::from_fn(|i| h[OUTER_LEN + i]);
+        deliver(skb, peer_ifindex, peer, pkt, Some(&inner_eth))
     }
 
-    /// Removes the `outer` bytes of VXLAN encapsulation in front of the inner frame (its
-    /// Ethernet header takes the outer one's place).
+    /// Removes the [`OUTER_LEN`] bytes of VXLAN encapsulation in front of the inner frame,
+    /// whose Ethernet header `inner_eth` takes the outer one's place.
     #[inline(always)]
-    fn decapsulate(ctx: &TcContext, outer: usize) -> bool {
-        let Ok(inner_eth) = ctx.load::<[u8; ETH_HLEN]>(outer) else {
-            return false;
-        };
+    fn decapsulate(ctx: &TcContext, inner_eth: &[u8; ETH_HLEN]) -> bool {
         // BPF_ADJ_ROOM_MAC removes the bytes after the outer Ethernet header: the outer IP,
         // UDP and VXLAN headers and the inner Ethernet header, which is then written over
         // the outer one.
-        ctx.adjust_room(-(outer as i32), BPF_ADJ_ROOM_MAC, 0)
+        ctx.adjust_room(-(OUTER_LEN as i32), BPF_ADJ_ROOM_MAC, 0)
             .is_ok()
-            && ctx.store(0, &inner_eth, 0).is_ok()
+            && ctx.store(0, inner_eth, 0).is_ok()
     }
 
     /// TCP, UDP and ICMP echo, unfragmented: what the fast path may carry. An ICMP error
@@ -694,21 +771,21 @@ mod programs {
         peer_ifindex: u32,
         peer: &EndpointInfo,
         pkt: &Packet,
-        outer: usize,
+        inner_eth: Option<&[u8; ETH_HLEN]>,
     ) -> i32 {
         let ctx = TcContext::new(skb);
-        // Destination MAC: group bit set = broadcast/multicast, which the bridge floods.
-        let Ok(first) = ctx.load::<u8>(outer) else {
-            return NOT_FAST;
-        };
-        if first & 1 != 0 {
+        // Broadcast and multicast: the bridge floods them.
+        if !pkt.unicast {
             return NOT_FAST;
         }
+        let outer = if inner_eth.is_some() { OUTER_LEN } else { 0 };
         let len = u64::from(ctx.len()).saturating_sub(outer as u64);
         match decide(peer, peer_ifindex, DIR_INGRESS, pkt) {
             Ok(()) => {
-                count(peer_ifindex, DIR_INGRESS, VERDICT_ALLOW, len);
-                if outer != 0 && !decapsulate(&ctx, outer) {
+                count(peer, DIR_INGRESS, VERDICT_ALLOW, len);
+                if let Some(inner_eth) = inner_eth
+                    && !decapsulate(&ctx, inner_eth)
+                {
                     return TC_ACT_SHOT;
                 }
                 // SAFETY: bpf_redirect_peer only records the target; the kernel checks that
@@ -717,7 +794,7 @@ mod programs {
                 i32::try_from(action).unwrap_or(TC_ACT_SHOT)
             }
             Err(why) => {
-                count(peer_ifindex, DIR_INGRESS, VERDICT_DENY, len);
+                count(peer, DIR_INGRESS, VERDICT_DENY, len);
                 emit_drop(peer_ifindex, DIR_INGRESS, &why, Some(pkt));
                 TC_ACT_SHOT
             }
@@ -881,27 +958,16 @@ mod programs {
         let _ignored = CONNTRACK.insert(key, value, u64::from(BPF_ANY));
     }
 
+    /// Bumps `ep`'s counter for `dir` and `verdict` (its slot in `COUNTERS`).
     #[inline(always)]
-    fn count(ifindex: u32, dir: u8, verdict: u8, len: u64) {
-        let key = CounterKey::new(ifindex, dir, verdict);
-        for _ in 0..2 {
-            if let Some(value) = COUNTERS.get_ptr_mut(key) {
-                // SAFETY: the pointer is this CPU's slot of a per-CPU map value, valid for the
-                // program's run; TC programs run with migration disabled, so no other writer
-                // touches this slot concurrently.
-                unsafe {
-                    (*value).packets += 1;
-                    (*value).bytes += len;
-                }
-                return;
-            }
-            let first = CounterValue {
-                packets: 1,
-                bytes: len,
-            };
-            // Fails only if another CPU created the entry meanwhile: then retry the update.
-            if COUNTERS.insert(key, first, u64::from(BPF_NOEXIST)).is_ok() {
-                return;
+    fn count(ep: &EndpointInfo, dir: u8, verdict: u8, len: u64) {
+        if let Some(value) = COUNTERS.get_ptr_mut(counter_index(ep.slot, dir, verdict)) {
+            // SAFETY: the pointer is this CPU's slot of a per-CPU map value, valid for the
+            // program's run; TC programs run with migration disabled, so no other writer
+            // touches this slot concurrently.
+            unsafe {
+                (*value).packets += 1;
+                (*value).bytes += len;
             }
         }
     }
